@@ -1,0 +1,36 @@
+//! The standard providers, compiled from `providers/` by the build script and embedded.
+
+/// A provider that ships inside the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Builtin {
+    /// `Services` configuration section and `services__*` environment variables.
+    Config,
+    /// The service name itself; always last.
+    PassThrough,
+}
+
+impl Builtin {
+    /// The builtins a `[[provider]]` table may name.
+    pub const ALL_CONFIGURABLE: &[Builtin] = &[Builtin::Config];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Builtin::Config => "config",
+            Builtin::PassThrough => "pass-through",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Builtin> {
+        [Builtin::Config, Builtin::PassThrough]
+            .into_iter()
+            .find(|b| b.name() == name)
+    }
+
+    /// The component's bytes.
+    pub fn wasm(self) -> &'static [u8] {
+        match self {
+            Builtin::Config => include_bytes!(concat!(env!("OUT_DIR"), "/config.wasm")),
+            Builtin::PassThrough => include_bytes!(concat!(env!("OUT_DIR"), "/pass-through.wasm")),
+        }
+    }
+}

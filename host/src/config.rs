@@ -1,0 +1,656 @@
+//! The host configuration (`wasd.toml`): which providers, in which order, with which
+//! settings, grants and limits.
+//!
+//! ```toml
+//! allowed-schemes = ["https", "http"]   # default: every scheme
+//! pass-through = true                    # default: true; always runs last
+//! refresh-period = "60s"
+//! plugin-dir = "plugins"
+//!
+//! [[provider]]
+//! builtin = "config"                     # or: module = "plugins/mine.wasm"
+//! settings = { section = "Services" }
+//! grants = { files = ["appsettings.json"], env = ["services__*"] }
+//! limits = { max-memory = "64MiB", timeout = "1s" }
+//! ```
+//!
+//! Unknown keys are errors, reported with file, line and column.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::builtin::Builtin;
+use crate::error::ConfigError;
+
+/// Default interval at which a cached answer is refreshed.
+pub const DEFAULT_REFRESH_PERIOD: Duration = Duration::from_secs(60);
+/// Default time after which a cached answer nobody asked for is dropped.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default cap on a provider's linear memory.
+pub const DEFAULT_MAX_MEMORY: usize = 64 << 20;
+/// Default deadline for one provider call.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default cap on the endpoints in one answer.
+pub const DEFAULT_MAX_ENDPOINTS: usize = 10_000;
+
+/// A validated host configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub(crate) path: Option<PathBuf>,
+    pub(crate) plugin_dir: Option<PathBuf>,
+    pub(crate) cache_dir: Option<PathBuf>,
+    pub(crate) allowed_schemes: Vec<String>,
+    pub(crate) pass_through: bool,
+    pub(crate) refresh_period: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) providers: Vec<ProviderSpec>,
+}
+
+/// One provider as configured.
+#[derive(Debug, Clone)]
+pub(crate) struct ProviderSpec {
+    pub name: String,
+    pub module: ModuleSource,
+    /// The `settings` table as a JSON object.
+    pub settings: String,
+    pub grants: Grants,
+    pub limits: Limits,
+}
+
+/// Where a provider's component comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ModuleSource {
+    Builtin(Builtin),
+    File(PathBuf),
+}
+
+impl std::fmt::Display for ModuleSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModuleSource::Builtin(b) => write!(f, "builtin:{}", b.name()),
+            ModuleSource::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+/// Capabilities granted to one provider. Everything not listed is denied.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Grants {
+    /// Files the host reads and passes to `configure`: (as written, resolved path).
+    pub files: Vec<(String, PathBuf)>,
+    /// Environment variable names the provider sees; a trailing `*` matches a prefix.
+    /// Compared case-insensitively.
+    pub env: Vec<String>,
+    /// DNS zones the provider may look up (`cluster.local` covers its subdomains; `*`
+    /// is every name).
+    pub dns: Vec<String>,
+    /// HTTP origins the provider may call (`http://127.0.0.1:2379`).
+    pub http: Vec<String>,
+}
+
+impl Grants {
+    /// Whether an environment variable is granted.
+    pub fn allows_env(&self, name: &str) -> bool {
+        self.env.iter().any(|pattern| match pattern.strip_suffix('*') {
+            Some(prefix) => name
+                .get(..prefix.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(prefix)),
+            None => name.eq_ignore_ascii_case(pattern),
+        })
+    }
+
+    /// Whether a DNS name lies inside a granted zone.
+    pub fn allows_dns(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        self.dns.iter().any(|zone| {
+            let zone = zone.trim_start_matches("*.").trim_end_matches('.');
+            zone == "*"
+                || name == zone
+                || (name.len() > zone.len()
+                    && name.ends_with(zone)
+                    && name.as_bytes()[name.len() - zone.len() - 1] == b'.')
+        })
+    }
+}
+
+/// Sandbox limits of one provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub max_memory: usize,
+    pub timeout: Duration,
+    pub max_endpoints: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_memory: DEFAULT_MAX_MEMORY,
+            timeout: DEFAULT_TIMEOUT,
+            max_endpoints: DEFAULT_MAX_ENDPOINTS,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawConfig {
+    plugin_dir: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
+    #[serde(default = "yes")]
+    cache: bool,
+    #[serde(default)]
+    allowed_schemes: Vec<Spanned<String>>,
+    #[serde(default = "yes")]
+    pass_through: bool,
+    refresh_period: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    #[serde(default, rename = "provider")]
+    providers: Vec<Spanned<RawProvider>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawProvider {
+    name: Option<Spanned<String>>,
+    builtin: Option<Spanned<String>>,
+    module: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    settings: toml::Table,
+    #[serde(default)]
+    grants: RawGrants,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawGrants {
+    #[serde(default)]
+    files: Vec<String>,
+    #[serde(default)]
+    env: Vec<String>,
+    #[serde(default)]
+    dns: Vec<String>,
+    #[serde(default)]
+    http: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawLimits {
+    max_memory: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    max_endpoints: Option<usize>,
+}
+
+/// Turns byte offsets into the line/column of a [`ConfigError`].
+struct Source<'a> {
+    path: Option<&'a Path>,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error(&self, span: Option<std::ops::Range<usize>>, message: impl Into<String>) -> ConfigError {
+        let (line, column) = match span {
+            Some(span) => {
+                let before = &self.text[..span.start.min(self.text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                (Some(line), Some(column))
+            }
+            None => (None, None),
+        };
+        ConfigError {
+            path: self.path.map(Path::to_path_buf),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+
+    fn at<T>(&self, spanned: &Spanned<T>, message: impl Into<String>) -> ConfigError {
+        self.error(Some(spanned.span()), message)
+    }
+}
+
+impl Config {
+    /// The configuration used when there is no config file: the configuration provider
+    /// reading `./appsettings.json` (if present) and `services__*` environment
+    /// variables, then pass-through.
+    pub fn builtin_defaults() -> Config {
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        Config {
+            path: None,
+            plugin_dir: Some(cwd.join("plugins")),
+            cache_dir: default_cache_dir(),
+            allowed_schemes: Vec::new(),
+            pass_through: true,
+            refresh_period: DEFAULT_REFRESH_PERIOD,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            providers: vec![ProviderSpec {
+                name: Builtin::Config.name().to_owned(),
+                module: ModuleSource::Builtin(Builtin::Config),
+                settings: "{}".to_owned(),
+                grants: Grants {
+                    files: vec![("appsettings.json".to_owned(), cwd.join("appsettings.json"))],
+                    env: vec!["services__*".to_owned()],
+                    ..Grants::default()
+                },
+                limits: Limits::default(),
+            }],
+        }
+    }
+
+    /// Where the CLI and embedders look for configuration, in order: the file named by
+    /// `WASD_CONFIG`, `./wasd.toml`, then [`Config::builtin_defaults`].
+    pub fn discover() -> Result<Config, ConfigError> {
+        if let Some(path) = std::env::var_os("WASD_CONFIG").filter(|p| !p.is_empty()) {
+            return Config::from_file(Path::new(&path));
+        }
+        let local = Path::new("wasd.toml");
+        if local.is_file() {
+            return Config::from_file(local);
+        }
+        Ok(Config::builtin_defaults())
+    }
+
+    /// Read and validate a TOML config file. Relative paths in it are relative to the
+    /// file's folder.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: Some(path.to_path_buf()),
+            line: None,
+            column: None,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        Config::parse(&text, Some(path), &base)
+    }
+
+    /// Parse a TOML config given as text. Relative paths are relative to `base_dir`.
+    pub fn from_toml(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        Config::parse(text, None, base_dir)
+    }
+
+    fn parse(text: &str, path: Option<&Path>, base: &Path) -> Result<Config, ConfigError> {
+        let src = Source { path, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| src.error(e.span(), e.message()))?;
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+
+        let mut allowed_schemes = Vec::new();
+        for scheme in &raw.allowed_schemes {
+            let s = scheme.get_ref();
+            if s.is_empty()
+                || !s
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+            {
+                return Err(src.at(scheme, format!("'{s}' is not a valid scheme")));
+            }
+            allowed_schemes.push(s.to_ascii_lowercase());
+        }
+        let duration = |value: &Option<Spanned<String>>, default| match value {
+            None => Ok(default),
+            Some(v) => parse_duration(v.get_ref()).map_err(|e| src.at(v, e)),
+        };
+        let plugin_dir = resolve(raw.plugin_dir.as_deref().unwrap_or(Path::new("plugins")));
+        let mut config = Config {
+            path: path.map(Path::to_path_buf),
+            plugin_dir: Some(plugin_dir),
+            cache_dir: if raw.cache {
+                raw.cache_dir.as_deref().map(resolve).or_else(default_cache_dir)
+            } else {
+                None
+            },
+            allowed_schemes,
+            pass_through: raw.pass_through,
+            refresh_period: duration(&raw.refresh_period, DEFAULT_REFRESH_PERIOD)?,
+            idle_timeout: duration(&raw.idle_timeout, DEFAULT_IDLE_TIMEOUT)?,
+            providers: Vec::new(),
+        };
+        for spanned in &raw.providers {
+            let spec = provider_spec(&src, spanned, &config, &resolve)?;
+            if config.providers.iter().any(|p| p.name == spec.name) {
+                return Err(src.at(
+                    spanned,
+                    format!("two providers are named '{}'; names must be unique", spec.name),
+                ));
+            }
+            config.providers.push(spec);
+        }
+        Ok(config)
+    }
+
+    /// The config file this came from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Override the plugin folder (`None`: no plugin folder).
+    pub fn set_plugin_dir(&mut self, dir: Option<PathBuf>) {
+        self.plugin_dir = dir;
+    }
+
+    /// Override the folder of precompiled components (`None`: compile every time).
+    pub fn set_cache_dir(&mut self, dir: Option<PathBuf>) {
+        self.cache_dir = dir;
+    }
+}
+
+fn provider_spec(
+    src: &Source<'_>,
+    spanned: &Spanned<RawProvider>,
+    config: &Config,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<ProviderSpec, ConfigError> {
+    let raw = spanned.get_ref();
+    let module = match (&raw.builtin, &raw.module) {
+        (Some(_), Some(module)) => {
+            return Err(src.at(module, "a provider takes `builtin` or `module`, not both"));
+        }
+        (Some(builtin), None) => {
+            let b = Builtin::from_name(builtin.get_ref()).ok_or_else(|| {
+                src.at(
+                    builtin,
+                    format!(
+                        "unknown builtin provider '{}' (known: {})",
+                        builtin.get_ref(),
+                        Builtin::ALL_CONFIGURABLE
+                            .iter()
+                            .map(|b| b.name())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })?;
+            if b == Builtin::PassThrough {
+                return Err(src.at(
+                    builtin,
+                    "pass-through always runs last; switch it with the top-level `pass-through = true|false`",
+                ));
+            }
+            ModuleSource::Builtin(b)
+        }
+        (None, Some(module)) => ModuleSource::File(resolve(module.get_ref())),
+        (None, None) => match &raw.name {
+            // A provider listed by name only lives in the plugin folder.
+            Some(name) => match &config.plugin_dir {
+                Some(dir) => ModuleSource::File(dir.join(format!("{}.wasm", name.get_ref()))),
+                None => return Err(src.at(name, "no plugin folder to find this provider in; give `module`")),
+            },
+            None => {
+                return Err(src.at(
+                    spanned,
+                    "a provider needs `builtin`, `module`, or a `name` found in the plugin folder",
+                ));
+            }
+        },
+    };
+    let name = match (&raw.name, &module) {
+        (Some(name), _) => {
+            let n = name.get_ref();
+            if n.is_empty()
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                return Err(src.at(
+                    name,
+                    format!("provider name '{n}' may only use letters, digits, '-', '_' and '.'"),
+                ));
+            }
+            n.clone()
+        }
+        (None, ModuleSource::Builtin(b)) => b.name().to_owned(),
+        (None, ModuleSource::File(path)) => path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    let mut http = Vec::new();
+    for origin in &raw.grants.http {
+        http.push(normalize_origin(origin.get_ref()).map_err(|e| src.at(origin, e))?);
+    }
+    let limits = Limits {
+        max_memory: match &raw.limits.max_memory {
+            None => DEFAULT_MAX_MEMORY,
+            Some(v) => parse_size(v.get_ref()).map_err(|e| src.at(v, e))?,
+        },
+        timeout: match &raw.limits.timeout {
+            None => DEFAULT_TIMEOUT,
+            Some(v) => parse_duration(v.get_ref()).map_err(|e| src.at(v, e))?,
+        },
+        max_endpoints: raw.limits.max_endpoints.unwrap_or(DEFAULT_MAX_ENDPOINTS),
+    };
+    Ok(ProviderSpec {
+        name,
+        module,
+        settings: serde_json::to_string(&raw.settings)
+            .map_err(|e| src.at(spanned, format!("settings: {e}")))?,
+        grants: Grants {
+            files: raw
+                .grants
+                .files
+                .iter()
+                .map(|f| (f.clone(), resolve(Path::new(f))))
+                .collect(),
+            env: raw.grants.env.clone(),
+            dns: raw.grants.dns.iter().map(|z| z.to_ascii_lowercase()).collect(),
+            http,
+        },
+        limits,
+    })
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("wasd"))
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("'{text}' is not a duration like \"500ms\", \"15s\" or \"5m\" ({e})"))
+}
+
+fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let unit_size: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "'{text}' is not a size like \"64MiB\" (units: B, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    number
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit_size))
+        .ok_or_else(|| format!("'{text}' is not a size like \"64MiB\""))
+}
+
+fn normalize_origin(origin: &str) -> Result<String, String> {
+    let (scheme, rest) = origin
+        .split_once("://")
+        .ok_or_else(|| format!("'{origin}' is not an origin like \"http://127.0.0.1:2379\""))?;
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return Err(format!("'{origin}': only http and https origins can be granted"));
+    }
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+        return Err(format!(
+            "'{origin}' is not an origin (scheme://host[:port], no path)"
+        ));
+    }
+    Ok(format!("{scheme}://{}", authority.to_ascii_lowercase()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Some(Path::new("wasd.toml")), Path::new("/srv"))
+    }
+
+    #[test]
+    fn full_config() {
+        let c = parse(
+            r#"
+allowed-schemes = ["HTTPS"]
+pass-through = false
+refresh-period = "30s"
+
+[[provider]]
+builtin = "config"
+settings = { section = "Endpoints" }
+grants = { files = ["appsettings.json"], env = ["endpoints__*"], http = ["HTTP://127.0.0.1:2379/"] }
+limits = { max-memory = "16MiB", timeout = "250ms", max-endpoints = 5 }
+
+[[provider]]
+name = "mine"
+module = "/opt/mine.wasm"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.allowed_schemes, ["https"]);
+        assert!(!c.pass_through);
+        assert_eq!(c.refresh_period, Duration::from_secs(30));
+        assert_eq!(c.plugin_dir.as_deref(), Some(Path::new("/srv/plugins")));
+        let p = &c.providers[0];
+        assert_eq!(p.name, "config");
+        assert_eq!(p.settings, r#"{"section":"Endpoints"}"#);
+        assert_eq!(
+            p.grants.files,
+            [(
+                "appsettings.json".to_owned(),
+                PathBuf::from("/srv/appsettings.json")
+            )]
+        );
+        assert_eq!(p.grants.http, ["http://127.0.0.1:2379"]);
+        assert_eq!(
+            p.limits,
+            Limits {
+                max_memory: 16 << 20,
+                timeout: Duration::from_millis(250),
+                max_endpoints: 5
+            }
+        );
+        assert_eq!(c.providers[1].module, ModuleSource::File("/opt/mine.wasm".into()));
+        assert_eq!(c.providers[1].name, "mine");
+    }
+
+    #[test]
+    fn provider_by_name_lives_in_plugin_folder() {
+        let c = parse("plugin-dir = \"mods\"\n[[provider]]\nname = \"static\"\n").unwrap();
+        assert_eq!(
+            c.providers[0].module,
+            ModuleSource::File("/srv/mods/static.wasm".into())
+        );
+    }
+
+    #[test]
+    fn errors_name_file_line_and_reason() {
+        for (text, expected) in [
+            ("pass-thru = true", "wasd.toml:1:1: unknown field `pass-thru`"),
+            (
+                "[[provider]]\nbuiltin = \"conifg\"",
+                "wasd.toml:2:11: unknown builtin provider 'conifg'",
+            ),
+            (
+                "[[provider]]\nbuiltin = \"pass-through\"",
+                "wasd.toml:2:11: pass-through always runs last",
+            ),
+            (
+                "[[provider]]\nbuiltin = \"config\"\nlimits = { timeout = \"soon\" }",
+                "wasd.toml:3:22: 'soon' is not a duration",
+            ),
+            (
+                "[[provider]]\nbuiltin = \"config\"\nlimits = { max-memory = \"lots\" }",
+                "wasd.toml:3:25: 'lots' is not a size",
+            ),
+            (
+                "[[provider]]\nbuiltin = \"config\"\n[[provider]]\nbuiltin = \"config\"",
+                "wasd.toml:3:1: two providers are named 'config'",
+            ),
+            (
+                "[[provider]]\nbuiltin = \"config\"\ngrants = { http = [\"etcd:2379\"] }",
+                "wasd.toml:3:20: 'etcd:2379' is not an origin",
+            ),
+            (
+                "[[provider]]\nsettings = {}",
+                "wasd.toml:1:1: a provider needs `builtin`, `module`",
+            ),
+            (
+                "allowed-schemes = [\"ht tp\"]",
+                "wasd.toml:1:20: 'ht tp' is not a valid scheme",
+            ),
+            ("refresh-period = ", "wasd.toml:1:18: "),
+        ] {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(
+                err.starts_with(expected),
+                "{text:?}\n  got: {err}\n want: {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn grants_match_env_and_dns() {
+        let g = Grants {
+            env: vec!["services__*".into(), "HOME".into()],
+            dns: vec!["cluster.local".into(), "*.example.org".into()],
+            ..Grants::default()
+        };
+        assert!(g.allows_env("SERVICES__catalog__https__0"));
+        assert!(g.allows_env("home"));
+        assert!(!g.allows_env("HOMEPATH"));
+        assert!(!g.allows_env("service"));
+        assert!(g.allows_dns("_default._tcp.basket.default.svc.cluster.local."));
+        assert!(g.allows_dns("cluster.local"));
+        assert!(g.allows_dns("a.example.org"));
+        assert!(!g.allows_dns("evilcluster.local"));
+        assert!(!g.allows_dns("example.com"));
+        assert!(
+            Grants {
+                dns: vec!["*".into()],
+                ..Grants::default()
+            }
+            .allows_dns("anything")
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert!(parse_size("64MB").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+    }
+}

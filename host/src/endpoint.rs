@@ -1,0 +1,211 @@
+//! Endpoints as the host hands them out, and the scheme-preference rule.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Where one instance of a service can be reached.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub(crate) scheme: Option<String>,
+    pub(crate) host: String,
+    pub(crate) port: Option<u16>,
+    pub(crate) path: Option<String>,
+    pub(crate) metadata: Vec<(String, String)>,
+}
+
+impl Endpoint {
+    /// `https`, `grpc`, ...; `None` for a bare `host:port`.
+    pub fn scheme(&self) -> Option<&str> {
+        self.scheme.as_deref()
+    }
+
+    /// A DNS name or an IP address (IPv6 without brackets).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port; `None` means the scheme's default.
+    pub fn port(&self) -> Option<u16> {
+        self.port
+    }
+
+    /// The path prefix of a URI endpoint (`/api`), if any.
+    pub fn path(&self) -> Option<&str> {
+        self.path.as_deref()
+    }
+
+    /// Metadata pairs the provider attached (instance version, TLS server name, ...).
+    pub fn metadata(&self) -> &[(String, String)] {
+        &self.metadata
+    }
+
+    /// The first metadata value under `key`.
+    pub fn metadata_value(&self, key: &str) -> Option<&str> {
+        self.metadata
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `scheme://host:port/path` when the scheme is known, `host:port` otherwise.
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(scheme) = &self.scheme {
+            write!(f, "{scheme}://")?;
+        }
+        if self.host.contains(':') {
+            write!(f, "[{}]", self.host)?;
+        } else {
+            f.write_str(&self.host)?;
+        }
+        if let Some(port) = self.port {
+            write!(f, ":{port}")?;
+        }
+        if self.scheme.is_some()
+            && let Some(path) = &self.path
+        {
+            f.write_str(path)?;
+        }
+        Ok(())
+    }
+}
+
+/// The endpoints one provider gave for a query. Cheap to clone.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EndpointSet {
+    provider: Option<Arc<str>>,
+    endpoints: Arc<[Endpoint]>,
+}
+
+impl EndpointSet {
+    pub(crate) fn new(provider: Arc<str>, endpoints: Vec<Endpoint>) -> Self {
+        EndpointSet {
+            provider: Some(provider),
+            endpoints: endpoints.into(),
+        }
+    }
+
+    /// The name of the provider that answered (`config`, `pass-through`, ...); `None`
+    /// for the empty set.
+    pub fn provider(&self) -> Option<&str> {
+        self.provider.as_deref()
+    }
+
+    /// The endpoints, in the provider's order.
+    pub fn endpoints(&self) -> &[Endpoint] {
+        &self.endpoints
+    }
+
+    /// Number of endpoints.
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// True when there is no endpoint.
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+
+    /// Iterate over the endpoints.
+    pub fn iter(&self) -> std::slice::Iter<'_, Endpoint> {
+        self.endpoints.iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a EndpointSet {
+    type Item = &'a Endpoint;
+    type IntoIter = std::slice::Iter<'a, Endpoint>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.endpoints.iter()
+    }
+}
+
+/// Keep the endpoints of the most preferred scheme that has any, never a mix
+/// (Microsoft's rule). Endpoints without a scheme always stay; with no schemes to
+/// prefer, everything stays.
+pub(crate) fn select_by_scheme(endpoints: Vec<Endpoint>, schemes: &[String]) -> Vec<Endpoint> {
+    if schemes.is_empty() {
+        return endpoints;
+    }
+    let rank = |e: &Endpoint| {
+        e.scheme
+            .as_deref()
+            .map(|s| schemes.iter().position(|p| p.eq_ignore_ascii_case(s)))
+    };
+    let best = endpoints.iter().filter_map(|e| rank(e).flatten()).min();
+    endpoints
+        .into_iter()
+        .filter(|e| match rank(e) {
+            None => true,
+            Some(r) => r.is_some() && r == best,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(scheme: Option<&str>, host: &str, port: Option<u16>) -> Endpoint {
+        Endpoint {
+            scheme: scheme.map(str::to_owned),
+            host: host.into(),
+            port,
+            path: None,
+            metadata: vec![],
+        }
+    }
+
+    #[test]
+    fn displays_uri_or_host_port() {
+        assert_eq!(
+            ep(Some("https"), "10.2.3.4", Some(8080)).to_string(),
+            "https://10.2.3.4:8080"
+        );
+        assert_eq!(ep(None, "basket", Some(80)).to_string(), "basket:80");
+        assert_eq!(ep(None, "basket", None).to_string(), "basket");
+        assert_eq!(
+            ep(Some("grpc"), "::1", Some(9000)).to_string(),
+            "grpc://[::1]:9000"
+        );
+        let mut with_path = ep(Some("http"), "a", None);
+        with_path.path = Some("/api".into());
+        assert_eq!(with_path.to_string(), "http://a/api");
+    }
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn most_preferred_scheme_wins_and_never_mixes() {
+        let all = vec![
+            ep(Some("http"), "a", None),
+            ep(Some("https"), "b", None),
+            ep(Some("https"), "c", None),
+            ep(Some("grpc"), "d", None),
+        ];
+        let hosts = |v: Vec<Endpoint>| v.into_iter().map(|e| e.host).collect::<Vec<_>>();
+        assert_eq!(
+            hosts(select_by_scheme(all.clone(), &s(&["https", "http"]))),
+            ["b", "c"]
+        );
+        assert_eq!(
+            hosts(select_by_scheme(all.clone(), &s(&["http", "https"]))),
+            ["a"]
+        );
+        assert_eq!(
+            hosts(select_by_scheme(all.clone(), &s(&["ftp"]))),
+            Vec::<String>::new()
+        );
+        assert_eq!(select_by_scheme(all.clone(), &[]).len(), 4);
+        // Fallback: no https endpoint, so http.
+        let http_only = vec![ep(Some("http"), "a", None), ep(None, "bare", Some(1))];
+        assert_eq!(
+            hosts(select_by_scheme(http_only, &s(&["https", "http"]))),
+            ["a", "bare"]
+        );
+    }
+}

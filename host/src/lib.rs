@@ -1,0 +1,55 @@
+//! Service discovery whose providers are sandboxed WebAssembly components.
+//!
+//! A [`Resolver`] answers "where is `https+http://basket`?" by asking providers in a
+//! configured order. Each provider is a WebAssembly component (`wasm32-wasip2`)
+//! implementing `wasd:provider/resolver@0.1.0`, running in its own sandbox with only
+//! the capabilities the configuration grants it. The standard providers are built in;
+//! more come from a plugin folder.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), wasd::Error> {
+//! // Built-in defaults: `./appsettings.json` and `services__*` environment
+//! // variables, then pass-through. Or: `.config_file("wasd.toml")`.
+//! let resolver = wasd::Resolver::builder().build().await?;
+//!
+//! let endpoints = resolver.resolve("https+http://catalog").await?;
+//! for endpoint in &endpoints {
+//!     println!("{endpoint} from {}", endpoints.provider().unwrap_or("-"));
+//! }
+//!
+//! let mut watch = resolver.watch("https+http://catalog").await?;
+//! while let Some(set) = watch.changed().await {
+//!     println!("now {} endpoints", set.len());
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Resolution follows Microsoft.Extensions.ServiceDiscovery: the first provider with
+//! endpoints wins, pass-through runs last, `https+http://` prefers https endpoints and
+//! falls back to http (never mixing them), `_name.service` asks for a named endpoint.
+//! Answers are cached; a cached resolve does not enter WebAssembly.
+#![deny(missing_docs)]
+
+mod bindings;
+mod builtin;
+mod chain;
+mod check;
+mod config;
+mod endpoint;
+mod error;
+mod imports;
+mod provider;
+mod query;
+mod resolver;
+mod runtime;
+
+pub use check::{CheckReport, check};
+pub use config::{
+    Config, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_MEMORY, DEFAULT_REFRESH_PERIOD,
+    DEFAULT_TIMEOUT,
+};
+pub use endpoint::{Endpoint, EndpointSet};
+pub use error::{ConfigError, Error, ProviderError, ProviderErrorKind};
+pub use query::Query;
+pub use resolver::{Resolver, ResolverBuilder, Watch};

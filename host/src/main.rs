@@ -1,0 +1,210 @@
+//! The `wasd` command: resolve, watch and check, on top of the library.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use wasd::{Config, EndpointSet, Query, Resolver};
+
+/// Service discovery whose providers are sandboxed WebAssembly components.
+#[derive(Parser)]
+#[command(name = "wasd", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Resolve a query (`basket`, `https+http://catalog`, `https://_dashboard.basket`)
+    /// and print its endpoints, one per line.
+    Resolve {
+        /// The service query.
+        query: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print one JSON object instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a query's endpoints, then one line per change, until interrupted.
+    Watch {
+        /// The service query.
+        query: String,
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print one JSON object per line instead.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load the configuration and every provider module, and explain what is wrong.
+    Check {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Extra provider modules to check (loaded with no settings and no grants).
+        modules: Vec<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+struct ConfigArgs {
+    /// The host config file. Default: $WASD_CONFIG, else ./wasd.toml, else built-in
+    /// defaults (./appsettings.json and services__* variables, then pass-through).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Load unlisted provider modules from this folder instead of the configured one.
+    #[arg(long, value_name = "DIR")]
+    plugin_dir: Option<PathBuf>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::discover()?,
+        };
+        if let Some(dir) = &self.plugin_dir {
+            config.set_plugin_dir(Some(dir.clone()));
+        }
+        Ok(config)
+    }
+
+    async fn resolver(&self) -> anyhow::Result<Resolver> {
+        Ok(Resolver::builder().config(self.load()?).build().await?)
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WASD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()).await {
+        Ok(code) => code,
+        Err(e) => {
+            // One line, whatever the error carries (wasm backtraces span several).
+            let message = format!("{e:#}");
+            eprintln!(
+                "wasd: {}",
+                message.split_whitespace().collect::<Vec<_>>().join(" ")
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Resolve { query, config, json } => {
+            let parsed = Query::parse(&query)?;
+            let resolver = config.resolver().await?;
+            let set = resolver.resolve_query(&parsed).await?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                writeln!(out, "{}", set_json(&parsed, &set))?;
+            } else {
+                for endpoint in &set {
+                    writeln!(out, "{endpoint}")?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Watch { query, config, json } => {
+            let parsed = Query::parse(&query)?;
+            let resolver = config.resolver().await?;
+            let mut watch = resolver.watch(&query).await?;
+            let print = |set: &EndpointSet| -> anyhow::Result<()> {
+                let mut out = std::io::stdout().lock();
+                if json {
+                    writeln!(out, "{}", set_json(&parsed, set))?;
+                } else if set.is_empty() {
+                    writeln!(out, "(no endpoints)")?;
+                } else {
+                    let line: Vec<String> = set.iter().map(ToString::to_string).collect();
+                    writeln!(out, "{}", line.join(" "))?;
+                }
+                out.flush()?;
+                Ok(())
+            };
+            print(&watch.current())?;
+            loop {
+                tokio::select! {
+                    set = watch.changed() => match set {
+                        Some(set) => print(&set)?,
+                        None => break,
+                    },
+                    _ = shutdown_signal() => break,
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { config, modules } => {
+            let loaded = config.load()?;
+            let reports = wasd::check(&loaded, &modules).await?;
+            let mut out = std::io::stdout().lock();
+            if let Some(path) = loaded.path() {
+                writeln!(out, "ok     config {}", path.display())?;
+            } else {
+                writeln!(out, "ok     config (built-in defaults)")?;
+            }
+            let mut failed = false;
+            for report in &reports {
+                match &report.problem {
+                    None => writeln!(out, "ok     {} ({})", report.provider, report.source)?,
+                    Some(problem) => {
+                        failed = true;
+                        let problem = problem.split_whitespace().collect::<Vec<_>>().join(" ");
+                        writeln!(out, "error  {} ({}): {problem}", report.provider, report.source)?;
+                    }
+                }
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
+/// The `--json` shape: other tools parse it, so fields are only ever added.
+fn set_json(query: &Query, set: &EndpointSet) -> serde_json::Value {
+    let provider = set.provider();
+    json!({
+        "query": query.as_str(),
+        "service": query.service(),
+        "endpoint_name": query.endpoint_name(),
+        "schemes": query.schemes(),
+        "provider": provider,
+        "endpoints": set.iter().map(|e| json!({
+            "endpoint": e.to_string(),
+            "provider": provider,
+            "scheme": e.scheme(),
+            "host": e.host(),
+            "port": e.port(),
+            "path": e.path(),
+            "metadata": e.metadata().iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,441 @@
+//! One loaded provider: its compiled component, its grants and limits, and a small
+//! pool of sandboxed instances (each its own `Store`) that run its calls.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::bindings::{self, Configuration, File, GuestEndpoint, GuestError, Query, Resolution};
+use crate::config::{Grants, Limits, ModuleSource, ProviderSpec};
+use crate::endpoint::Endpoint;
+use crate::error::{Error, ProviderError, ProviderErrorKind};
+use crate::runtime::{EPOCH_TICK, Runtime};
+
+/// Idle instances kept per provider; more are created under concurrency and dropped.
+const MAX_IDLE_INSTANCES: usize = 4;
+/// Largest granted file the host reads for a provider.
+const MAX_GRANTED_FILE: u64 = 16 << 20;
+/// What a guest may write to stderr per instance; kept to explain its traps.
+const STDERR_CAPTURE: usize = 16 << 10;
+/// Limits on what crosses the boundary in an answer.
+const MAX_HOST_LEN: usize = 253;
+const MAX_SCHEME_LEN: usize = 32;
+const MAX_PATH_LEN: usize = 2048;
+const MAX_METADATA_PAIRS: usize = 64;
+const MAX_METADATA_LEN: usize = 4096;
+const MAX_VERSION_LEN: usize = 1024;
+
+/// The data of one provider instance's store.
+pub(crate) struct ProviderState {
+    pub name: Arc<str>,
+    pub grants: Arc<Grants>,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: MemoryLimiter,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl WasiView for ProviderState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// A sandbox limit was hit; raised as the trap's cause so it can be told from a bug.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct LimitExceeded(String);
+
+struct MemoryLimiter {
+    max_memory: usize,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_memory {
+            return Err(wasmtime::Error::new(LimitExceeded(format!(
+                "memory limit ({} MiB; it asked for {} MiB)",
+                self.max_memory >> 20,
+                desired.div_ceil(1 << 20)
+            ))));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        const MAX_TABLE: usize = 100_000;
+        if desired > MAX_TABLE {
+            return Err(wasmtime::Error::new(LimitExceeded(format!(
+                "table limit ({MAX_TABLE} elements)"
+            ))));
+        }
+        Ok(true)
+    }
+}
+
+struct Instance {
+    store: Store<ProviderState>,
+    bindings: bindings::Provider,
+    stderr: MemoryOutputPipe,
+}
+
+/// A provider's answer after the host has checked it.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub endpoints: Vec<Endpoint>,
+    pub ttl: Option<Duration>,
+    pub version: Option<String>,
+}
+
+pub(crate) struct Provider {
+    pub name: Arc<str>,
+    runtime: Arc<Runtime>,
+    pre: bindings::ProviderPre<ProviderState>,
+    configuration: Configuration,
+    grants: Arc<Grants>,
+    env: Vec<(String, String)>,
+    limits: Limits,
+    idle: Mutex<Vec<Instance>>,
+}
+
+impl Provider {
+    /// Compile, link, instantiate and configure: a provider that loads has answered
+    /// `configure` once, so bad settings fail here and not on the first query.
+    pub async fn load(runtime: &Arc<Runtime>, spec: &ProviderSpec) -> Result<Provider, Error> {
+        let load_error = |reason: String| Error::Load {
+            provider: spec.name.clone(),
+            source_name: spec.module.to_string(),
+            reason,
+        };
+        let bytes: Arc<[u8]> = match &spec.module {
+            ModuleSource::Builtin(builtin) => builtin.wasm().into(),
+            ModuleSource::File(path) => tokio::fs::read(path)
+                .await
+                .map_err(|e| load_error(format!("cannot read the module: {e}")))?
+                .into(),
+        };
+        let component = runtime
+            .compile(bytes)
+            .await
+            .map_err(|e| load_error(format!("not a loadable component: {e}")))?;
+        let pre = runtime
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| load_error(format!("cannot link: {e:#}")))?;
+        let pre = bindings::ProviderPre::new(pre)
+            .map_err(|e| load_error(format!("does not export wasd:provider/resolver@0.1.0: {e:#}")))?;
+
+        let mut files = Vec::new();
+        for (written, path) in &spec.grants.files {
+            match read_granted_file(path).await {
+                Ok(Some(contents)) => files.push(File {
+                    path: written.clone(),
+                    contents,
+                }),
+                Ok(None) => {
+                    tracing::debug!(provider = %spec.name, file = %path.display(), "granted file does not exist")
+                }
+                Err(reason) => return Err(load_error(format!("{}: {reason}", path.display()))),
+            }
+        }
+        let env = std::env::vars()
+            .filter(|(name, _)| spec.grants.allows_env(name))
+            .collect();
+        let name: Arc<str> = spec.name.as_str().into();
+        let provider = Provider {
+            configuration: Configuration {
+                name: spec.name.clone(),
+                settings: spec.settings.clone(),
+                files,
+            },
+            name,
+            runtime: runtime.clone(),
+            pre,
+            grants: Arc::new(spec.grants.clone()),
+            env,
+            limits: spec.limits,
+            idle: Mutex::new(Vec::new()),
+        };
+        let instance = provider
+            .instantiate()
+            .await
+            .map_err(|e| load_error(e.kind.to_string()))?;
+        provider.checkin(instance);
+        Ok(provider)
+    }
+
+    fn error(&self, kind: ProviderErrorKind) -> ProviderError {
+        ProviderError {
+            provider: self.name.to_string(),
+            kind,
+        }
+    }
+
+    /// A fresh sandbox: no files, no network, only the granted environment variables;
+    /// stdout discarded, stderr kept to explain traps.
+    async fn instantiate(&self) -> Result<Instance, ProviderError> {
+        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        let wasi = WasiCtx::builder().envs(&self.env).stderr(stderr.clone()).build();
+        let mut store = Store::new(
+            &self.runtime.engine,
+            ProviderState {
+                name: self.name.clone(),
+                grants: self.grants.clone(),
+                wasi,
+                table: ResourceTable::new(),
+                limiter: MemoryLimiter {
+                    max_memory: self.limits.max_memory,
+                },
+                deadline: Instant::now(),
+                timeout: self.limits.timeout,
+            },
+        );
+        store.limiter(|state| &mut state.limiter);
+        // Each epoch tick yields to tokio, so a busy guest never stalls other tasks;
+        // past the deadline the call traps.
+        store.epoch_deadline_callback(|ctx| {
+            let state = ctx.data();
+            if Instant::now() >= state.deadline {
+                return Err(wasmtime::Error::new(LimitExceeded(format!(
+                    "time limit ({} ms per call)",
+                    state.timeout.as_millis()
+                ))));
+            }
+            Ok(UpdateDeadline::Yield(1))
+        });
+        arm_deadline(&mut store);
+        let bindings = match self.pre.instantiate_async(&mut store).await {
+            Ok(bindings) => bindings,
+            Err(e) => return Err(self.error(classify(&e, &stderr))),
+        };
+        let mut instance = Instance {
+            store,
+            bindings,
+            stderr,
+        };
+        let configuration = self.configuration.clone();
+        self.call(&mut instance, async |i: &mut Instance| {
+            i.bindings
+                .wasd_provider_resolver()
+                .call_configure(&mut i.store, &configuration)
+                .await
+        })
+        .await?
+        .map_err(|e| self.error(guest_error(e)))?;
+        Ok(instance)
+    }
+
+    /// Run one export call under the deadline. A trap or timeout poisons the instance,
+    /// so it is returned only when the call came back normally.
+    async fn call<T>(
+        &self,
+        instance: &mut Instance,
+        f: impl AsyncFnOnce(&mut Instance) -> wasmtime::Result<T>,
+    ) -> Result<T, ProviderError> {
+        arm_deadline(&mut instance.store);
+        // The epoch deadline only fires while wasm runs; time spent awaiting a host
+        // import is bounded here, with slack so the epoch trap (the clearer error)
+        // normally comes first.
+        let hard_limit = self.limits.timeout + EPOCH_TICK * 5;
+        match tokio::time::timeout(hard_limit, f(instance)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(self.error(classify(&e, &instance.stderr))),
+            Err(_) => Err(self.error(ProviderErrorKind::Limit(format!(
+                "time limit ({} ms per call)",
+                self.limits.timeout.as_millis()
+            )))),
+        }
+    }
+
+    async fn checkout(&self) -> Result<Instance, ProviderError> {
+        let pooled = self.idle.lock().expect("pool lock").pop();
+        match pooled {
+            Some(instance) => Ok(instance),
+            None => self.instantiate().await,
+        }
+    }
+
+    fn checkin(&self, instance: Instance) {
+        let mut idle = self.idle.lock().expect("pool lock");
+        if idle.len() < MAX_IDLE_INSTANCES {
+            idle.push(instance);
+        }
+    }
+
+    /// Ask the provider. `not-found` is the same as an empty answer.
+    pub async fn resolve(&self, query: &Query) -> Result<Answer, ProviderError> {
+        let mut instance = self.checkout().await?;
+        let result = self
+            .call(&mut instance, async |i: &mut Instance| {
+                i.bindings
+                    .wasd_provider_resolver()
+                    .call_resolve(&mut i.store, query)
+                    .await
+            })
+            .await?;
+        self.checkin(instance);
+        match result {
+            Ok(resolution) => self.check_answer(resolution),
+            Err(GuestError::NotFound(_)) => Ok(Answer {
+                endpoints: Vec::new(),
+                ttl: None,
+                version: None,
+            }),
+            Err(e) => Err(self.error(guest_error(e))),
+        }
+    }
+
+    /// Check an answer against the contract and the provider's limits, and convert it.
+    fn check_answer(&self, resolution: Resolution) -> Result<Answer, ProviderError> {
+        let refuse = |reason: String| Err(self.error(ProviderErrorKind::InvalidAnswer(reason)));
+        if resolution.endpoints.len() > self.limits.max_endpoints {
+            return refuse(format!(
+                "{} endpoints, more than its limit of {}",
+                resolution.endpoints.len(),
+                self.limits.max_endpoints
+            ));
+        }
+        if resolution
+            .version
+            .as_ref()
+            .is_some_and(|v| v.len() > MAX_VERSION_LEN)
+        {
+            return refuse(format!("a version longer than {MAX_VERSION_LEN} bytes"));
+        }
+        let mut endpoints = Vec::with_capacity(resolution.endpoints.len());
+        for endpoint in resolution.endpoints {
+            match check_endpoint(endpoint) {
+                Ok(endpoint) => endpoints.push(endpoint),
+                Err(reason) => return refuse(reason),
+            }
+        }
+        Ok(Answer {
+            endpoints,
+            ttl: resolution.ttl_ms.map(Duration::from_millis),
+            version: resolution.version,
+        })
+    }
+}
+
+fn arm_deadline(store: &mut Store<ProviderState>) {
+    let state = store.data_mut();
+    state.deadline = Instant::now() + state.timeout;
+    store.set_epoch_deadline(1);
+}
+
+async fn read_granted_file(path: &std::path::Path) -> Result<Option<Vec<u8>>, String> {
+    let file = match tokio::fs::File::open(path).await {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let len = file.metadata().await.map_err(|e| e.to_string())?.len();
+    if len > MAX_GRANTED_FILE {
+        return Err(format!(
+            "{len} bytes, larger than the {MAX_GRANTED_FILE}-byte limit for granted files"
+        ));
+    }
+    tokio::fs::read(path).await.map(Some).map_err(|e| e.to_string())
+}
+
+fn guest_error(e: GuestError) -> ProviderErrorKind {
+    match e {
+        GuestError::NotFound(m) => ProviderErrorKind::Internal(format!("not found: {m}")),
+        GuestError::InvalidQuery(m) => ProviderErrorKind::InvalidQuery(m),
+        GuestError::InvalidSettings(m) => ProviderErrorKind::InvalidSettings(m),
+        GuestError::Unavailable(m) => ProviderErrorKind::Unavailable(m),
+        GuestError::Denied(m) => ProviderErrorKind::Denied(m),
+        GuestError::Unsupported(m) => ProviderErrorKind::Unsupported(m),
+        GuestError::Internal(m) => ProviderErrorKind::Internal(m),
+    }
+}
+
+/// Tell a limit from a trap, and add what the guest last wrote to stderr (a Rust
+/// guest's panic message lands there).
+fn classify(e: &wasmtime::Error, stderr: &MemoryOutputPipe) -> ProviderErrorKind {
+    if let Some(limit) = e.chain().find_map(|c| c.downcast_ref::<LimitExceeded>()) {
+        return ProviderErrorKind::Limit(limit.0.clone());
+    }
+    if let Some(trap) = e.chain().find_map(|c| c.downcast_ref::<wasmtime::Trap>()) {
+        if *trap == wasmtime::Trap::StackOverflow {
+            return ProviderErrorKind::Limit("stack limit (stack overflow)".into());
+        }
+        let output = stderr.contents();
+        let last = String::from_utf8_lossy(&output);
+        let last = last.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+        return ProviderErrorKind::Trap(if last.is_empty() {
+            trap.to_string()
+        } else {
+            format!("{trap} ({})", last.chars().take(300).collect::<String>())
+        });
+    }
+    ProviderErrorKind::Trap(format!("{e:#}"))
+}
+
+fn check_endpoint(e: GuestEndpoint) -> Result<Endpoint, String> {
+    let host_ok = !e.host.is_empty()
+        && e.host.len() <= MAX_HOST_LEN
+        && e.host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':'));
+    if !host_ok {
+        return Err(format!(
+            "host '{}' is not a host name or IP address",
+            e.host.escape_default()
+        ));
+    }
+    if e.host.contains(':') && e.host.parse::<std::net::Ipv6Addr>().is_err() {
+        return Err(format!("host '{}' is not an IPv6 address", e.host));
+    }
+    if let Some(scheme) = &e.scheme {
+        let ok = scheme.len() <= MAX_SCHEME_LEN
+            && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        if !ok {
+            return Err(format!("scheme '{}' is not valid", scheme.escape_default()));
+        }
+    }
+    if let Some(path) = &e.path
+        && (!path.starts_with('/')
+            || path.len() > MAX_PATH_LEN
+            || path.chars().any(|c| c.is_whitespace() || c.is_control()))
+    {
+        return Err(format!("path '{}' is not a URI path", path.escape_default()));
+    }
+    if e.metadata.len() > MAX_METADATA_PAIRS
+        || e.metadata
+            .iter()
+            .any(|(k, v)| k.len() > MAX_METADATA_LEN || v.len() > MAX_METADATA_LEN)
+    {
+        return Err(format!(
+            "metadata over its limits ({MAX_METADATA_PAIRS} pairs of at most {MAX_METADATA_LEN} bytes)"
+        ));
+    }
+    Ok(Endpoint {
+        scheme: e.scheme.map(|s| s.to_ascii_lowercase()),
+        host: e.host.to_ascii_lowercase(),
+        port: e.port,
+        path: e.path,
+        metadata: e.metadata,
+    })
+}

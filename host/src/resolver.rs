@@ -1,0 +1,382 @@
+//! The public entry point: [`Resolver`], its builder, and [`Watch`].
+//!
+//! Answers are cached per normalised query. The first resolve of a query runs the
+//! provider chain (concurrent first resolves share that one run); afterwards resolves
+//! read the cache, and a background task per cached query refreshes it on the answer's
+//! TTL (at most the refresh period), publishes changes to watchers, keeps the last good
+//! answer when providers fail, and drops the entry once nobody has used it for the
+//! idle timeout.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use dashmap::DashMap;
+use tokio::sync::{OnceCell, watch};
+
+use crate::bindings::Query as WitQuery;
+use crate::chain::ProviderChain;
+use crate::config::Config;
+use crate::endpoint::EndpointSet;
+use crate::error::{ConfigError, Error};
+use crate::query::{Query, effective_schemes};
+use crate::runtime::Runtime;
+
+/// Shortest interval between two refreshes of one answer, whatever its TTL says.
+const MIN_REFRESH: Duration = Duration::from_secs(1);
+/// Retry back-off after a failed refresh: doubles from the first to the second.
+const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
+/// Resolves service queries through the configured provider chain.
+///
+/// Cheap to clone; all clones share the cache and the providers. Dropping the last
+/// clone stops the background refreshes and ends every [`Watch`].
+#[derive(Clone)]
+pub struct Resolver {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    chain: ArcSwap<ProviderChain>,
+    entries: DashMap<Key, Arc<Entry>>,
+    allowed_schemes: Vec<String>,
+    refresh_period: Duration,
+    idle_timeout: Duration,
+    started: Instant,
+    /// Dropped with `Inner`: wakes every refresh task so it can exit at once.
+    shutdown: watch::Sender<()>,
+    _runtime: Arc<Runtime>,
+}
+
+/// A query reduced to what can change its answer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    service: String,
+    endpoint_name: Option<String>,
+    schemes: Vec<String>,
+    port: Option<u16>,
+}
+
+struct Entry {
+    key: Key,
+    query: WitQuery,
+    /// `None` until the first answer; an empty set once the service has disappeared.
+    state: watch::Sender<Option<EndpointSet>>,
+    init: OnceCell<()>,
+    last_used_ms: AtomicU64,
+}
+
+impl Entry {
+    /// Publish an answer; watchers hear of it only if it differs.
+    fn publish(&self, set: EndpointSet) {
+        self.state.send_if_modified(|current| {
+            if current.as_ref() == Some(&set) {
+                return false;
+            }
+            *current = Some(set);
+            true
+        });
+    }
+}
+
+/// Where the builder takes its configuration from.
+enum ConfigSource {
+    Discover,
+    File(PathBuf),
+    Toml(String),
+    Value(Box<Config>),
+}
+
+/// Builds a [`Resolver`]. Created by [`Resolver::builder`].
+pub struct ResolverBuilder {
+    source: ConfigSource,
+    plugin_dir: Option<Option<PathBuf>>,
+    cache_dir: Option<Option<PathBuf>>,
+}
+
+impl ResolverBuilder {
+    /// Read the configuration from this TOML file.
+    pub fn config_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.source = ConfigSource::File(path.into());
+        self
+    }
+
+    /// Use this TOML text as the configuration (relative paths: the current folder).
+    pub fn config_toml(mut self, toml: impl Into<String>) -> Self {
+        self.source = ConfigSource::Toml(toml.into());
+        self
+    }
+
+    /// Use an already loaded configuration.
+    pub fn config(mut self, config: Config) -> Self {
+        self.source = ConfigSource::Value(Box::new(config));
+        self
+    }
+
+    /// Load unlisted provider modules from this folder (`None`: no plugin folder).
+    pub fn plugin_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.plugin_dir = Some(dir);
+        self
+    }
+
+    /// Keep precompiled components in this folder (`None`: compile on every start).
+    pub fn cache_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.cache_dir = Some(dir);
+        self
+    }
+
+    /// The configuration this builder would use.
+    pub fn load_config(&self) -> Result<Config, Error> {
+        let mut config = match &self.source {
+            ConfigSource::Discover => Config::discover()?,
+            ConfigSource::File(path) => Config::from_file(path)?,
+            ConfigSource::Toml(text) => {
+                let cwd = std::env::current_dir().map_err(|e| ConfigError {
+                    path: None,
+                    line: None,
+                    column: None,
+                    message: format!("cannot read the current folder: {e}"),
+                })?;
+                Config::from_toml(text, &cwd)?
+            }
+            ConfigSource::Value(config) => (**config).clone(),
+        };
+        if let Some(dir) = &self.plugin_dir {
+            config.set_plugin_dir(dir.clone());
+        }
+        if let Some(dir) = &self.cache_dir {
+            config.set_cache_dir(dir.clone());
+        }
+        Ok(config)
+    }
+
+    /// Load every provider (compiling or loading precompiled components, and calling
+    /// each provider's `configure`) and start the resolver. Must run inside a tokio
+    /// runtime.
+    pub async fn build(self) -> Result<Resolver, Error> {
+        let config = self.load_config()?;
+        let runtime = Runtime::new(config.cache_dir.clone()).map_err(|e| Error::Engine(format!("{e:#}")))?;
+        let chain = ProviderChain::load(&runtime, &config).await?;
+        Ok(Resolver {
+            inner: Arc::new(Inner {
+                chain: ArcSwap::from_pointee(chain),
+                entries: DashMap::new(),
+                allowed_schemes: config.allowed_schemes.clone(),
+                refresh_period: config.refresh_period,
+                idle_timeout: config.idle_timeout,
+                started: Instant::now(),
+                shutdown: watch::channel(()).0,
+                _runtime: runtime,
+            }),
+        })
+    }
+}
+
+impl Resolver {
+    /// A builder that, unless told otherwise, finds its configuration the way the CLI
+    /// does ([`Config::discover`]).
+    pub fn builder() -> ResolverBuilder {
+        ResolverBuilder {
+            source: ConfigSource::Discover,
+            plugin_dir: None,
+            cache_dir: None,
+        }
+    }
+
+    /// The names of the providers in the chain, in the order they are asked.
+    pub fn providers(&self) -> Vec<String> {
+        self.inner.chain.load().names().map(str::to_owned).collect()
+    }
+
+    /// Resolve a query such as `https+http://catalog` to endpoints.
+    pub async fn resolve(&self, query: &str) -> Result<EndpointSet, Error> {
+        self.resolve_query(&Query::parse(query)?).await
+    }
+
+    /// Resolve an already parsed query.
+    pub async fn resolve_query(&self, query: &Query) -> Result<EndpointSet, Error> {
+        let entry = self.inner.entry(query)?;
+        let set = self.inner.ready(&entry, false).await?;
+        if set.is_empty() {
+            return Err(Error::NoEndpoints {
+                service: query.service().to_owned(),
+                failures: Vec::new(),
+            });
+        }
+        Ok(set)
+    }
+
+    /// Follow a query: the current endpoints, then every change. A query with no
+    /// endpoints yet is watched too (its current set is empty).
+    pub async fn watch(&self, query: &str) -> Result<Watch, Error> {
+        let query = Query::parse(query)?;
+        let entry = self.inner.entry(&query)?;
+        let mut receiver = entry.state.subscribe();
+        self.inner.ready(&entry, true).await?;
+        // The first answer is the current set, not a change.
+        receiver.borrow_and_update();
+        Ok(Watch { receiver })
+    }
+}
+
+impl Inner {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    fn entry(self: &Arc<Self>, query: &Query) -> Result<Arc<Entry>, Error> {
+        let schemes =
+            effective_schemes(query, &self.allowed_schemes).ok_or_else(|| Error::SchemeNotAllowed {
+                query: query.as_str().to_owned(),
+                allowed: self.allowed_schemes.clone(),
+            })?;
+        let key = Key {
+            service: query.service().to_owned(),
+            endpoint_name: query.endpoint_name().map(str::to_owned),
+            schemes,
+            port: query.port(),
+        };
+        let entry = match self.entries.get(&key) {
+            Some(entry) => entry.clone(),
+            None => self
+                .entries
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    Arc::new(Entry {
+                        query: WitQuery {
+                            service: key.service.clone(),
+                            endpoint_name: key.endpoint_name.clone(),
+                            schemes: key.schemes.clone(),
+                            port: key.port,
+                        },
+                        key,
+                        state: watch::channel(None).0,
+                        init: OnceCell::new(),
+                        last_used_ms: AtomicU64::new(0),
+                    })
+                })
+                .clone(),
+        };
+        entry.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
+        Ok(entry)
+    }
+
+    /// The entry's current set, running the chain first if nobody has yet. With
+    /// `keep_empty`, a query without endpoints stays cached (and refreshed) as an
+    /// empty set instead of failing.
+    async fn ready(self: &Arc<Self>, entry: &Arc<Entry>, keep_empty: bool) -> Result<EndpointSet, Error> {
+        if let Some(set) = entry.state.borrow().as_ref() {
+            return Ok(set.clone());
+        }
+        let init = entry
+            .init
+            .get_or_try_init(|| async {
+                let chain = self.chain.load_full();
+                let (set, delay) = match chain.resolve(&entry.query).await {
+                    Ok(answer) => (answer.set, self.next_refresh(answer.ttl)),
+                    Err(failures) if keep_empty => {
+                        let delay = if failures.is_empty() {
+                            self.refresh_period
+                        } else {
+                            BACKOFF.0
+                        };
+                        (EndpointSet::default(), delay)
+                    }
+                    Err(failures) => {
+                        return Err(Error::NoEndpoints {
+                            service: entry.key.service.clone(),
+                            failures,
+                        });
+                    }
+                };
+                entry.publish(set);
+                tokio::spawn(refresh_loop(
+                    Arc::downgrade(self),
+                    entry.clone(),
+                    self.shutdown.subscribe(),
+                    delay,
+                ));
+                Ok(())
+            })
+            .await;
+        if let Err(e) = init {
+            // Not cached: the next resolve asks the providers again.
+            self.entries.remove_if(&entry.key, |_, e| Arc::ptr_eq(e, entry));
+            return Err(e);
+        }
+        Ok(entry.state.borrow().clone().unwrap_or_default())
+    }
+
+    fn next_refresh(&self, ttl: Option<Duration>) -> Duration {
+        ttl.map_or(self.refresh_period, |ttl| ttl.min(self.refresh_period))
+            .max(MIN_REFRESH)
+    }
+}
+
+/// Keeps one cached answer fresh until the resolver is dropped or the entry idles out.
+async fn refresh_loop(
+    inner: Weak<Inner>,
+    entry: Arc<Entry>,
+    mut shutdown: watch::Receiver<()>,
+    mut delay: Duration,
+) {
+    let mut backoff = BACKOFF.0;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return,
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let idle_ms = inner
+            .now_ms()
+            .saturating_sub(entry.last_used_ms.load(Ordering::Relaxed));
+        if entry.state.receiver_count() == 0 && Duration::from_millis(idle_ms) >= inner.idle_timeout {
+            inner.entries.remove_if(&entry.key, |_, e| Arc::ptr_eq(e, &entry));
+            return;
+        }
+        let chain = inner.chain.load_full();
+        match chain.resolve(&entry.query).await {
+            Ok(answer) => {
+                delay = inner.next_refresh(answer.ttl);
+                backoff = BACKOFF.0;
+                entry.publish(answer.set);
+            }
+            // Every provider answered cleanly that the service is gone.
+            Err(failures) if failures.is_empty() => {
+                delay = inner.refresh_period;
+                entry.publish(EndpointSet::default());
+            }
+            Err(failures) => {
+                tracing::warn!(
+                    service = %entry.key.service,
+                    retry_in = ?backoff,
+                    "refresh failed; serving the last good endpoints: {}",
+                    failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+                );
+                delay = backoff;
+                backoff = (backoff * 2).min(BACKOFF.1);
+            }
+        }
+    }
+}
+
+/// A stream of endpoint sets for one query, from [`Resolver::watch`].
+pub struct Watch {
+    receiver: watch::Receiver<Option<EndpointSet>>,
+}
+
+impl Watch {
+    /// The current endpoints (empty when the service has none).
+    pub fn current(&self) -> EndpointSet {
+        self.receiver.borrow().clone().unwrap_or_default()
+    }
+
+    /// Wait for the next change and return the new set; `None` once the resolver is
+    /// gone. Sets equal to the previous one are never reported.
+    pub async fn changed(&mut self) -> Option<EndpointSet> {
+        self.receiver.changed().await.ok()?;
+        Some(self.receiver.borrow_and_update().clone().unwrap_or_default())
+    }
+}
