@@ -11,5 +11,7 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-pub(crate) use exports::wasd::provider::resolver::{Configuration, Error as GuestError, Query, Resolution};
-pub(crate) use wasd::provider::types::{Endpoint as GuestEndpoint, File};
+pub(crate) use self::exports::wasd::provider::resolver::{
+    Configuration, Error as GuestError, Query, Resolution,
+};
+pub(crate) use self::wasd::provider::types::{Endpoint as GuestEndpoint, File};

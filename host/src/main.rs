@@ -148,9 +148,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let reports = wasd::check(&loaded, &modules).await?;
             let mut out = std::io::stdout().lock();
             if let Some(path) = loaded.path() {
-                writeln!(out, "ok     config {}", path.display())?;
+                writeln!(out, "ok     host config {}", path.display())?;
             } else {
-                writeln!(out, "ok     config (built-in defaults)")?;
+                writeln!(out, "ok     host config (built-in defaults)")?;
             }
             let mut failed = false;
             for report in &reports {

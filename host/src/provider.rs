@@ -378,16 +378,25 @@ fn classify(e: &wasmtime::Error, stderr: &MemoryOutputPipe) -> ProviderErrorKind
         if *trap == wasmtime::Trap::StackOverflow {
             return ProviderErrorKind::Limit("stack limit (stack overflow)".into());
         }
-        let output = stderr.contents();
-        let last = String::from_utf8_lossy(&output);
-        let last = last.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
-        return ProviderErrorKind::Trap(if last.is_empty() {
-            trap.to_string()
-        } else {
-            format!("{trap} ({})", last.chars().take(300).collect::<String>())
+        return ProviderErrorKind::Trap(match panic_message(&stderr.contents()) {
+            Some(message) => format!("{trap} ({message})"),
+            None => trap.to_string(),
         });
     }
     ProviderErrorKind::Trap(format!("{e:#}"))
+}
+
+/// The last panic message a Rust guest wrote to stderr (`panicked at src/lib.rs:7:9:`
+/// then the message), on one line, without the backtrace hint.
+fn panic_message(stderr: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(stderr);
+    let start = text.rfind("panicked at ")?;
+    let message: Vec<&str> = text[start..]
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with("note: "))
+        .collect();
+    Some(message.join(" ").chars().take(300).collect())
 }
 
 fn check_endpoint(e: GuestEndpoint) -> Result<Endpoint, String> {

@@ -30,9 +30,13 @@ fn default_section() -> String {
 /// The endpoint name used when the query names none and no scheme section matches first.
 const DEFAULT_ENDPOINT: &str = "default";
 
+/// Endpoint names and their values, in document order; `T` is an endpoint, or an
+/// endpoint with its list index while the lists are being assembled.
+type Named<T> = Vec<(String, Vec<T>)>;
+
 struct ConfigProvider {
-    /// service -> endpoint name -> endpoints; names lower-cased, in document order.
-    services: HashMap<String, Vec<(String, Vec<Endpoint>)>>,
+    /// service -> endpoint name -> endpoints; names lower-cased.
+    services: HashMap<String, Named<Endpoint>>,
 }
 
 /// Configuration flattened to `a:b:c` keys, the .NET model: a later source overrides
@@ -153,8 +157,8 @@ impl Provider for ConfigProvider {
 fn build_services(
     flat: &FlatConfig,
     section: &str,
-) -> Result<HashMap<String, Vec<(String, Vec<Endpoint>)>>, Error> {
-    let mut services: HashMap<String, Vec<(String, Vec<(u64, Endpoint)>)>> = HashMap::new();
+) -> Result<HashMap<String, Named<Endpoint>>, Error> {
+    let mut services: HashMap<String, Named<(u64, Endpoint)>> = HashMap::new();
     let lower_section = section.to_lowercase();
     let prefix = format!("{lower_section}:");
     for lower in &flat.order {

@@ -1,0 +1,76 @@
+//! A scripted provider: call N of `resolve` returns answer N of its settings (the last
+//! one repeats), so tests can drive refreshes, changes and failures.
+//!
+//! ```json
+//! {"service": "seq", "tag_calls": false,
+//!  "answers": [{"endpoints": ["http://a:1"], "ttl_ms": 1000}, {"error": "unavailable"}]}
+//! ```
+
+use std::cell::Cell;
+
+use serde::Deserialize;
+use wasd_sdk::{Configuration, Endpoint, Error, Provider, Query, Resolution};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    service: String,
+    answers: Vec<Answer>,
+    #[serde(default)]
+    tag_calls: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Answer {
+    #[serde(default)]
+    endpoints: Vec<String>,
+    ttl_ms: Option<u64>,
+    error: Option<String>,
+}
+
+struct Sequence {
+    settings: Settings,
+    calls: Cell<usize>,
+}
+
+impl Provider for Sequence {
+    fn configure(config: Configuration) -> Result<Self, Error> {
+        let settings: Settings =
+            serde_json::from_str(&config.settings).map_err(|e| Error::InvalidSettings(e.to_string()))?;
+        if settings.answers.is_empty() {
+            return Err(Error::InvalidSettings("answers is empty".into()));
+        }
+        Ok(Sequence { settings, calls: Cell::new(0) })
+    }
+
+    fn resolve(&self, query: Query) -> Result<Resolution, Error> {
+        if query.service != self.settings.service {
+            return Ok(Resolution::empty());
+        }
+        let call = self.calls.get();
+        self.calls.set(call + 1);
+        let answer = &self.settings.answers[call.min(self.settings.answers.len() - 1)];
+        if let Some(error) = &answer.error {
+            return Err(match error.as_str() {
+                "unavailable" => Error::Unavailable(format!("scripted failure at call {call}")),
+                "not-found" => Error::NotFound("scripted".into()),
+                "panic" => panic!("scripted panic at call {call}"),
+                other => Error::Internal(other.to_owned()),
+            });
+        }
+        let mut endpoints = Vec::new();
+        for value in &answer.endpoints {
+            let mut endpoint = Endpoint::parse(value).map_err(|e| Error::Internal(e.to_string()))?;
+            if self.settings.tag_calls {
+                endpoint.metadata.push(("call".into(), call.to_string()));
+            }
+            endpoints.push(endpoint);
+        }
+        let mut resolution = Resolution::new(endpoints);
+        resolution.ttl_ms = answer.ttl_ms;
+        Ok(resolution)
+    }
+}
+
+wasd_sdk::export!(Sequence);

@@ -1,0 +1,135 @@
+//! Support for the integration tests: fixture paths, temporary config folders, the
+//! `wasd` binary, and (for the DNS and etcd suites) real servers on loopback.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use tempfile::TempDir;
+
+/// Paths of the test fixture components, built from `guests/` by the build script.
+pub mod fixtures {
+    include!(concat!(env!("OUT_DIR"), "/fixtures.rs"));
+}
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Precompiled components shared by all tests (writes are atomic, so concurrent test
+/// processes can share it).
+pub fn cache_dir() -> PathBuf {
+    workspace_root().join("target/wasd-test-cache")
+}
+
+/// The `wasd` binary, built (or found up to date) once per test process, so CLI tests
+/// never run a stale binary.
+pub fn wasd_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = workspace_root();
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "wasd",
+                "--bin",
+                "wasd",
+                "--manifest-path",
+            ])
+            .arg(root.join("Cargo.toml"))
+            .status()
+            .expect("running cargo build for the wasd binary");
+        assert!(status.success(), "building the wasd binary failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        target
+            .join("debug")
+            .join(format!("wasd{}", std::env::consts::EXE_SUFFIX))
+    })
+}
+
+/// A temporary folder to hold a test's config files.
+pub struct Sandbox {
+    dir: TempDir,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sandbox {
+    /// An empty folder.
+    pub fn new() -> Sandbox {
+        Sandbox {
+            dir: tempfile::tempdir().expect("creating a temp dir"),
+        }
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Write a file (parents created) and return its path.
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let path = self.dir.path().join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    /// Write `wasd.toml` and build a resolver from it.
+    pub async fn resolver(&self, toml: &str) -> Result<wasd::Resolver, wasd::Error> {
+        let config = self.write("wasd.toml", toml);
+        wasd::Resolver::builder()
+            .config_file(config)
+            .cache_dir(Some(cache_dir()))
+            .build()
+            .await
+    }
+
+    /// The `wasd` CLI run in this folder, with a clean environment: no `services__*`
+    /// or `WASD_*` variables leak in from the test runner.
+    pub fn wasd(&self) -> Command {
+        let mut cmd = Command::new(wasd_bin());
+        cmd.current_dir(self.path()).env_clear();
+        for keep in ["PATH", "HOME"] {
+            if let Some(value) = std::env::var_os(keep) {
+                cmd.env(keep, value);
+            }
+        }
+        cmd.env("XDG_CACHE_HOME", cache_dir());
+        cmd
+    }
+}
+
+/// The output of a finished CLI run.
+pub struct Output {
+    /// Exit code.
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Run a command to completion.
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("running wasd");
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

@@ -1,0 +1,87 @@
+//! Refresh and watch: TTL-driven refreshes publish changes, unchanged answers publish
+//! nothing, failures keep the last good set, a cleanly empty answer clears it.
+
+use std::time::Duration;
+
+use wasd_tests::Sandbox;
+
+fn strings(set: &wasd::EndpointSet) -> Vec<String> {
+    set.iter().map(ToString::to_string).collect()
+}
+
+#[tokio::test]
+async fn watch_follows_refreshes() {
+    let sandbox = Sandbox::new();
+    let toml = format!(
+        r#"
+pass-through = false
+[[provider]]
+name = "script"
+module = "{}"
+settings = {{ service = "seq", answers = [
+  {{ endpoints = ["http://a:1"], ttl_ms = 1000 }},
+  {{ endpoints = ["http://a:1"], ttl_ms = 1000 }},
+  {{ endpoints = ["http://b:2", "http://c:3"], ttl_ms = 1000 }},
+  {{ error = "unavailable" }},
+  {{ endpoints = [] }},
+] }}
+"#,
+        wasd_tests::fixtures::SEQUENCE
+    );
+    let resolver = sandbox.resolver(&toml).await.unwrap();
+    let mut watch = resolver.watch("http://seq").await.unwrap();
+    assert_eq!(strings(&watch.current()), ["http://a:1"]);
+
+    // Call 1 repeats call 0 and must not be reported: the first change is call 2.
+    let started = std::time::Instant::now();
+    let next = tokio::time::timeout(Duration::from_secs(5), watch.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(strings(&next), ["http://b:2", "http://c:3"]);
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(next.provider(), Some("script"));
+
+    // Call 3 fails: the last good set is still served.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        strings(&resolver.resolve("http://seq").await.unwrap()),
+        ["http://b:2", "http://c:3"]
+    );
+
+    // Call 4 answers cleanly with nothing: the service is gone.
+    let gone = tokio::time::timeout(Duration::from_secs(5), watch.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(gone.is_empty());
+    assert!(matches!(
+        resolver.resolve("http://seq").await,
+        Err(wasd::Error::NoEndpoints { .. })
+    ));
+}
+
+#[tokio::test]
+async fn watch_ends_when_the_resolver_is_dropped() {
+    let sandbox = Sandbox::new();
+    let resolver = sandbox.resolver("").await.unwrap();
+    let mut watch = resolver.watch("basket").await.unwrap();
+    assert_eq!(strings(&watch.current()), ["basket"]);
+    drop(resolver);
+    let end = tokio::time::timeout(Duration::from_secs(2), watch.changed())
+        .await
+        .unwrap();
+    assert!(end.is_none());
+}
+
+#[tokio::test]
+async fn watching_a_service_with_no_endpoints_yet() {
+    let sandbox = Sandbox::new();
+    let resolver = sandbox.resolver("pass-through = false").await.unwrap();
+    let watch = resolver.watch("http://nowhere").await.unwrap();
+    assert!(watch.current().is_empty());
+}
