@@ -154,10 +154,7 @@ impl Provider for ConfigProvider {
 }
 
 /// Group the section's keys into services and endpoint names, checking every value.
-fn build_services(
-    flat: &FlatConfig,
-    section: &str,
-) -> Result<HashMap<String, Named<Endpoint>>, Error> {
+fn build_services(flat: &FlatConfig, section: &str) -> Result<HashMap<String, Named<Endpoint>>, Error> {
     let mut services: HashMap<String, Named<(u64, Endpoint)>> = HashMap::new();
     let lower_section = section.to_lowercase();
     let prefix = format!("{lower_section}:");

@@ -41,7 +41,10 @@ impl Provider for Sequence {
         if settings.answers.is_empty() {
             return Err(Error::InvalidSettings("answers is empty".into()));
         }
-        Ok(Sequence { settings, calls: Cell::new(0) })
+        Ok(Sequence {
+            settings,
+            calls: Cell::new(0),
+        })
     }
 
     fn resolve(&self, query: Query) -> Result<Resolution, Error> {
