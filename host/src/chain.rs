@@ -21,6 +21,9 @@ pub(crate) struct ProviderChain {
 pub(crate) struct ChainAnswer {
     pub set: EndpointSet,
     pub ttl: Option<Duration>,
+    /// Providers ahead of the one that answered that failed: their answer, had they
+    /// had one, would have won, so a refresh keeps the last good set instead.
+    pub failures: Vec<ProviderError>,
     /// Set when the provider can push changes (used by the watch loop).
     #[allow(dead_code)]
     pub version: Option<String>,
@@ -53,6 +56,7 @@ impl ProviderChain {
                         return Ok(ChainAnswer {
                             set: EndpointSet::new(provider.name.clone(), endpoints),
                             ttl: answer.ttl,
+                            failures,
                             version: answer.version,
                         });
                     }

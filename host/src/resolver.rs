@@ -69,6 +69,10 @@ struct Entry {
 }
 
 impl Entry {
+    fn has_endpoints(&self) -> bool {
+        self.state.borrow().as_ref().is_some_and(|set| !set.is_empty())
+    }
+
     /// Publish an answer; watchers hear of it only if it differs.
     fn publish(&self, set: EndpointSet) {
         self.state.send_if_modified(|current| {
@@ -157,7 +161,8 @@ impl ResolverBuilder {
     /// runtime.
     pub async fn build(self) -> Result<Resolver, Error> {
         let config = self.load_config()?;
-        let runtime = Runtime::new(config.cache_dir.clone()).map_err(|e| Error::Engine(format!("{e:#}")))?;
+        let runtime = Runtime::new(config.cache_dir.clone(), config.dns.clone())
+            .map_err(|e| Error::Engine(format!("{e:#}")))?;
         let chain = ProviderChain::load(&runtime, &config).await?;
         Ok(Resolver {
             inner: Arc::new(Inner {
@@ -275,15 +280,9 @@ impl Inner {
             .get_or_try_init(|| async {
                 let chain = self.chain.load_full();
                 let (set, delay) = match chain.resolve(&entry.query).await {
+                    Ok(answer) if !answer.failures.is_empty() => (answer.set, BACKOFF.0),
                     Ok(answer) => (answer.set, self.next_refresh(answer.ttl)),
-                    Err(failures) if keep_empty => {
-                        let delay = if failures.is_empty() {
-                            self.refresh_period
-                        } else {
-                            BACKOFF.0
-                        };
-                        (EndpointSet::default(), delay)
-                    }
+                    Err(_) if keep_empty => (EndpointSet::default(), BACKOFF.0),
                     Err(failures) => {
                         return Err(Error::NoEndpoints {
                             service: entry.key.service.clone(),
@@ -329,37 +328,63 @@ async fn refresh_loop(
             _ = shutdown.changed() => return,
         }
         let Some(inner) = inner.upgrade() else { return };
-        let idle_ms = inner
-            .now_ms()
-            .saturating_sub(entry.last_used_ms.load(Ordering::Relaxed));
-        if entry.state.receiver_count() == 0 && Duration::from_millis(idle_ms) >= inner.idle_timeout {
-            inner.entries.remove_if(&entry.key, |_, e| Arc::ptr_eq(e, &entry));
+        let idle = |inner: &Inner| {
+            let idle_ms = inner
+                .now_ms()
+                .saturating_sub(entry.last_used_ms.load(Ordering::Relaxed));
+            entry.state.receiver_count() == 0 && Duration::from_millis(idle_ms) >= inner.idle_timeout
+        };
+        // Checked again under the map's lock, so a resolve or watch that just found
+        // the entry keeps it.
+        if idle(&inner)
+            && inner
+                .entries
+                .remove_if(&entry.key, |_, e| Arc::ptr_eq(e, &entry) && idle(&inner))
+                .is_some()
+        {
             return;
         }
         let chain = inner.chain.load_full();
         match chain.resolve(&entry.query).await {
+            // A provider ahead of the one that answered failed (etcd down, pass-through
+            // answering instead): its last answer still stands.
+            Ok(answer) if !answer.failures.is_empty() && entry.has_endpoints() => {
+                warn_keeping(&entry, &answer.failures, backoff);
+                delay = backoff;
+                backoff = (backoff * 2).min(BACKOFF.1);
+            }
             Ok(answer) => {
-                delay = inner.next_refresh(answer.ttl);
-                backoff = BACKOFF.0;
+                delay = if answer.failures.is_empty() {
+                    backoff = BACKOFF.0;
+                    inner.next_refresh(answer.ttl)
+                } else {
+                    backoff
+                };
                 entry.publish(answer.set);
             }
-            // Every provider answered cleanly that the service is gone.
+            // Every provider answered cleanly that the service is gone; look again
+            // soon, then less often.
             Err(failures) if failures.is_empty() => {
-                delay = inner.refresh_period;
+                delay = backoff;
+                backoff = (backoff * 2).min(BACKOFF.1);
                 entry.publish(EndpointSet::default());
             }
             Err(failures) => {
-                tracing::warn!(
-                    service = %entry.key.service,
-                    retry_in = ?backoff,
-                    "refresh failed; serving the last good endpoints: {}",
-                    failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
-                );
+                warn_keeping(&entry, &failures, backoff);
                 delay = backoff;
                 backoff = (backoff * 2).min(BACKOFF.1);
             }
         }
     }
+}
+
+fn warn_keeping(entry: &Entry, failures: &[crate::ProviderError], retry_in: Duration) {
+    tracing::warn!(
+        service = %entry.key.service,
+        ?retry_in,
+        "refresh failed; serving the last good endpoints: {}",
+        failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    );
 }
 
 /// A stream of endpoint sets for one query, from [`Resolver::watch`].

@@ -275,7 +275,7 @@ impl Endpoint {
         if host.is_empty() {
             return Err(invalid("the host is empty"));
         }
-        if !host.contains(':')
+        if !authority.starts_with('[')
             && !host
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
@@ -372,6 +372,8 @@ mod tests {
             "[nope]:80",
             "a b:80",
             "host/path",
+            "x:y:80",
+            "a b:c:80",
         ] {
             let err = Endpoint::parse(bad).expect_err(bad);
             assert!(err.to_string().contains("is not a URI or host:port"), "{err}");

@@ -82,6 +82,36 @@ fn environment_overrides_appsettings() {
 }
 
 #[test]
+fn environment_variables_are_denied_unless_granted() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "wasd.toml",
+        "[[provider]]\nbuiltin = \"config\"\ngrants = { files = [\"appsettings.json\"] }\n",
+    );
+    let out = run(sandbox
+        .wasd()
+        .args(["resolve", "http://web", "--json"])
+        .env("services__web__http__0", "http://10.0.0.9:80"));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    // Not granted: the config provider never saw the variable.
+    assert_eq!(json(&out.stdout)["endpoints"][0]["provider"], "pass-through");
+}
+
+#[test]
+fn a_single_value_wins_over_a_list() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "appsettings.json",
+        r#"{"Services": {"web": {"http": ["http://a:1", "http://b:2"]}}}"#,
+    );
+    let out = run(sandbox
+        .wasd()
+        .args(["resolve", "http://web"])
+        .env("services__web__http", "http://c:3"));
+    assert_eq!(out.stdout, "http://c:3\n", "{}", out.stderr);
+}
+
+#[test]
 fn pass_through_json() {
     let sandbox = Sandbox::new();
     let out = run(sandbox

@@ -263,6 +263,47 @@ async fn bad_provider_settings_are_refused_at_load() {
 }
 
 #[tokio::test]
+async fn a_query_without_scheme_or_default_finds_nothing_in_config() {
+    // Microsoft's rule: without schemes only the `default` endpoint is looked at.
+    let r = resolver_with(CATALOG, &format!("pass-through = false\n{WITH_APPSETTINGS}")).await;
+    assert!(matches!(
+        r.resolve("catalog").await,
+        Err(Error::NoEndpoints { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_plugin_listed_by_name_runs_before_pass_through() {
+    let sandbox = Sandbox::new();
+    std::fs::create_dir_all(sandbox.path().join("plugins")).unwrap();
+    std::fs::copy(
+        wasd_tests::fixtures::SEQUENCE,
+        sandbox.path().join("plugins/static.wasm"),
+    )
+    .unwrap();
+    let r = sandbox
+        .resolver(
+            r#"
+[[provider]]
+name = "static"
+settings = { service = "seq", answers = [{ endpoints = ["http://10.1.2.3:80"] }] }
+"#,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.providers(), ["static", "pass-through"]);
+    let set = r.resolve("http://seq").await.unwrap();
+    assert_eq!(
+        (strings(&set), set.provider()),
+        (vec!["http://10.1.2.3:80".to_owned()], Some("static"))
+    );
+    assert_eq!(
+        r.resolve("http://other").await.unwrap().provider(),
+        Some("pass-through")
+    );
+}
+
+#[tokio::test]
 async fn cached_resolves_do_not_enter_wasm() {
     let sandbox = Sandbox::new();
     let toml = format!(
@@ -341,6 +382,15 @@ settings = {{ service = "seq", answers = [{{ error = "panic" }}, {{ endpoints = 
         },
         other => panic!("expected NoEndpoints, got {other:?}"),
     }
-    // A fresh instance (call counter back at 0, so it panics again)...
-    assert!(r.resolve("http://seq").await.is_err());
+    // The trapped instance was discarded: the next call runs in a fresh one, whose
+    // counter starts again at 0 (a reused instance would refuse to run at all).
+    match r.resolve("http://seq").await {
+        Err(Error::NoEndpoints { failures, .. }) => {
+            assert!(
+                matches!(&failures[0].kind, ProviderErrorKind::Trap(m) if m.contains("scripted panic at call 0")),
+                "{failures:?}"
+            )
+        }
+        other => panic!("expected NoEndpoints, got {other:?}"),
+    }
 }

@@ -46,8 +46,9 @@ settings = {{ service = "seq", answers = [
     );
     assert_eq!(next.provider(), Some("script"));
 
-    // Call 3 fails: the last good set is still served.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Call 3 (about 1 s after call 2) fails; call 4 comes 1 s later (back-off). In
+    // between, the last good set is still served.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         strings(&resolver.resolve("http://seq").await.unwrap()),
         ["http://b:2", "http://c:3"]
@@ -63,6 +64,36 @@ settings = {{ service = "seq", answers = [
         resolver.resolve("http://seq").await,
         Err(wasd::Error::NoEndpoints { .. })
     ));
+}
+
+#[tokio::test]
+async fn a_failing_provider_is_not_replaced_by_pass_through() {
+    let sandbox = Sandbox::new();
+    let toml = format!(
+        r#"
+[[provider]]
+name = "script"
+module = "{}"
+settings = {{ service = "seq", answers = [
+  {{ endpoints = ["http://a:1"], ttl_ms = 1000 }},
+  {{ error = "unavailable" }},
+  {{ error = "unavailable" }},
+  {{ endpoints = ["http://d:4"], ttl_ms = 1000 }},
+] }}
+"#,
+        wasd_tests::fixtures::SEQUENCE
+    );
+    let resolver = sandbox.resolver(&toml).await.unwrap();
+    let mut watch = resolver.watch("http://seq").await.unwrap();
+    assert_eq!(strings(&watch.current()), ["http://a:1"]);
+    // Calls 1 and 2 fail; pass-through would answer `http://seq`, but the provider's
+    // last answer stands until call 3 brings a new one.
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(strings(&next), ["http://d:4"]);
+    assert_eq!(next.provider(), Some("script"));
 }
 
 #[tokio::test]

@@ -27,7 +27,7 @@ fn default_section() -> String {
     "Services".to_owned()
 }
 
-/// The endpoint name used when the query names none and no scheme section matches first.
+/// The endpoint name tried first when the query names none.
 const DEFAULT_ENDPOINT: &str = "default";
 
 /// Endpoint names and their values, in document order; `T` is an endpoint, or an
@@ -130,9 +130,7 @@ impl Provider for ConfigProvider {
             // acceptable scheme, most preferred first.
             None => std::iter::once(DEFAULT_ENDPOINT)
                 .chain(query.schemes.iter().map(String::as_str))
-                .find_map(section)
-                // A query with no scheme accepts any: take the first section written.
-                .or_else(|| named.first().filter(|_| query.schemes.is_empty())),
+                .find_map(section),
         };
         let Some((name, endpoints)) = chosen else {
             return Ok(Resolution::empty());
@@ -155,7 +153,7 @@ impl Provider for ConfigProvider {
 
 /// Group the section's keys into services and endpoint names, checking every value.
 fn build_services(flat: &FlatConfig, section: &str) -> Result<HashMap<String, Named<Endpoint>>, Error> {
-    let mut services: HashMap<String, Named<(u64, Endpoint)>> = HashMap::new();
+    let mut services: HashMap<String, Named<(Option<u64>, Endpoint)>> = HashMap::new();
     let lower_section = section.to_lowercase();
     let prefix = format!("{lower_section}:");
     for lower in &flat.order {
@@ -169,15 +167,16 @@ fn build_services(flat: &FlatConfig, section: &str) -> Result<HashMap<String, Na
             continue;
         };
         let parts: Vec<&str> = rest.split(':').collect();
+        // A single value has no index; as in .NET it wins over list items.
         let (service, endpoint_name, index) = match parts[..] {
-            [service, name] => (service, name, 0),
+            [service, name] => (service, name, None),
             [service, name, index] => {
                 let index = index.parse::<u64>().map_err(|_| {
                     invalid(format!(
                         "{source}: {key}: expected a list index after the endpoint name, found '{index}'"
                     ))
                 })?;
-                (service, name, index)
+                (service, name, Some(index))
             }
             [_] => {
                 return Err(invalid(format!(
@@ -210,6 +209,9 @@ fn build_services(flat: &FlatConfig, section: &str) -> Result<HashMap<String, Na
             let named = named
                 .into_iter()
                 .map(|(name, mut endpoints)| {
+                    if let Some(single) = endpoints.iter().position(|(index, _)| index.is_none()) {
+                        return (name, vec![endpoints.swap_remove(single).1]);
+                    }
                     // List order is index order, however the sources interleave.
                     endpoints.sort_by_key(|(index, _)| *index);
                     (name, endpoints.into_iter().map(|(_, e)| e).collect())
