@@ -12,6 +12,8 @@ fn main() {
         &root.join("providers/Cargo.toml"),
         &[
             ("config", "wasd_provider_config"),
+            ("dns-srv", "wasd_provider_dns_srv"),
+            ("dns", "wasd_provider_dns"),
             ("pass-through", "wasd_provider_pass_through"),
         ],
     );

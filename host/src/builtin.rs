@@ -5,31 +5,44 @@
 pub(crate) enum Builtin {
     /// `Services` configuration section and `services__*` environment variables.
     Config,
+    /// DNS SRV records, looked up by the host.
+    DnsSrv,
+    /// DNS A/AAAA records of the service name.
+    Dns,
     /// The service name itself; always last.
     PassThrough,
 }
 
 impl Builtin {
     /// The builtins a `[[provider]]` table may name.
-    pub const ALL_CONFIGURABLE: &[Builtin] = &[Builtin::Config];
+    pub const ALL_CONFIGURABLE: &[Builtin] = &[Builtin::Config, Builtin::DnsSrv, Builtin::Dns];
 
     pub fn name(self) -> &'static str {
         match self {
             Builtin::Config => "config",
+            Builtin::DnsSrv => "dns-srv",
+            Builtin::Dns => "dns",
             Builtin::PassThrough => "pass-through",
         }
     }
 
     pub fn from_name(name: &str) -> Option<Builtin> {
-        [Builtin::Config, Builtin::PassThrough]
-            .into_iter()
-            .find(|b| b.name() == name)
+        [
+            Builtin::Config,
+            Builtin::DnsSrv,
+            Builtin::Dns,
+            Builtin::PassThrough,
+        ]
+        .into_iter()
+        .find(|b| b.name() == name)
     }
 
     /// The component's bytes.
     pub fn wasm(self) -> &'static [u8] {
         match self {
             Builtin::Config => include_bytes!(concat!(env!("OUT_DIR"), "/config.wasm")),
+            Builtin::DnsSrv => include_bytes!(concat!(env!("OUT_DIR"), "/dns-srv.wasm")),
+            Builtin::Dns => include_bytes!(concat!(env!("OUT_DIR"), "/dns.wasm")),
             Builtin::PassThrough => include_bytes!(concat!(env!("OUT_DIR"), "/pass-through.wasm")),
         }
     }

@@ -24,7 +24,8 @@ pub struct CheckReport {
 /// pass-through) and each of `modules` (with no settings and no grants), and report on
 /// each. Fails only when the config itself is unusable.
 pub async fn check(config: &Config, modules: &[PathBuf]) -> Result<Vec<CheckReport>, Error> {
-    let runtime = Runtime::new(config.cache_dir.clone()).map_err(|e| Error::Engine(format!("{e:#}")))?;
+    let runtime = Runtime::new(config.cache_dir.clone(), config.dns.clone())
+        .map_err(|e| Error::Engine(format!("{e:#}")))?;
     let mut specs = chain_specs(config)?;
     specs.extend(modules.iter().cloned().map(plugin_spec));
     let mut reports = Vec::with_capacity(specs.len());

@@ -23,6 +23,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::builtin::Builtin;
+use crate::dns::DnsSettings;
 use crate::error::ConfigError;
 
 /// Default interval at which a cached answer is refreshed.
@@ -46,6 +47,7 @@ pub struct Config {
     pub(crate) pass_through: bool,
     pub(crate) refresh_period: Duration,
     pub(crate) idle_timeout: Duration,
+    pub(crate) dns: DnsSettings,
     pub(crate) providers: Vec<ProviderSpec>,
 }
 
@@ -147,8 +149,18 @@ struct RawConfig {
     pass_through: bool,
     refresh_period: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    dns: RawDns,
     #[serde(default, rename = "provider")]
     providers: Vec<Spanned<RawProvider>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawDns {
+    #[serde(default)]
+    servers: Vec<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
 }
 
 fn yes() -> bool {
@@ -234,6 +246,7 @@ impl Config {
             pass_through: true,
             refresh_period: DEFAULT_REFRESH_PERIOD,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            dns: DnsSettings::default(),
             providers: vec![ProviderSpec {
                 name: Builtin::Config.name().to_owned(),
                 module: ModuleSource::Builtin(Builtin::Config),
@@ -323,6 +336,30 @@ impl Config {
             pass_through: raw.pass_through,
             refresh_period: duration(&raw.refresh_period, DEFAULT_REFRESH_PERIOD)?,
             idle_timeout: duration(&raw.idle_timeout, DEFAULT_IDLE_TIMEOUT)?,
+            dns: DnsSettings {
+                servers: raw
+                    .dns
+                    .servers
+                    .iter()
+                    .map(|s| {
+                        s.get_ref().parse().map_err(|_| {
+                            src.at(
+                                s,
+                                format!(
+                                    "'{}' is not a name server address like \"127.0.0.1:53\"",
+                                    s.get_ref()
+                                ),
+                            )
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+                timeout: raw
+                    .dns
+                    .timeout
+                    .as_ref()
+                    .map(|t| parse_duration(t.get_ref()).map_err(|e| src.at(t, e)))
+                    .transpose()?,
+            },
             providers: Vec::new(),
         };
         for spanned in &raw.providers {

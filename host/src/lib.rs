@@ -36,6 +36,7 @@ mod builtin;
 mod chain;
 mod check;
 mod config;
+mod dns;
 mod endpoint;
 mod error;
 mod imports;

@@ -11,6 +11,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::{self, Configuration, File, GuestEndpoint, GuestError, Query, Resolution};
 use crate::config::{Grants, Limits, ModuleSource, ProviderSpec};
+use crate::dns::DnsClient;
 use crate::endpoint::Endpoint;
 use crate::error::{Error, ProviderError, ProviderErrorKind};
 use crate::runtime::{EPOCH_TICK, Runtime};
@@ -33,6 +34,7 @@ const MAX_VERSION_LEN: usize = 1024;
 pub(crate) struct ProviderState {
     pub name: Arc<str>,
     pub grants: Arc<Grants>,
+    pub dns: Arc<DnsClient>,
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: MemoryLimiter,
@@ -156,7 +158,9 @@ impl Provider {
                 Err(reason) => return Err(load_error(format!("{}: {reason}", path.display()))),
             }
         }
-        let env = std::env::vars()
+        // Only granted variables; one that is not UTF-8 cannot cross into WASI.
+        let env = std::env::vars_os()
+            .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
             .filter(|(name, _)| spec.grants.allows_env(name))
             .collect();
         let name: Arc<str> = spec.name.as_str().into();
@@ -199,6 +203,7 @@ impl Provider {
             ProviderState {
                 name: self.name.clone(),
                 grants: self.grants.clone(),
+                dns: self.runtime.dns.clone(),
                 wasi,
                 table: ResourceTable::new(),
                 limiter: MemoryLimiter {
@@ -274,6 +279,11 @@ impl Provider {
     }
 
     fn checkin(&self, instance: Instance) {
+        // An instance whose captured stderr is half full is retired, so the capture
+        // never fills and refuses the guest's writes.
+        if instance.stderr.contents().len() > STDERR_CAPTURE / 2 {
+            return;
+        }
         let mut idle = self.idle.lock().expect("pool lock");
         if idle.len() < MAX_IDLE_INSTANCES {
             idle.push(instance);

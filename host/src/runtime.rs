@@ -13,6 +13,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine};
 
 use crate::bindings;
+use crate::dns::{DnsClient, DnsSettings};
 use crate::provider::ProviderState;
 
 /// How often the epoch advances: the granularity of call deadlines, and how often a
@@ -22,12 +23,13 @@ pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(10);
 pub(crate) struct Runtime {
     pub engine: Engine,
     pub linker: Linker<ProviderState>,
+    pub dns: Arc<DnsClient>,
     cache_dir: Option<PathBuf>,
     _ticker: EpochTicker,
 }
 
 impl Runtime {
-    pub fn new(cache_dir: Option<PathBuf>) -> wasmtime::Result<Arc<Runtime>> {
+    pub fn new(cache_dir: Option<PathBuf>, dns: DnsSettings) -> wasmtime::Result<Arc<Runtime>> {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
@@ -39,6 +41,7 @@ impl Runtime {
         Ok(Arc::new(Runtime {
             engine,
             linker,
+            dns: DnsClient::new(dns),
             cache_dir,
             _ticker: ticker,
         }))
