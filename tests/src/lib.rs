@@ -7,6 +7,9 @@ use std::sync::OnceLock;
 
 use tempfile::TempDir;
 
+mod dns;
+pub use dns::DnsServer;
+
 /// Paths of the test fixture components, built from `guests/` by the build script.
 pub mod fixtures {
     include!(concat!(env!("OUT_DIR"), "/fixtures.rs"));

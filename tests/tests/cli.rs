@@ -290,3 +290,36 @@ settings = {{ service = "seq", answers = [
     // Nothing more was printed: the last answer repeats, which is no change.
     assert!(rx.try_recv().is_err());
 }
+
+#[test]
+fn components_are_compiled_once_and_cached() {
+    let sandbox = Sandbox::new();
+    let cache = sandbox.path().join("cache");
+    let out = run(sandbox
+        .wasd()
+        .args(["resolve", "basket"])
+        .env("XDG_CACHE_HOME", &cache));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let cached: Vec<_> = std::fs::read_dir(cache.join("wasd"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    // The two providers of the built-in defaults, precompiled.
+    assert_eq!(
+        cached
+            .iter()
+            .filter(|p| p.extension().is_some_and(|x| x == "cwasm"))
+            .count(),
+        2,
+        "{cached:?}"
+    );
+    let stamp = |p: &std::path::Path| std::fs::metadata(p).unwrap().modified().unwrap();
+    let before: Vec<_> = cached.iter().map(|p| stamp(p)).collect();
+    // A second run loads them instead of compiling and writing again.
+    let out = run(sandbox
+        .wasd()
+        .args(["resolve", "basket"])
+        .env("XDG_CACHE_HOME", &cache));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(cached.iter().map(|p| stamp(p)).collect::<Vec<_>>(), before);
+}

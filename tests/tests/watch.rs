@@ -116,3 +116,25 @@ async fn watching_a_service_with_no_endpoints_yet() {
     let watch = resolver.watch("http://nowhere").await.unwrap();
     assert!(watch.current().is_empty());
 }
+
+#[tokio::test]
+async fn unused_answers_expire() {
+    let sandbox = Sandbox::new();
+    let toml = format!(
+        r#"
+pass-through = false
+idle-timeout = "1s"
+[[provider]]
+module = "{}"
+settings = {{ service = "seq", tag_calls = true, answers = [{{ endpoints = ["http://a:1"], ttl_ms = 1000 }}] }}
+"#,
+        wasd_tests::fixtures::SEQUENCE
+    );
+    let resolver = sandbox.resolver(&toml).await.unwrap();
+    let call = |set: wasd::EndpointSet| set.endpoints()[0].metadata_value("call").unwrap().to_owned();
+    assert_eq!(call(resolver.resolve("http://seq").await.unwrap()), "0");
+    // Unused for a second, the entry is dropped at its first refresh (no call); had it
+    // stayed, refreshes would have made calls 1, 2 and 3 by now.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(call(resolver.resolve("http://seq").await.unwrap()), "1");
+}

@@ -1,0 +1,258 @@
+//! The `dns-srv` and `dns` providers against a real DNS server (dnsmasq on loopback).
+
+use std::time::Duration;
+
+use wasd::{Error, ProviderErrorKind};
+use wasd_tests::{DnsServer, Sandbox, run};
+
+const BASKET: &[&str] = &[
+    // Two targets for the default endpoint, priority 1 written first on purpose.
+    "--srv-host=_default._tcp.basket.cluster.local,basket-2.cluster.local,8081,1,5",
+    "--srv-host=_default._tcp.basket.cluster.local,basket-1.cluster.local,8080,0,10",
+    "--srv-host=_dashboard._tcp.basket.cluster.local,basket-1.cluster.local,9999,0,0",
+    "--host-record=basket-1.cluster.local,10.0.0.1",
+    "--host-record=basket-2.cluster.local,10.0.0.2",
+    // Scheme-named ports: catalog only has http.
+    "--srv-host=_http._tcp.catalog.cluster.local,catalog-1.cluster.local,80,0,0",
+    "--host-record=catalog-1.cluster.local,10.0.1.1",
+    // A target with no address record: the endpoint keeps the name.
+    "--srv-host=_default._tcp.orders.cluster.local,orders.elsewhere.test,7000,0,0",
+    // Another zone, for templates.
+    "--srv-host=_grpc._tcp.basket.custom.test,basket-9.custom.test,9000,0,0",
+    "--host-record=basket-9.custom.test,10.9.9.9",
+    // For the A/AAAA provider.
+    "--host-record=web.cluster.local,10.0.2.1",
+    "--host-record=web.cluster.local,10.0.2.2",
+];
+
+fn config(server: &DnsServer, settings: &str, grants: &str) -> String {
+    format!(
+        r#"
+pass-through = false
+[dns]
+servers = ["{}"]
+timeout = "300ms"
+
+[[provider]]
+builtin = "dns-srv"
+settings = {{ {settings} }}
+grants = {{ dns = [{grants}] }}
+limits = {{ timeout = "3s" }}
+"#,
+        server.address()
+    )
+}
+
+fn strings(set: &wasd::EndpointSet) -> Vec<String> {
+    set.iter().map(ToString::to_string).collect()
+}
+
+#[tokio::test]
+async fn default_and_named_endpoints_in_priority_order() {
+    let server = DnsServer::start(30, BASKET);
+    let sandbox = Sandbox::new();
+    let r = sandbox
+        .resolver(&config(
+            &server,
+            r#"suffix = "cluster.local""#,
+            r#""cluster.local""#,
+        ))
+        .await
+        .unwrap();
+    let set = r.resolve("basket").await.unwrap();
+    assert_eq!(strings(&set), ["10.0.0.1:8080", "10.0.0.2:8081"]);
+    assert_eq!(set.provider(), Some("dns-srv"));
+    let first = &set.endpoints()[0];
+    assert_eq!(first.metadata_value("host-name"), Some("basket-1.cluster.local"));
+    assert_eq!(first.metadata_value("priority"), Some("0"));
+    // A single scheme in the query is the endpoints' scheme.
+    assert_eq!(
+        strings(&r.resolve("https://_dashboard.basket").await.unwrap()),
+        ["https://10.0.0.1:9999"]
+    );
+    // No address record: connect by name.
+    let orders = r.resolve("orders").await.unwrap();
+    assert_eq!(strings(&orders), ["orders.elsewhere.test:7000"]);
+}
+
+#[tokio::test]
+async fn scheme_form_follows_the_preference() {
+    let server = DnsServer::start(30, BASKET);
+    let sandbox = Sandbox::new();
+    let r = sandbox
+        .resolver(&config(
+            &server,
+            r#"suffix = "cluster.local", scheme-form = true"#,
+            r#""cluster.local""#,
+        ))
+        .await
+        .unwrap();
+    // No _https record for catalog: the http one, with its scheme.
+    assert_eq!(
+        strings(&r.resolve("https+http://catalog").await.unwrap()),
+        ["http://10.0.1.1:80"]
+    );
+    // Named endpoints still use their name.
+    assert_eq!(
+        strings(&r.resolve("https://_dashboard.basket").await.unwrap()),
+        ["https://10.0.0.1:9999"]
+    );
+}
+
+#[tokio::test]
+async fn custom_suffix_and_template() {
+    let server = DnsServer::start(30, BASKET);
+    let sandbox = Sandbox::new();
+    let r = sandbox
+        .resolver(&config(
+            &server,
+            r#"template = "_{endpoint}._tcp.{service}.custom.test""#,
+            r#""custom.test""#,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        strings(&r.resolve("grpc://_grpc.basket").await.unwrap()),
+        ["grpc://10.9.9.9:9000"]
+    );
+}
+
+#[tokio::test]
+async fn without_a_suffix_the_provider_declines() {
+    let server = DnsServer::start(30, BASKET);
+    let sandbox = Sandbox::new();
+    let r = sandbox.resolver(&config(&server, "", r#""*""#)).await.unwrap();
+    match r.resolve("basket").await {
+        Err(Error::NoEndpoints { failures, .. }) => assert!(failures.is_empty(), "{failures:?}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn names_outside_the_grant_are_denied() {
+    let server = DnsServer::start(30, BASKET);
+    let sandbox = Sandbox::new();
+    let r = sandbox
+        .resolver(&config(
+            &server,
+            r#"suffix = "cluster.local""#,
+            r#""example.org""#,
+        ))
+        .await
+        .unwrap();
+    match r.resolve("basket").await {
+        Err(Error::NoEndpoints { failures, .. }) => match &failures[0].kind {
+            ProviderErrorKind::Denied(m) => {
+                assert!(
+                    m.contains("may not look up '_default._tcp.basket.cluster.local'"),
+                    "{m}"
+                )
+            }
+            other => panic!("expected a denial, got {other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    // No grant at all is the default.
+    let no_grant = config(&server, r#"suffix = "cluster.local""#, "");
+    let r = sandbox.resolver(&no_grant).await.unwrap();
+    assert!(r.resolve("basket").await.is_err());
+}
+
+#[tokio::test]
+async fn ttl_refresh_nxdomain_and_outages_through_watch() {
+    let mut server = DnsServer::start(1, BASKET);
+    let sandbox = Sandbox::new();
+    let r = sandbox
+        .resolver(&config(
+            &server,
+            r#"suffix = "cluster.local""#,
+            r#""cluster.local""#,
+        ))
+        .await
+        .unwrap();
+    let mut watch = r.watch("basket").await.unwrap();
+    assert_eq!(strings(&watch.current()), ["10.0.0.1:8080", "10.0.0.2:8081"]);
+
+    // New records: seen on the next TTL-driven refresh.
+    server.restart(&[
+        "--srv-host=_default._tcp.basket.cluster.local,basket-3.cluster.local,8082,0,0",
+        "--host-record=basket-3.cluster.local,10.0.0.3",
+    ]);
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(strings(&next), ["10.0.0.3:8082"]);
+
+    // The server goes away: the last good set is served, and no change is published.
+    server.stop();
+    assert!(
+        tokio::time::timeout(Duration::from_secs(4), watch.changed())
+            .await
+            .is_err()
+    );
+    assert_eq!(strings(&r.resolve("basket").await.unwrap()), ["10.0.0.3:8082"]);
+
+    // Back, but the records are gone (NXDOMAIN): the endpoints are removed.
+    server.restart(&["--host-record=unrelated.cluster.local,10.0.0.99"]);
+    let gone = tokio::time::timeout(Duration::from_secs(40), watch.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(gone.is_empty(), "{gone:?}");
+}
+
+#[tokio::test]
+async fn dns_provider_looks_up_addresses() {
+    let server = DnsServer::start(30, BASKET);
+    let sandbox = Sandbox::new();
+    let toml = format!(
+        r#"
+pass-through = false
+[dns]
+servers = ["{}"]
+[[provider]]
+builtin = "dns"
+settings = {{ suffix = "cluster.local", port = 8080 }}
+grants = {{ dns = ["cluster.local"] }}
+"#,
+        server.address()
+    );
+    let r = sandbox.resolver(&toml).await.unwrap();
+    let mut web = strings(&r.resolve("http://web").await.unwrap());
+    web.sort();
+    assert_eq!(web, ["http://10.0.2.1:8080", "http://10.0.2.2:8080"]);
+    // The query's port wins over the setting.
+    let mut web = strings(&r.resolve("web:9090").await.unwrap());
+    web.sort();
+    assert_eq!(web, ["10.0.2.1:9090", "10.0.2.2:9090"]);
+    assert!(matches!(
+        r.resolve("nothing").await,
+        Err(Error::NoEndpoints { .. })
+    ));
+}
+
+#[test]
+fn cli_resolves_through_dns_srv() {
+    let server = DnsServer::start(30, BASKET);
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "wasd.toml",
+        config(&server, r#"suffix = "cluster.local""#, r#""cluster.local""#),
+    );
+    let out = run(sandbox.wasd().args([
+        "resolve",
+        "https://_dashboard.basket",
+        "--config",
+        "wasd.toml",
+        "--json",
+    ]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["endpoints"][0]["endpoint"], "https://10.0.0.1:9999");
+    assert_eq!(v["endpoints"][0]["provider"], "dns-srv");
+    assert_eq!(
+        v["endpoints"][0]["metadata"]["host-name"],
+        "basket-1.cluster.local"
+    );
+}
