@@ -190,8 +190,7 @@ fn first_search_domain(resolv_conf: &str) -> Option<String> {
         .lines()
         .map(str::trim)
         .filter_map(|line| line.strip_prefix("search"))
-        .filter(|rest| rest.starts_with([' ', '\t']))
-        .last()
+        .rfind(|rest| rest.starts_with([' ', '\t']))
         .and_then(|rest| rest.split_whitespace().next())
         .map(|domain| domain.trim_end_matches('.').to_owned())
 }

@@ -117,6 +117,11 @@ impl Sandbox {
     }
 }
 
+/// The endpoints of a set as strings, in order.
+pub fn strings(set: &wasd::EndpointSet) -> Vec<String> {
+    set.iter().map(ToString::to_string).collect()
+}
+
 /// The output of a finished CLI run.
 pub struct Output {
     /// Exit code.

@@ -2,7 +2,7 @@
 //! real files.
 
 use wasd::{Error, ProviderErrorKind};
-use wasd_tests::Sandbox;
+use wasd_tests::{Sandbox, strings};
 
 const CATALOG: &str = r#"{
   "Logging": { "LogLevel": { "Default": "Information" } },
@@ -28,10 +28,6 @@ const WITH_APPSETTINGS: &str = r#"
 builtin = "config"
 grants = { files = ["appsettings.json"] }
 "#;
-
-fn strings(set: &wasd::EndpointSet) -> Vec<String> {
-    set.iter().map(ToString::to_string).collect()
-}
 
 async fn resolver_with(appsettings: &str, toml: &str) -> wasd::Resolver {
     let sandbox = Sandbox::new();

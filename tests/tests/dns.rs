@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use wasd::{Error, ProviderErrorKind};
-use wasd_tests::{DnsServer, Sandbox, run};
+use wasd_tests::{DnsServer, Sandbox, run, strings};
 
 const BASKET: &[&str] = &[
     // Two targets for the default endpoint, priority 1 written first on purpose.
@@ -43,22 +43,20 @@ limits = {{ timeout = "3s" }}
     )
 }
 
-fn strings(set: &wasd::EndpointSet) -> Vec<String> {
-    set.iter().map(ToString::to_string).collect()
+/// A dnsmasq serving BASKET with long TTLs, and a resolver with one dns-srv provider.
+async fn srv_resolver(settings: &str, grants: &str) -> (DnsServer, Sandbox, wasd::Resolver) {
+    let server = DnsServer::start(30, BASKET);
+    let sandbox = Sandbox::new();
+    let resolver = sandbox
+        .resolver(&config(&server, settings, grants))
+        .await
+        .unwrap();
+    (server, sandbox, resolver)
 }
 
 #[tokio::test]
 async fn default_and_named_endpoints_in_priority_order() {
-    let server = DnsServer::start(30, BASKET);
-    let sandbox = Sandbox::new();
-    let r = sandbox
-        .resolver(&config(
-            &server,
-            r#"suffix = "cluster.local""#,
-            r#""cluster.local""#,
-        ))
-        .await
-        .unwrap();
+    let (_server, _sandbox, r) = srv_resolver(r#"suffix = "cluster.local""#, r#""cluster.local""#).await;
     let set = r.resolve("basket").await.unwrap();
     assert_eq!(strings(&set), ["10.0.0.1:8080", "10.0.0.2:8081"]);
     assert_eq!(set.provider(), Some("dns-srv"));
@@ -77,16 +75,11 @@ async fn default_and_named_endpoints_in_priority_order() {
 
 #[tokio::test]
 async fn scheme_form_follows_the_preference() {
-    let server = DnsServer::start(30, BASKET);
-    let sandbox = Sandbox::new();
-    let r = sandbox
-        .resolver(&config(
-            &server,
-            r#"suffix = "cluster.local", scheme-form = true"#,
-            r#""cluster.local""#,
-        ))
-        .await
-        .unwrap();
+    let (_server, _sandbox, r) = srv_resolver(
+        r#"suffix = "cluster.local", scheme-form = true"#,
+        r#""cluster.local""#,
+    )
+    .await;
     // No _https record for catalog: the http one, with its scheme.
     assert_eq!(
         strings(&r.resolve("https+http://catalog").await.unwrap()),
@@ -101,16 +94,11 @@ async fn scheme_form_follows_the_preference() {
 
 #[tokio::test]
 async fn custom_suffix_and_template() {
-    let server = DnsServer::start(30, BASKET);
-    let sandbox = Sandbox::new();
-    let r = sandbox
-        .resolver(&config(
-            &server,
-            r#"template = "_{endpoint}._tcp.{service}.custom.test""#,
-            r#""custom.test""#,
-        ))
-        .await
-        .unwrap();
+    let (_server, _sandbox, r) = srv_resolver(
+        r#"template = "_{endpoint}._tcp.{service}.custom.test""#,
+        r#""custom.test""#,
+    )
+    .await;
     assert_eq!(
         strings(&r.resolve("grpc://_grpc.basket").await.unwrap()),
         ["grpc://10.9.9.9:9000"]
@@ -119,9 +107,7 @@ async fn custom_suffix_and_template() {
 
 #[tokio::test]
 async fn without_a_suffix_the_provider_declines() {
-    let server = DnsServer::start(30, BASKET);
-    let sandbox = Sandbox::new();
-    let r = sandbox.resolver(&config(&server, "", r#""*""#)).await.unwrap();
+    let (_server, _sandbox, r) = srv_resolver("", r#""*""#).await;
     match r.resolve("basket").await {
         Err(Error::NoEndpoints { failures, .. }) => assert!(failures.is_empty(), "{failures:?}"),
         other => panic!("{other:?}"),
@@ -130,16 +116,7 @@ async fn without_a_suffix_the_provider_declines() {
 
 #[tokio::test]
 async fn names_outside_the_grant_are_denied() {
-    let server = DnsServer::start(30, BASKET);
-    let sandbox = Sandbox::new();
-    let r = sandbox
-        .resolver(&config(
-            &server,
-            r#"suffix = "cluster.local""#,
-            r#""example.org""#,
-        ))
-        .await
-        .unwrap();
+    let (server, sandbox, r) = srv_resolver(r#"suffix = "cluster.local""#, r#""example.org""#).await;
     match r.resolve("basket").await {
         Err(Error::NoEndpoints { failures, .. }) => match &failures[0].kind {
             ProviderErrorKind::Denied(m) => {

@@ -3,11 +3,7 @@
 
 use std::time::Duration;
 
-use wasd_tests::Sandbox;
-
-fn strings(set: &wasd::EndpointSet) -> Vec<String> {
-    set.iter().map(ToString::to_string).collect()
-}
+use wasd_tests::{Sandbox, strings};
 
 #[tokio::test]
 async fn watch_follows_refreshes() {
