@@ -117,7 +117,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Watch { query, config, json } => {
             let parsed = Query::parse(&query)?;
             let resolver = config.resolver().await?;
-            let mut watch = resolver.watch(&query).await?;
+            let mut watch = resolver.watch_query(&parsed).await?;
             let print = |set: &EndpointSet| -> anyhow::Result<()> {
                 let mut out = std::io::stdout().lock();
                 if json {

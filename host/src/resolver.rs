@@ -216,8 +216,12 @@ impl Resolver {
     /// Follow a query: the current endpoints, then every change. A query with no
     /// endpoints yet is watched too (its current set is empty).
     pub async fn watch(&self, query: &str) -> Result<Watch, Error> {
-        let query = Query::parse(query)?;
-        let entry = self.inner.entry(&query)?;
+        self.watch_query(&Query::parse(query)?).await
+    }
+
+    /// Follow an already parsed query.
+    pub async fn watch_query(&self, query: &Query) -> Result<Watch, Error> {
+        let entry = self.inner.entry(query)?;
         let mut receiver = entry.state.subscribe();
         self.inner.ready(&entry, true).await?;
         // The first answer is the current set, not a change.
