@@ -14,6 +14,7 @@ fn main() {
             ("config", "wasd_provider_config"),
             ("dns-srv", "wasd_provider_dns_srv"),
             ("dns", "wasd_provider_dns"),
+            ("etcd", "wasd_provider_etcd"),
             ("pass-through", "wasd_provider_pass_through"),
         ],
     );

@@ -9,19 +9,22 @@ pub(crate) enum Builtin {
     DnsSrv,
     /// DNS A/AAAA records of the service name.
     Dns,
+    /// Kratos-style instances in etcd, with watch and registration.
+    Etcd,
     /// The service name itself; always last.
     PassThrough,
 }
 
 impl Builtin {
     /// The builtins a `[[provider]]` table may name.
-    pub const ALL_CONFIGURABLE: &[Builtin] = &[Builtin::Config, Builtin::DnsSrv, Builtin::Dns];
+    pub const ALL_CONFIGURABLE: &[Builtin] = &[Builtin::Config, Builtin::DnsSrv, Builtin::Dns, Builtin::Etcd];
 
     pub fn name(self) -> &'static str {
         match self {
             Builtin::Config => "config",
             Builtin::DnsSrv => "dns-srv",
             Builtin::Dns => "dns",
+            Builtin::Etcd => "etcd",
             Builtin::PassThrough => "pass-through",
         }
     }
@@ -31,6 +34,7 @@ impl Builtin {
             Builtin::Config,
             Builtin::DnsSrv,
             Builtin::Dns,
+            Builtin::Etcd,
             Builtin::PassThrough,
         ]
         .into_iter()
@@ -43,6 +47,7 @@ impl Builtin {
             Builtin::Config => include_bytes!(concat!(env!("OUT_DIR"), "/config.wasm")),
             Builtin::DnsSrv => include_bytes!(concat!(env!("OUT_DIR"), "/dns-srv.wasm")),
             Builtin::Dns => include_bytes!(concat!(env!("OUT_DIR"), "/dns.wasm")),
+            Builtin::Etcd => include_bytes!(concat!(env!("OUT_DIR"), "/etcd.wasm")),
             Builtin::PassThrough => include_bytes!(concat!(env!("OUT_DIR"), "/pass-through.wasm")),
         }
     }

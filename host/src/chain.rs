@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use crate::bindings::Query as WitQuery;
 use crate::builtin::Builtin;
-use crate::config::{Config, Grants, Limits, ModuleSource, ProviderSpec};
-use crate::endpoint::{EndpointSet, select_by_scheme};
+use crate::config::{Config, Grants, Limits, ModuleSource, ProviderSpec, TlsSpec};
+use crate::endpoint::{Endpoint, EndpointSet, filter_by_metadata, select_by_scheme};
 use crate::error::{Error, ProviderError};
 use crate::provider::Provider;
 use crate::runtime::Runtime;
@@ -24,8 +24,9 @@ pub(crate) struct ChainAnswer {
     /// Providers ahead of the one that answered that failed: their answer, had they
     /// had one, would have won, so a refresh keeps the last good set instead.
     pub failures: Vec<ProviderError>,
-    /// Set when the provider can push changes (used by the watch loop).
-    #[allow(dead_code)]
+    /// The provider that answered, and the version of its answer when it can push
+    /// changes (the resolver then watches it instead of polling).
+    pub provider: Arc<Provider>,
     pub version: Option<String>,
 }
 
@@ -44,19 +45,36 @@ impl ProviderChain {
         self.providers.iter().map(|p| &*p.name)
     }
 
+    /// The provider that registers instances: the one named, or else the first in the
+    /// chain that exports `wasd:provider/registrar`.
+    pub fn registrar(&self, name: Option<&str>) -> Option<Arc<Provider>> {
+        self.providers
+            .iter()
+            .find(|p| match name {
+                Some(name) => &*p.name == name,
+                None => p.is_registrar(),
+            })
+            .cloned()
+    }
+
     /// Ask the providers in order. `Err` carries the failures met on the way; an empty
     /// list means every provider answered cleanly that it has nothing.
-    pub async fn resolve(&self, query: &WitQuery) -> Result<ChainAnswer, Vec<ProviderError>> {
+    pub async fn resolve(
+        &self,
+        query: &WitQuery,
+        filters: &[(String, String)],
+    ) -> Result<ChainAnswer, Vec<ProviderError>> {
         let mut failures = Vec::new();
         for provider in &self.providers {
             match provider.resolve(query).await {
                 Ok(answer) => {
-                    let endpoints = select_by_scheme(answer.endpoints, &query.schemes);
+                    let endpoints = select(answer.endpoints, query, filters);
                     if !endpoints.is_empty() {
                         return Ok(ChainAnswer {
                             set: EndpointSet::new(provider.name.clone(), endpoints),
                             ttl: answer.ttl,
                             failures,
+                            provider: provider.clone(),
                             version: answer.version,
                         });
                     }
@@ -69,6 +87,16 @@ impl ProviderChain {
         }
         Err(failures)
     }
+}
+
+/// The endpoints of one answer that the query accepts: its metadata filters, then the
+/// most preferred scheme present.
+pub(crate) fn select(
+    endpoints: Vec<Endpoint>,
+    query: &WitQuery,
+    filters: &[(String, String)],
+) -> Vec<Endpoint> {
+    select_by_scheme(filter_by_metadata(endpoints, filters), &query.schemes)
 }
 
 /// The specs of the whole chain, in order.
@@ -86,6 +114,7 @@ pub(crate) fn chain_specs(config: &Config) -> Result<Vec<ProviderSpec>, Error> {
             settings: "{}".to_owned(),
             grants: Grants::default(),
             limits: Limits::default(),
+            tls: TlsSpec::default(),
         });
     }
     Ok(specs)
@@ -102,6 +131,7 @@ pub(crate) fn plugin_spec(path: std::path::PathBuf) -> ProviderSpec {
         settings: "{}".to_owned(),
         grants: Grants::default(),
         limits: Limits::default(),
+        tls: TlsSpec::default(),
     }
 }
 

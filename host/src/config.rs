@@ -49,10 +49,12 @@ pub struct Config {
     pub(crate) idle_timeout: Duration,
     pub(crate) dns: DnsSettings,
     pub(crate) providers: Vec<ProviderSpec>,
+    /// The provider that registers instances; none: the first one that can.
+    pub(crate) registrar: Option<String>,
 }
 
 /// One provider as configured.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct ProviderSpec {
     pub name: String,
     pub module: ModuleSource,
@@ -60,6 +62,30 @@ pub(crate) struct ProviderSpec {
     pub settings: String,
     pub grants: Grants,
     pub limits: Limits,
+    pub tls: TlsSpec,
+}
+
+/// TLS files for a provider's outgoing HTTPS (the host does the TLS).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct TlsSpec {
+    /// PEM CA certificates trusted instead of the web PKI roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain and key, for mutual TLS.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+// Settings may hold secrets (an etcd password): Debug shows only their size.
+impl std::fmt::Debug for ProviderSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderSpec")
+            .field("name", &self.name)
+            .field("module", &self.module)
+            .field("settings", &format_args!("<{} bytes>", self.settings.len()))
+            .field("grants", &self.grants)
+            .field("limits", &self.limits)
+            .field("tls", &self.tls)
+            .finish()
+    }
 }
 
 /// Where a provider's component comes from.
@@ -153,6 +179,7 @@ struct RawConfig {
     dns: RawDns,
     #[serde(default, rename = "provider")]
     providers: Vec<Spanned<RawProvider>>,
+    registrar: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -179,6 +206,16 @@ struct RawProvider {
     grants: RawGrants,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    tls: RawTls,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawTls {
+    ca_file: Option<PathBuf>,
+    client_cert_file: Option<Spanned<PathBuf>>,
+    client_key_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -257,7 +294,9 @@ impl Config {
                     ..Grants::default()
                 },
                 limits: Limits::default(),
+                tls: TlsSpec::default(),
             }],
+            registrar: None,
         }
     }
 
@@ -361,6 +400,7 @@ impl Config {
                     .transpose()?,
             },
             providers: Vec::new(),
+            registrar: None,
         };
         for spanned in &raw.providers {
             let spec = provider_spec(&src, spanned, &config, &resolve)?;
@@ -371,6 +411,12 @@ impl Config {
                 ));
             }
             config.providers.push(spec);
+        }
+        if let Some(name) = &raw.registrar {
+            if !config.providers.iter().any(|p| &p.name == name.get_ref()) {
+                return Err(src.at(name, format!("no provider is named '{}'", name.get_ref())));
+            }
+            config.registrar = Some(name.get_ref().clone());
         }
         Ok(config)
     }
@@ -476,6 +522,17 @@ fn provider_spec(
         },
         max_endpoints: raw.limits.max_endpoints.unwrap_or(DEFAULT_MAX_ENDPOINTS),
     };
+    let client = match (&raw.tls.client_cert_file, &raw.tls.client_key_file) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some((resolve(cert.get_ref()), resolve(key.get_ref()))),
+        (Some(one), None) | (None, Some(one)) => {
+            return Err(src.at(one, "tls needs both `client-cert-file` and `client-key-file`"));
+        }
+    };
+    let tls = TlsSpec {
+        ca_file: raw.tls.ca_file.as_deref().map(resolve),
+        client,
+    };
     Ok(ProviderSpec {
         name,
         module,
@@ -493,6 +550,7 @@ fn provider_spec(
             http,
         },
         limits,
+        tls,
     })
 }
 
@@ -689,5 +747,61 @@ module = "/opt/mine.wasm"
         assert_eq!(parse_size("1024"), Ok(1024));
         assert!(parse_size("64MB").is_err());
         assert!(parse_size("99999999999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn example_configs_parse() {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        for name in ["full-config.toml", "etcd.toml"] {
+            let c = Config::from_file(&examples.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!c.providers.is_empty(), "{name}");
+        }
+        let etcd = Config::from_file(&examples.join("etcd.toml")).unwrap();
+        assert_eq!(etcd.registrar.as_deref(), Some("etcd"));
+        assert_eq!(etcd.providers[0].grants.http, ["http://127.0.0.1:2379"]);
+    }
+
+    #[test]
+    fn debug_output_hides_settings() {
+        let c = parse("[[provider]]\nbuiltin = \"etcd\"\nsettings = { password = \"hunter2\" }").unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2") && shown.contains("bytes>"), "{shown}");
+    }
+
+    #[test]
+    fn tls_and_registrar() {
+        let c = parse(
+            r#"
+registrar = "reg"
+[[provider]]
+name = "reg"
+builtin = "etcd"
+tls = { ca-file = "ca.pem", client-cert-file = "/etc/c.pem", client-key-file = "c.key" }
+"#,
+        )
+        .unwrap();
+        let tls = &c.providers[0].tls;
+        assert_eq!(tls.ca_file.as_deref(), Some(Path::new("/srv/ca.pem")));
+        assert_eq!(
+            tls.client,
+            Some((PathBuf::from("/etc/c.pem"), PathBuf::from("/srv/c.key")))
+        );
+        for (text, expected) in [
+            (
+                "[[provider]]\nbuiltin = \"etcd\"\ntls = { client-cert-file = \"c.pem\" }",
+                "wasd.toml:3:28: tls needs both",
+            ),
+            (
+                "registrar = \"etcd\"",
+                "wasd.toml:1:13: no provider is named 'etcd'",
+            ),
+            (
+                "[[provider]]\nbuiltin = \"etcd\"\ntls = { ca = \"x\" }",
+                "unknown field `ca`",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(expected), "{text}: {e}");
+        }
     }
 }

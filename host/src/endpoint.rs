@@ -125,6 +125,21 @@ impl<'a> IntoIterator for &'a EndpointSet {
 /// Keep the endpoints of the most preferred scheme that has any, never a mix
 /// (Microsoft's rule). Endpoints without a scheme always stay; with no schemes to
 /// prefer, everything stays.
+/// Keep the endpoints whose metadata holds every `(key, value)` filter.
+pub(crate) fn filter_by_metadata(
+    mut endpoints: Vec<Endpoint>,
+    filters: &[(String, String)],
+) -> Vec<Endpoint> {
+    if !filters.is_empty() {
+        endpoints.retain(|e| {
+            filters
+                .iter()
+                .all(|(k, v)| e.metadata.iter().any(|(ek, ev)| ek == k && ev == v))
+        });
+    }
+    endpoints
+}
+
 pub(crate) fn select_by_scheme(endpoints: Vec<Endpoint>, schemes: &[String]) -> Vec<Endpoint> {
     if schemes.is_empty() {
         return endpoints;

@@ -44,6 +44,24 @@ pub enum Error {
     #[error("cannot start the WebAssembly engine: {0}")]
     Engine(String),
 
+    /// A service instance cannot be registered as given.
+    #[error("cannot register '{service}': {reason}")]
+    InvalidInstance {
+        /// The instance's service name.
+        service: String,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// No provider in the chain can register instances (none exports
+    /// `wasd:provider/registrar`, or the configured `registrar` is not one).
+    #[error("no provider can register instances: {0}")]
+    NoRegistrar(String),
+
+    /// Deregistering failed (the lease will still expire on its TTL).
+    #[error("deregistration failed: {0}")]
+    Deregister(ProviderError),
+
     /// A provider module could not be loaded (compile, link, instantiate or configure).
     #[error("provider '{provider}' ({source_name}) failed to load: {reason}")]
     Load {

@@ -25,6 +25,19 @@
 //! # }
 //! ```
 //!
+//! Providers backed by a registry (the built-in `etcd`) also register instances, the
+//! way Kratos's Registrar does; the host keeps the lease alive and never gives up:
+//!
+//! ```no_run
+//! # async fn demo(resolver: wasd::Resolver) -> Result<(), wasd::Error> {
+//! let instance = wasd::ServiceInstance::new("hello", ["http://10.0.0.1:8000"]);
+//! let registration = resolver.register(instance).await?;
+//! // ... serve ...
+//! registration.deregister().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Resolution follows Microsoft.Extensions.ServiceDiscovery: the first provider with
 //! endpoints wins, pass-through runs last, `https+http://` prefers https endpoints and
 //! falls back to http (never mixing them), `_name.service` asks for a named endpoint.
@@ -42,6 +55,7 @@ mod error;
 mod imports;
 mod provider;
 mod query;
+mod registry;
 mod resolver;
 mod runtime;
 
@@ -53,4 +67,5 @@ pub use config::{
 pub use endpoint::{Endpoint, EndpointSet};
 pub use error::{ConfigError, Error, ProviderError, ProviderErrorKind};
 pub use query::Query;
+pub use registry::{DEFAULT_REGISTRATION_TTL, Registration, RegistrationState, ServiceInstance};
 pub use resolver::{Resolver, ResolverBuilder, Watch};

@@ -1,4 +1,4 @@
-//! The `wasd` command: resolve, watch and check, on top of the library.
+//! The `wasd` command: resolve, watch, check and register, on top of the library.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
-use wasd::{Config, EndpointSet, Query, Resolver};
+use std::time::Duration;
+
+use wasd::{Config, EndpointSet, Query, RegistrationState, Resolver, ServiceInstance};
 
 /// Service discovery whose providers are sandboxed WebAssembly components.
 #[derive(Parser)]
@@ -24,6 +26,8 @@ enum Command {
         /// The service query.
         query: String,
         #[command(flatten)]
+        filters: FilterArgs,
+        #[command(flatten)]
         config: ConfigArgs,
         /// Print one JSON object instead.
         #[arg(long)]
@@ -33,6 +37,8 @@ enum Command {
     Watch {
         /// The service query.
         query: String,
+        #[command(flatten)]
+        filters: FilterArgs,
         #[command(flatten)]
         config: ConfigArgs,
         /// Print one JSON object per line instead.
@@ -46,6 +52,60 @@ enum Command {
         /// Extra provider modules to check (loaded with no settings and no grants).
         modules: Vec<PathBuf>,
     },
+    /// Register a service instance (Kratos style) and keep it registered until
+    /// interrupted (SIGINT/SIGTERM), then deregister it.
+    Register {
+        /// The service name.
+        service: String,
+        /// An endpoint URL of the instance (`grpc://10.0.0.1:9000`); repeatable.
+        #[arg(long = "endpoint", value_name = "URL", required = true)]
+        endpoints: Vec<String>,
+        /// The instance id. Default: a random UUID.
+        #[arg(long)]
+        id: Option<String>,
+        /// The instance's version.
+        #[arg(long, default_value = "")]
+        version: String,
+        /// Instance metadata; repeatable.
+        #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = key_value)]
+        metadata: Vec<(String, String)>,
+        /// The lease TTL; the lease is kept alive every third of it.
+        #[arg(long, default_value = "15s", value_parser = duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print one JSON object per state change instead.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct FilterArgs {
+    /// Keep only endpoints whose metadata has KEY=VALUE (`version=v2`); repeatable.
+    #[arg(long = "filter", value_name = "KEY=VALUE", value_parser = key_value)]
+    filters: Vec<(String, String)>,
+}
+
+impl FilterArgs {
+    fn query(&self, query: &str) -> anyhow::Result<Query> {
+        let mut parsed = Query::parse(query)?;
+        for (key, value) in &self.filters {
+            parsed = parsed.with_filter(key, value);
+        }
+        Ok(parsed)
+    }
+}
+
+fn key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("'{text}' is not KEY=VALUE")),
+    }
+}
+
+fn duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("'{text}' is not a duration like \"15s\" ({e})"))
 }
 
 #[derive(Args)]
@@ -100,8 +160,13 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Resolve { query, config, json } => {
-            let parsed = Query::parse(&query)?;
+        Command::Resolve {
+            query,
+            filters,
+            config,
+            json,
+        } => {
+            let parsed = filters.query(&query)?;
             let resolver = config.resolver().await?;
             let set = resolver.resolve_query(&parsed).await?;
             let mut out = std::io::stdout().lock();
@@ -114,8 +179,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Watch { query, config, json } => {
-            let parsed = Query::parse(&query)?;
+        Command::Watch {
+            query,
+            filters,
+            config,
+            json,
+        } => {
+            let parsed = filters.query(&query)?;
             let resolver = config.resolver().await?;
             let mut watch = resolver.watch_query(&parsed).await?;
             let print = |set: &EndpointSet| -> anyhow::Result<()> {
@@ -169,7 +239,88 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        Command::Register {
+            service,
+            endpoints,
+            id,
+            version,
+            metadata,
+            ttl,
+            config,
+            json,
+        } => {
+            let mut instance = ServiceInstance::new(service, endpoints);
+            if let Some(id) = id {
+                instance.id = id;
+            }
+            instance.version = version;
+            instance.metadata = metadata.into_iter().collect();
+            register(instance, ttl, config, json).await
+        }
     }
+}
+
+async fn register(
+    instance: ServiceInstance,
+    ttl: Duration,
+    config: ConfigArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let resolver = config.resolver().await?;
+    let mut registration = resolver.register_with_ttl(instance, ttl).await?;
+    let instance = registration.instance().clone();
+    let print = |state: &RegistrationState| -> anyhow::Result<()> {
+        let mut out = std::io::stdout().lock();
+        let (event, detail) = match state {
+            RegistrationState::Registering => return Ok(()),
+            RegistrationState::Registered { lease } => ("registered", json!({ "lease": lease })),
+            RegistrationState::Retrying {
+                error,
+                attempts,
+                retry_in,
+            } => (
+                "retrying",
+                json!({ "error": error, "attempts": attempts, "retry_in_ms": retry_in.as_millis() as u64 }),
+            ),
+            RegistrationState::Stopped => ("deregistered", json!({})),
+            _ => return Ok(()),
+        };
+        if json {
+            let mut line = json!({ "event": event, "service": instance.name, "id": instance.id });
+            if let (Some(line), Some(detail)) = (line.as_object_mut(), detail.as_object()) {
+                line.extend(detail.clone());
+            }
+            writeln!(out, "{line}")?;
+        } else {
+            match state {
+                RegistrationState::Registered { lease } => writeln!(
+                    out,
+                    "registered {instance} (lease {lease}, ttl {})",
+                    humantime::format_duration(ttl)
+                )?,
+                RegistrationState::Retrying { error, retry_in, .. } => writeln!(
+                    out,
+                    "retrying {instance} in {}: {error}",
+                    humantime::format_duration(Duration::from_millis(retry_in.as_millis() as u64))
+                )?,
+                _ => writeln!(out, "{event} {instance}")?,
+            }
+        }
+        out.flush()?;
+        Ok(())
+    };
+    loop {
+        tokio::select! {
+            state = registration.changed() => match state {
+                Some(state) => print(&state)?,
+                None => break,
+            },
+            _ = shutdown_signal() => break,
+        }
+    }
+    registration.deregister().await?;
+    print(&RegistrationState::Stopped)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The `--json` shape: other tools parse it, so fields are only ever added.

@@ -4,16 +4,21 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{InstancePre, ResourceTable};
 use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::WasiHttpCtx;
 
-use crate::bindings::{self, Configuration, File, GuestEndpoint, GuestError, Query, Resolution};
+use crate::bindings::{
+    Configuration, File, GuestEndpoint, GuestError, GuestInstance, Query, RegistrarGuest, RegistrarIndices,
+    Resolution, ResolverGuest, ResolverIndices,
+};
 use crate::config::{Grants, Limits, ModuleSource, ProviderSpec};
 use crate::dns::DnsClient;
 use crate::endpoint::Endpoint;
 use crate::error::{Error, ProviderError, ProviderErrorKind};
+use crate::imports::http::{HttpHooks, HttpPolicy, TlsFiles};
 use crate::runtime::{EPOCH_TICK, Runtime};
 
 /// Idle instances kept per provider; more are created under concurrency and dropped.
@@ -36,7 +41,9 @@ pub(crate) struct ProviderState {
     pub grants: Arc<Grants>,
     pub dns: Arc<DnsClient>,
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(crate) table: ResourceTable,
+    pub(crate) http: WasiHttpCtx,
+    pub(crate) http_hooks: HttpHooks,
     limiter: MemoryLimiter,
     deadline: Instant,
     timeout: Duration,
@@ -95,7 +102,8 @@ impl ResourceLimiter for MemoryLimiter {
 
 struct Instance {
     store: Store<ProviderState>,
-    bindings: bindings::Provider,
+    resolver: ResolverGuest,
+    registrar: Option<RegistrarGuest>,
     stderr: MemoryOutputPipe,
 }
 
@@ -110,12 +118,18 @@ pub(crate) struct Answer {
 pub(crate) struct Provider {
     pub name: Arc<str>,
     runtime: Arc<Runtime>,
-    pre: bindings::ProviderPre<ProviderState>,
+    pre: InstancePre<ProviderState>,
+    resolver: ResolverIndices,
+    /// Set when the component also exports `wasd:provider/registrar`.
+    registrar: Option<RegistrarIndices>,
     configuration: Configuration,
     grants: Arc<Grants>,
+    http: Arc<HttpPolicy>,
     env: Vec<(String, String)>,
     limits: Limits,
     idle: Mutex<Vec<Instance>>,
+    /// Cleared when `watch` answers `unsupported`: the host polls this provider.
+    watchable: std::sync::atomic::AtomicBool,
 }
 
 impl Provider {
@@ -142,8 +156,9 @@ impl Provider {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| load_error(format!("cannot link: {e:#}")))?;
-        let pre = bindings::ProviderPre::new(pre)
+        let resolver = ResolverIndices::new(&pre)
             .map_err(|e| load_error(format!("does not export wasd:provider/resolver@0.1.0: {e:#}")))?;
+        let registrar = RegistrarIndices::new(&pre).ok();
 
         let mut files = Vec::new();
         for (written, path) in &spec.grants.files {
@@ -164,6 +179,18 @@ impl Provider {
             .filter(|(name, _)| spec.grants.allows_env(name))
             .collect();
         let name: Arc<str> = spec.name.as_str().into();
+        let mut tls = TlsFiles::default();
+        if let Some(path) = &spec.tls.ca_file {
+            tls.ca = Some(read_tls_file(path).await.map_err(load_error)?);
+        }
+        if let Some((cert, key)) = &spec.tls.client {
+            tls.client = Some((
+                read_tls_file(cert).await.map_err(load_error)?,
+                read_tls_file(key).await.map_err(load_error)?,
+            ));
+        }
+        let http = HttpPolicy::new(name.clone(), &spec.grants.http, tls)
+            .map_err(|e| load_error(format!("tls: {e}")))?;
         let provider = Provider {
             configuration: Configuration {
                 name: spec.name.clone(),
@@ -173,10 +200,14 @@ impl Provider {
             name,
             runtime: runtime.clone(),
             pre,
+            resolver,
+            registrar,
             grants: Arc::new(spec.grants.clone()),
+            http: Arc::new(http),
             env,
             limits: spec.limits,
             idle: Mutex::new(Vec::new()),
+            watchable: std::sync::atomic::AtomicBool::new(true),
         };
         let instance = provider
             .instantiate()
@@ -206,6 +237,8 @@ impl Provider {
                 dns: self.runtime.dns.clone(),
                 wasi,
                 table: ResourceTable::new(),
+                http: WasiHttpCtx::new(),
+                http_hooks: HttpHooks(self.http.clone()),
                 limiter: MemoryLimiter {
                     max_memory: self.limits.max_memory,
                 },
@@ -226,48 +259,68 @@ impl Provider {
             }
             Ok(UpdateDeadline::Yield(1))
         });
-        arm_deadline(&mut store);
-        let bindings = match self.pre.instantiate_async(&mut store).await {
-            Ok(bindings) => bindings,
+        arm_deadline(&mut store, self.limits.timeout);
+        let loaded = async {
+            let instance = self.pre.instantiate_async(&mut store).await?;
+            let resolver = self.resolver.load(&mut store, &instance)?;
+            let registrar = match &self.registrar {
+                Some(indices) => Some(indices.load(&mut store, &instance)?),
+                None => None,
+            };
+            wasmtime::Result::Ok((resolver, registrar))
+        };
+        let (resolver, registrar) = match loaded.await {
+            Ok(loaded) => loaded,
             Err(e) => return Err(self.error(classify(&e, &stderr))),
         };
         let mut instance = Instance {
             store,
-            bindings,
+            resolver,
+            registrar,
             stderr,
         };
         let configuration = self.configuration.clone();
-        self.call(&mut instance, async |i: &mut Instance| {
-            i.bindings
-                .wasd_provider_resolver()
-                .call_configure(&mut i.store, &configuration)
-                .await
+        self.call(&mut instance, self.limits.timeout, async |i: &mut Instance| {
+            i.resolver.call_configure(&mut i.store, &configuration).await
         })
         .await?
         .map_err(|e| self.error(guest_error(e)))?;
         Ok(instance)
     }
 
-    /// Run one export call under the deadline. A trap or timeout poisons the instance,
-    /// so it is returned only when the call came back normally.
+    /// Run one export call under a deadline of `timeout`. A trap or timeout poisons
+    /// the instance, so it is returned only when the call came back normally.
     async fn call<T>(
         &self,
         instance: &mut Instance,
+        timeout: Duration,
         f: impl AsyncFnOnce(&mut Instance) -> wasmtime::Result<T>,
     ) -> Result<T, ProviderError> {
-        arm_deadline(&mut instance.store);
+        arm_deadline(&mut instance.store, timeout);
         // The epoch deadline only fires while wasm runs; time spent awaiting a host
         // import is bounded here, with slack so the epoch trap (the clearer error)
         // normally comes first.
-        let hard_limit = self.limits.timeout + EPOCH_TICK * 5;
+        let hard_limit = timeout + EPOCH_TICK * 5;
         match tokio::time::timeout(hard_limit, f(instance)).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(self.error(classify(&e, &instance.stderr))),
             Err(_) => Err(self.error(ProviderErrorKind::Limit(format!(
                 "time limit ({} ms per call)",
-                self.limits.timeout.as_millis()
+                timeout.as_millis()
             )))),
         }
+    }
+
+    /// Check an instance out, run one call on it, and put it back if it survived.
+    async fn with_instance<T>(
+        &self,
+        timeout: Duration,
+        f: impl AsyncFnOnce(&mut Instance) -> wasmtime::Result<T>,
+    ) -> Result<T, ProviderError> {
+        let mut instance = self.checkout().await?;
+        let value = self.call(&mut instance, timeout, f).await?;
+        self.checkin(instance);
+        Ok(value)
     }
 
     async fn checkout(&self) -> Result<Instance, ProviderError> {
@@ -292,16 +345,11 @@ impl Provider {
 
     /// Ask the provider. `not-found` is the same as an empty answer.
     pub async fn resolve(&self, query: &Query) -> Result<Answer, ProviderError> {
-        let mut instance = self.checkout().await?;
         let result = self
-            .call(&mut instance, async |i: &mut Instance| {
-                i.bindings
-                    .wasd_provider_resolver()
-                    .call_resolve(&mut i.store, query)
-                    .await
+            .with_instance(self.limits.timeout, async |i: &mut Instance| {
+                i.resolver.call_resolve(&mut i.store, query).await
             })
             .await?;
-        self.checkin(instance);
         match result {
             Ok(resolution) => self.check_answer(resolution),
             Err(GuestError::NotFound(_)) => Ok(Answer {
@@ -311,6 +359,95 @@ impl Provider {
             }),
             Err(e) => Err(self.error(guest_error(e))),
         }
+    }
+
+    /// Wait up to `wait` for the answer tagged `version` to change. The call may last
+    /// `wait` plus the provider's usual time limit; `Ok(None)`: nothing changed.
+    pub async fn watch(
+        &self,
+        query: &Query,
+        version: &str,
+        wait: Duration,
+    ) -> Result<Option<Answer>, ProviderError> {
+        let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        let result = self
+            .with_instance(wait + self.limits.timeout, async |i: &mut Instance| {
+                i.resolver.call_watch(&mut i.store, query, version, wait_ms).await
+            })
+            .await?;
+        match result {
+            Ok(Some(resolution)) => self.check_answer(resolution).map(Some),
+            Ok(None) => Ok(None),
+            Err(GuestError::NotFound(_)) => Ok(Some(Answer {
+                endpoints: Vec::new(),
+                ttl: None,
+                version: None,
+            })),
+            Err(e) => Err(self.error(guest_error(e))),
+        }
+    }
+
+    /// Whether `watch` is worth calling.
+    pub fn can_watch(&self) -> bool {
+        self.watchable.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_cannot_watch(&self) {
+        self.watchable.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the component exports `wasd:provider/registrar`.
+    pub fn is_registrar(&self) -> bool {
+        self.registrar.is_some()
+    }
+
+    /// Run one registrar call; `unsupported` when the component is not a registrar.
+    async fn registrar_call<T>(
+        &self,
+        f: impl AsyncFnOnce(&RegistrarGuest, &mut Store<ProviderState>) -> wasmtime::Result<Result<T, GuestError>>,
+    ) -> Result<T, ProviderError> {
+        if self.registrar.is_none() {
+            return Err(self.error(ProviderErrorKind::Unsupported(
+                "this provider does not export wasd:provider/registrar".into(),
+            )));
+        }
+        let result = self
+            .with_instance(self.limits.timeout, async |i: &mut Instance| {
+                let registrar = i.registrar.as_ref().expect("loaded with the provider");
+                f(registrar, &mut i.store).await
+            })
+            .await?;
+        result.map_err(|e| self.error(guest_error(e)))
+    }
+
+    /// Write the instance under a new lease; the lease's id.
+    pub async fn register(&self, instance: &GuestInstance, ttl: Duration) -> Result<String, ProviderError> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let lease = self
+            .registrar_call(async |r, store| r.call_register(store, instance, ttl_ms).await)
+            .await?;
+        if lease.len() > MAX_VERSION_LEN {
+            return Err(self.error(ProviderErrorKind::InvalidAnswer(format!(
+                "a lease id longer than {MAX_VERSION_LEN} bytes"
+            ))));
+        }
+        Ok(lease)
+    }
+
+    /// Refresh a lease; `false` when the registry no longer knows it.
+    pub async fn keep_alive(&self, lease: &str) -> Result<bool, ProviderError> {
+        self.registrar_call(async |r, store| r.call_keep_alive(store, lease).await)
+            .await
+    }
+
+    /// Delete the instance and revoke its lease.
+    pub async fn deregister(
+        &self,
+        instance: &GuestInstance,
+        lease: Option<&str>,
+    ) -> Result<(), ProviderError> {
+        self.registrar_call(async |r, store| r.call_deregister(store, instance, lease).await)
+            .await
     }
 
     /// Check an answer against the contract and the provider's limits, and convert it.
@@ -345,10 +482,19 @@ impl Provider {
     }
 }
 
-fn arm_deadline(store: &mut Store<ProviderState>) {
+fn arm_deadline(store: &mut Store<ProviderState>, timeout: Duration) {
     let state = store.data_mut();
-    state.deadline = Instant::now() + state.timeout;
+    state.deadline = Instant::now() + timeout;
+    state.timeout = timeout;
     store.set_epoch_deadline(1);
+}
+
+async fn read_tls_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    match read_granted_file(path).await {
+        Ok(Some(bytes)) => Ok(bytes),
+        Ok(None) => Err(format!("tls: {} does not exist", path.display())),
+        Err(e) => Err(format!("tls: {}: {e}", path.display())),
+    }
 }
 
 async fn read_granted_file(path: &std::path::Path) -> Result<Option<Vec<u8>>, String> {

@@ -21,6 +21,7 @@ pub struct Query {
     endpoint_name: Option<String>,
     port: Option<u16>,
     path: String,
+    filters: Vec<(String, String)>,
 }
 
 impl Query {
@@ -94,7 +95,25 @@ impl Query {
             endpoint_name,
             port,
             path: path.to_owned(),
+            filters: Vec::new(),
         })
+    }
+
+    /// Keep only endpoints whose metadata has `key` = `value` (an instance's
+    /// `version`, a `zone`...). Filters add up; a provider whose endpoints all fail
+    /// them counts as having none, so the next provider is asked.
+    pub fn with_filter(mut self, key: impl Into<String>, value: impl Into<String>) -> Query {
+        let filter = (key.into(), value.into());
+        if !self.filters.contains(&filter) {
+            self.filters.push(filter);
+            self.filters.sort();
+        }
+        self
+    }
+
+    /// The metadata filters, sorted.
+    pub fn filters(&self) -> &[(String, String)] {
+        &self.filters
     }
 
     /// The query as written.

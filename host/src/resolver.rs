@@ -5,7 +5,9 @@
 //! read the cache, and a background task per cached query refreshes it on the answer's
 //! TTL (at most the refresh period), publishes changes to watchers, keeps the last good
 //! answer when providers fail, and drops the entry once nobody has used it for the
-//! idle timeout.
+//! idle timeout. When the answering provider can push changes (its answer carries a
+//! version), the task long-polls the provider's `watch` instead of sleeping, so changes
+//! arrive as they happen; a quiet watch still ends in a periodic refresh of the chain.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,11 +19,13 @@ use dashmap::DashMap;
 use tokio::sync::{OnceCell, watch};
 
 use crate::bindings::Query as WitQuery;
-use crate::chain::ProviderChain;
+use crate::chain::{ChainAnswer, ProviderChain, select};
 use crate::config::Config;
 use crate::endpoint::EndpointSet;
-use crate::error::{ConfigError, Error};
+use crate::error::{ConfigError, Error, ProviderErrorKind};
+use crate::provider::Provider;
 use crate::query::{Query, effective_schemes};
+use crate::registry::{DEFAULT_REGISTRATION_TTL, Registration, ServiceInstance};
 use crate::runtime::Runtime;
 
 /// Shortest interval between two refreshes of one answer, whatever its TTL says.
@@ -39,7 +43,9 @@ pub struct Resolver {
 }
 
 struct Inner {
-    chain: ArcSwap<ProviderChain>,
+    pub(crate) chain: ArcSwap<ProviderChain>,
+    /// The provider named by the config's `registrar`, if any.
+    pub(crate) registrar: Option<String>,
     entries: DashMap<Key, Arc<Entry>>,
     allowed_schemes: Vec<String>,
     refresh_period: Duration,
@@ -57,6 +63,7 @@ struct Key {
     endpoint_name: Option<String>,
     schemes: Vec<String>,
     port: Option<u16>,
+    filters: Vec<(String, String)>,
 }
 
 struct Entry {
@@ -167,6 +174,7 @@ impl ResolverBuilder {
         Ok(Resolver {
             inner: Arc::new(Inner {
                 chain: ArcSwap::from_pointee(chain),
+                registrar: config.registrar.clone(),
                 entries: DashMap::new(),
                 allowed_schemes: config.allowed_schemes.clone(),
                 refresh_period: config.refresh_period,
@@ -230,6 +238,53 @@ impl Resolver {
     }
 }
 
+impl Resolver {
+    /// Register a service instance with the configured registrar (the config's
+    /// `registrar`, or the first provider that can), under a lease of
+    /// [`DEFAULT_REGISTRATION_TTL`]. Returns at once: the registration keeps trying
+    /// in the background until it succeeds (see [`Registration::registered`]).
+    pub async fn register(&self, instance: ServiceInstance) -> Result<Registration, Error> {
+        self.register_with_ttl(instance, DEFAULT_REGISTRATION_TTL).await
+    }
+
+    /// Register under a lease of `ttl` (kept alive every `ttl / 3`).
+    pub async fn register_with_ttl(
+        &self,
+        instance: ServiceInstance,
+        ttl: Duration,
+    ) -> Result<Registration, Error> {
+        let provider = self.registrar()?;
+        Registration::start(provider, instance, ttl)
+    }
+
+    /// Delete an instance from the registry without a [`Registration`] (one made by
+    /// another process, say). A live `Registration` is ended with its own
+    /// [`Registration::deregister`].
+    pub async fn deregister(&self, instance: &ServiceInstance) -> Result<(), Error> {
+        let provider = self.registrar()?;
+        provider
+            .deregister(&instance.to_guest(), None)
+            .await
+            .map_err(Error::Deregister)
+    }
+
+    fn registrar(&self) -> Result<Arc<Provider>, Error> {
+        let chain = self.inner.chain.load();
+        let name = self.inner.registrar.as_deref();
+        match chain.registrar(name) {
+            Some(p) if p.is_registrar() => Ok(p),
+            Some(p) => Err(Error::NoRegistrar(format!(
+                "provider '{}' does not export wasd:provider/registrar",
+                p.name
+            ))),
+            None => Err(Error::NoRegistrar(
+                "no provider in the chain exports wasd:provider/registrar (configure the etcd provider)"
+                    .into(),
+            )),
+        }
+    }
+}
+
 impl Inner {
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
@@ -246,6 +301,7 @@ impl Inner {
             endpoint_name: query.endpoint_name().map(str::to_owned),
             schemes,
             port: query.port(),
+            filters: query.filters().to_vec(),
         };
         let entry = match self.entries.get(&key) {
             Some(entry) => entry.clone(),
@@ -283,10 +339,13 @@ impl Inner {
             .init
             .get_or_try_init(|| async {
                 let chain = self.chain.load_full();
-                let (set, delay) = match chain.resolve(&entry.query).await {
-                    Ok(answer) if !answer.failures.is_empty() => (answer.set, BACKOFF.0),
-                    Ok(answer) => (answer.set, self.next_refresh(answer.ttl)),
-                    Err(_) if keep_empty => (EndpointSet::default(), BACKOFF.0),
+                let (set, next) = match chain.resolve(&entry.query, &entry.key.filters).await {
+                    Ok(answer) if !answer.failures.is_empty() => (answer.set, Next::Sleep(BACKOFF.0)),
+                    Ok(answer) => {
+                        let next = self.next_after(&answer);
+                        (answer.set, next)
+                    }
+                    Err(_) if keep_empty => (EndpointSet::default(), Next::Sleep(BACKOFF.0)),
                     Err(failures) => {
                         return Err(Error::NoEndpoints {
                             service: entry.key.service.clone(),
@@ -299,7 +358,7 @@ impl Inner {
                     Arc::downgrade(self),
                     entry.clone(),
                     self.shutdown.subscribe(),
-                    delay,
+                    next,
                 ));
                 Ok(())
             })
@@ -316,6 +375,77 @@ impl Inner {
         ttl.map_or(self.refresh_period, |ttl| ttl.min(self.refresh_period))
             .max(MIN_REFRESH)
     }
+
+    /// After a clean answer: watch the provider if it tagged the answer with a
+    /// version, else refresh on the TTL.
+    fn next_after(&self, answer: &ChainAnswer) -> Next {
+        match &answer.version {
+            Some(version) if answer.provider.can_watch() => Next::Watch {
+                provider: answer.provider.clone(),
+                version: version.clone(),
+            },
+            _ => Next::Sleep(self.next_refresh(answer.ttl)),
+        }
+    }
+}
+
+/// What a refresh task does before it next asks the chain.
+enum Next {
+    Sleep(Duration),
+    /// Long-poll this provider for a change to the answer tagged `version`.
+    Watch {
+        provider: Arc<Provider>,
+        version: String,
+    },
+}
+
+/// The outcome of one watch call.
+enum Watched {
+    /// The provider pushed a new non-empty answer; watch on from this version, or
+    /// (none) go back to polling.
+    Changed(Option<String>),
+    /// Quiet, or the provider has nothing any more, or it failed: ask the chain.
+    AskChain,
+    Shutdown,
+}
+
+async fn watch_once(
+    entry: &Entry,
+    provider: &Arc<Provider>,
+    version: &str,
+    wait: Duration,
+    shutdown: &mut watch::Receiver<()>,
+    backoff: &mut Duration,
+) -> Watched {
+    let result = tokio::select! {
+        result = provider.watch(&entry.query, version, wait) => result,
+        _ = shutdown.changed() => return Watched::Shutdown,
+    };
+    match result {
+        Ok(Some(answer)) => {
+            let endpoints = select(answer.endpoints, &entry.query, &entry.key.filters);
+            if endpoints.is_empty() {
+                return Watched::AskChain;
+            }
+            *backoff = BACKOFF.0;
+            entry.publish(EndpointSet::new(provider.name.clone(), endpoints));
+            Watched::Changed(answer.version)
+        }
+        Ok(None) => Watched::AskChain,
+        Err(failure) => {
+            if matches!(failure.kind, ProviderErrorKind::Unsupported(_)) {
+                provider.set_cannot_watch();
+            } else {
+                warn_keeping(entry, std::slice::from_ref(&failure), *backoff);
+                tokio::select! {
+                    _ = tokio::time::sleep(*backoff) => {}
+                    _ = shutdown.changed() => return Watched::Shutdown,
+                }
+                *backoff = (*backoff * 2).min(BACKOFF.1);
+            }
+            Watched::AskChain
+        }
+    }
 }
 
 /// Keeps one cached answer fresh until the resolver is dropped or the entry idles out.
@@ -323,13 +453,31 @@ async fn refresh_loop(
     inner: Weak<Inner>,
     entry: Arc<Entry>,
     mut shutdown: watch::Receiver<()>,
-    mut delay: Duration,
+    mut next: Next,
 ) {
     let mut backoff = BACKOFF.0;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
-            _ = shutdown.changed() => return,
+        match next {
+            Next::Sleep(delay) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+            Next::Watch { provider, version } => {
+                let Some(wait) = inner.upgrade().map(|i| i.refresh_period.max(MIN_REFRESH)) else {
+                    return;
+                };
+                match watch_once(&entry, &provider, &version, wait, &mut shutdown, &mut backoff).await {
+                    Watched::Changed(Some(version)) => {
+                        next = Next::Watch { provider, version };
+                        continue;
+                    }
+                    Watched::Changed(None) => {}
+                    Watched::AskChain => {}
+                    Watched::Shutdown => return,
+                }
+            }
         }
         let Some(inner) = inner.upgrade() else { return };
         let idle = |inner: &Inner| {
@@ -349,33 +497,33 @@ async fn refresh_loop(
             return;
         }
         let chain = inner.chain.load_full();
-        match chain.resolve(&entry.query).await {
+        match chain.resolve(&entry.query, &entry.key.filters).await {
             // A provider ahead of the one that answered failed (etcd down, pass-through
             // answering instead): its last answer still stands.
             Ok(answer) if !answer.failures.is_empty() && entry.has_endpoints() => {
                 warn_keeping(&entry, &answer.failures, backoff);
-                delay = backoff;
+                next = Next::Sleep(backoff);
                 backoff = (backoff * 2).min(BACKOFF.1);
             }
             Ok(answer) => {
-                delay = if answer.failures.is_empty() {
+                next = if answer.failures.is_empty() {
                     backoff = BACKOFF.0;
-                    inner.next_refresh(answer.ttl)
+                    inner.next_after(&answer)
                 } else {
-                    backoff
+                    Next::Sleep(backoff)
                 };
                 entry.publish(answer.set);
             }
             // Every provider answered cleanly that the service is gone; look again
             // soon, then less often.
             Err(failures) if failures.is_empty() => {
-                delay = backoff;
+                next = Next::Sleep(backoff);
                 backoff = (backoff * 2).min(BACKOFF.1);
                 entry.publish(EndpointSet::default());
             }
             Err(failures) => {
                 warn_keeping(&entry, &failures, backoff);
-                delay = backoff;
+                next = Next::Sleep(backoff);
                 backoff = (backoff * 2).min(BACKOFF.1);
             }
         }

@@ -36,7 +36,8 @@ impl Runtime {
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        bindings::Provider::add_to_linker::<_, HasSelf<ProviderState>>(&mut linker, |s| s)?;
+        bindings::Registry::add_to_linker::<_, HasSelf<ProviderState>>(&mut linker, |s| s)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         let ticker = EpochTicker::start(engine.clone());
         Ok(Arc::new(Runtime {
             engine,

@@ -37,7 +37,11 @@
 //! The provider runs in a sandbox: it sees no files, no environment variables and no
 //! network unless the host config grants them. Files it is granted arrive in
 //! [`Configuration::files`]; granted environment variables through [`std::env`]; DNS
-//! through [`dns`]; HTTP through `wasi:http`.
+//! through [`dns`]; HTTP through `wasi:http` (the [`http`] module is a small blocking
+//! client over it).
+//!
+//! A provider backed by a registry can also register service instances: implement
+//! [`Registrar`] as well and export with `wasd_sdk::export!(MyProvider, registrar)`.
 #![deny(missing_docs)]
 
 // The generated bindings name this crate by path, from inside it and from providers.
@@ -57,7 +61,28 @@ pub mod bindings {
     });
 }
 
+#[doc(hidden)]
+pub mod registry_bindings {
+    // Only the registrar export: a second `resolver` would clash with the one in
+    // `bindings`. The component's world is the union of both (the `registry` world).
+    wit_bindgen::generate!({
+        inline: "package wasd:sdk; world registrar-exports { export wasd:provider/registrar@0.1.0; }",
+        path: "../wit",
+        world: "wasd:sdk/registrar-exports",
+        pub_export_macro: true,
+        export_macro_name: "__export_registrar",
+        default_bindings_module: "::wasd_sdk::registry_bindings",
+        runtime_path: "::wasd_sdk::__private::wit_bindgen::rt",
+        with: {
+            "wasd:provider/types@0.1.0": crate::bindings::wasd::provider::types,
+        },
+    });
+}
+
+pub mod http;
+
 pub use bindings::wasd::provider::types::{Configuration, Endpoint, Error, File, Query, Resolution};
+pub use registry_bindings::exports::wasd::provider::registrar::ServiceInstance;
 
 /// DNS lookups done by the host, for the names the host config grants this provider.
 pub mod dns {
@@ -98,12 +123,65 @@ pub trait Provider: Sized + 'static {
     }
 }
 
-/// Export a [`Provider`] implementation as the component's `wasd:provider/resolver`.
+/// A provider that registers service instances in its registry (Kratos's Registrar).
+///
+/// The host drives the lease: it calls [`Registrar::register`], then
+/// [`Registrar::keep_alive`] every third of the TTL, registers again when the lease is
+/// lost, and [`Registrar::deregister`]s on shutdown. Keep no state between calls: the
+/// lease id travels through the host.
+pub trait Registrar: Provider {
+    /// Write `instance` under a new lease of `ttl_ms`; return the lease's id.
+    fn register(&self, instance: ServiceInstance, ttl_ms: u64) -> Result<String, Error>;
+
+    /// Refresh a lease; `Ok(false)` when the registry no longer knows it.
+    fn keep_alive(&self, lease: String) -> Result<bool, Error>;
+
+    /// Delete `instance` and revoke its lease, if any.
+    fn deregister(&self, instance: ServiceInstance, lease: Option<String>) -> Result<(), Error>;
+}
+
+/// Export a [`Provider`] implementation as the component's `wasd:provider/resolver`;
+/// with `, registrar`, also its [`Registrar`] implementation as
+/// `wasd:provider/registrar` (the `registry` world).
 ///
 /// Use it exactly once, at the crate root of a `cdylib` crate.
 #[macro_export]
 macro_rules! export {
     ($provider:ty) => {
+        $crate::__export_resolver!($provider, {});
+    };
+    ($provider:ty, registrar) => {
+        $crate::__export_resolver!($provider, {
+            impl $crate::registry_bindings::exports::wasd::provider::registrar::Guest for Exports {
+                fn register(
+                    instance: $crate::ServiceInstance,
+                    ttl_ms: u64,
+                ) -> ::std::result::Result<::std::string::String, Error> {
+                    with_provider(|provider| $crate::Registrar::register(provider, instance, ttl_ms))
+                }
+
+                fn keep_alive(lease: ::std::string::String) -> ::std::result::Result<bool, Error> {
+                    with_provider(|provider| $crate::Registrar::keep_alive(provider, lease))
+                }
+
+                fn deregister(
+                    instance: $crate::ServiceInstance,
+                    lease: ::std::option::Option<::std::string::String>,
+                ) -> ::std::result::Result<(), Error> {
+                    with_provider(|provider| $crate::Registrar::deregister(provider, instance, lease))
+                }
+            }
+
+            // Adds the registrar export to the provider world's: the `registry` world.
+            $crate::registry_bindings::__export_registrar!(Exports with_types_in $crate::registry_bindings);
+        });
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __export_resolver {
+    ($provider:ty, { $($extra:item)* }) => {
         const _: () = {
             use $crate::bindings::exports::wasd::provider::resolver::Guest;
             use $crate::{Configuration, Error, Provider, Query, Resolution};
@@ -146,7 +224,9 @@ macro_rules! export {
                 }
             }
 
-    $crate::bindings::__export_provider_world!(Exports with_types_in $crate::bindings);
+            $($extra)*
+
+            $crate::bindings::__export_provider_world!(Exports with_types_in $crate::bindings);
         };
     };
 }

@@ -8,7 +8,9 @@ use std::sync::OnceLock;
 use tempfile::TempDir;
 
 mod dns;
+mod etcd;
 pub use dns::DnsServer;
+pub use etcd::{EtcdServer, TlsFiles};
 
 /// Paths of the test fixture components, built from `guests/` by the build script.
 pub mod fixtures {

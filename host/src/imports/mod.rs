@@ -3,6 +3,7 @@
 //! grants itself: nothing a guest asks for is trusted.
 
 mod dns;
+pub(crate) mod http;
 mod log;
 
 use crate::bindings::wasd::provider::types;

@@ -1,0 +1,345 @@
+//! `wasi:http/outgoing-handler`: HTTP requests sent by the host for a provider, only to
+//! the origins its `grants.http` lists, over TLS with the provider's own trust roots.
+//!
+//! The wasi:http types themselves come from `wasmtime-wasi-http`; this file supplies
+//! the hooks that decide whether and how a request goes out. The sending half follows
+//! `wasmtime_wasi_http::default_send_request`, which hard-codes the web PKI roots: a
+//! registry inside a company network is usually signed by a private CA.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper::body::{Body, Bytes, Frame, Incoming};
+use rustls::pki_types::ServerName;
+use rustls::pki_types::pem::PemObject;
+use tokio::net::TcpStream;
+use wasmtime_wasi_http::io::TokioIo;
+use wasmtime_wasi_http::{
+    Error as HttpError, RequestOptions, WasiBody, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
+};
+
+use crate::provider::ProviderState;
+
+/// Used when the guest sets no timeout of its own.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_BETWEEN_BYTES_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// One granted origin, with the scheme's default port made explicit so that
+/// `http://etcd` and `http://etcd:80` are the same grant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Origin {
+    https: bool,
+    host: String,
+    port: u16,
+}
+
+impl Origin {
+    fn parse(text: &str) -> Option<Origin> {
+        let uri: http::Uri = text.parse().ok()?;
+        Origin::of(&uri)
+    }
+
+    fn of(uri: &http::Uri) -> Option<Origin> {
+        let https = match uri.scheme_str()? {
+            s if s.eq_ignore_ascii_case("https") => true,
+            s if s.eq_ignore_ascii_case("http") => false,
+            _ => return None,
+        };
+        let authority = uri.authority()?;
+        Some(Origin {
+            https,
+            host: authority.host().to_ascii_lowercase(),
+            port: authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
+        })
+    }
+
+    /// `host:port` for connecting; IPv6 hosts keep their brackets from the URI.
+    fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    fn server_name(&self) -> Result<ServerName<'static>, String> {
+        let host = self.host.trim_start_matches('[').trim_end_matches(']');
+        ServerName::try_from(host.to_owned()).map_err(|e| format!("'{host}' is not a TLS server name: {e}"))
+    }
+}
+
+/// What a provider's outgoing HTTP may do. Built once per provider, shared by its
+/// instances.
+pub(crate) struct HttpPolicy {
+    provider: Arc<str>,
+    origins: Vec<Origin>,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+/// TLS material for a provider's HTTPS, as read from the files in its config.
+#[derive(Default)]
+pub(crate) struct TlsFiles {
+    /// PEM CA certificates, trusted instead of the web PKI roots.
+    pub ca: Option<Vec<u8>>,
+    /// PEM client certificate chain and private key, for mutual TLS.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl HttpPolicy {
+    pub fn new(provider: Arc<str>, granted: &[String], tls: TlsFiles) -> Result<HttpPolicy, String> {
+        let origins = granted
+            .iter()
+            .map(|o| Origin::parse(o).ok_or_else(|| format!("'{o}' is not an HTTP origin")))
+            .collect::<Result<_, _>>()?;
+        let mut roots = rustls::RootCertStore::empty();
+        match &tls.ca {
+            Some(pem) => {
+                let mut count = 0;
+                for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
+                    let cert = cert.map_err(|e| format!("the CA file is not PEM: {e}"))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("the CA file holds an unusable certificate: {e}"))?;
+                    count += 1;
+                }
+                if count == 0 {
+                    return Err("the CA file holds no certificate".into());
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let builder =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("TLS setup: {e}"))?
+                .with_root_certificates(roots);
+        let config = match tls.client {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain = rustls::pki_types::CertificateDer::pem_slice_iter(&cert)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("the client certificate is not PEM: {e}"))?;
+                let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key)
+                    .map_err(|e| format!("the client key is not a PEM private key: {e}"))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("the client certificate and key do not fit: {e}"))?
+            }
+        };
+        Ok(HttpPolicy {
+            provider,
+            origins,
+            tls: Arc::new(config),
+        })
+    }
+}
+
+/// The per-instance hooks: the policy, plus nothing mutable.
+pub(crate) struct HttpHooks(pub Arc<HttpPolicy>);
+
+impl WasiHttpView for ProviderState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_hooks,
+        }
+    }
+}
+
+type IoFuture = Box<dyn Future<Output = Result<(), HttpError>> + Send>;
+
+impl WasiHttpHooks for HttpHooks {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: IoFuture,
+    ) -> Box<dyn Future<Output = Result<(http::Response<WasiBody>, IoFuture), HttpError>> + Send> {
+        let policy = self.0.clone();
+        Box::new(async move {
+            let origin = Origin::of(request.uri()).ok_or(HttpError::HttpRequestUriInvalid)?;
+            if !policy.origins.contains(&origin) {
+                tracing::warn!(
+                    provider = %policy.provider,
+                    origin = %format_args!("{}://{}", if origin.https { "https" } else { "http" }, origin.address()),
+                    "HTTP request denied: the origin is not in the provider's grants.http"
+                );
+                return Err(HttpError::HttpRequestDenied);
+            }
+            let (response, io) = send(request, options, origin, policy.tls.clone()).await?;
+            Ok((response.map(BodyExt::boxed_unsync), Box::new(io) as IoFuture))
+        })
+    }
+}
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Sync + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Sync + Unpin + 'static> Stream for T {}
+
+async fn send(
+    mut request: http::Request<WasiBody>,
+    options: Option<RequestOptions>,
+    origin: Origin,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<
+    (
+        http::Response<TimedBody>,
+        impl Future<Output = Result<(), HttpError>> + Send,
+    ),
+    HttpError,
+> {
+    let options = options.unwrap_or_default();
+    let connect_timeout = options.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let first_byte_timeout = options.first_byte_timeout.unwrap_or(DEFAULT_FIRST_BYTE_TIMEOUT);
+    let between_bytes = options
+        .between_bytes_timeout
+        .unwrap_or(DEFAULT_BETWEEN_BYTES_TIMEOUT)
+        .max(Duration::from_millis(1));
+
+    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(origin.address()))
+        .await
+        .map_err(|_| HttpError::ConnectionTimeout)?
+        .map_err(HttpError::Connect)?;
+    let _ = tcp.set_nodelay(true);
+    let stream: Box<dyn Stream> = if origin.https {
+        let name = origin.server_name().map_err(|e| {
+            tracing::debug!("{e}");
+            HttpError::HttpRequestUriInvalid
+        })?;
+        let connector = tokio_rustls::TlsConnector::from(tls);
+        let tls = tokio::time::timeout(connect_timeout, connector.connect(name, tcp))
+            .await
+            .map_err(|_| HttpError::ConnectionTimeout)?
+            .map_err(HttpError::Tls)?;
+        Box::new(tls)
+    } else {
+        Box::new(tcp)
+    };
+    let (mut sender, conn) = tokio::time::timeout(
+        connect_timeout,
+        hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(stream)),
+    )
+    .await
+    .map_err(|_| HttpError::ConnectionTimeout)??;
+
+    // Origin-form on the wire: scheme and authority only go to proxies.
+    let path = request
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    *request.uri_mut() = http::Uri::builder()
+        .path_and_query(path)
+        .build()
+        .map_err(|_| HttpError::HttpRequestUriInvalid)?;
+
+    // The connection must be driven while the response is awaited; after that the
+    // caller drives it through the returned future (unless it has already finished:
+    // a finished future must not be polled again).
+    let mut conn = Box::pin(conn);
+    let send = tokio::time::timeout(first_byte_timeout, sender.send_request(request));
+    tokio::pin!(send);
+    let (response, conn_done) = tokio::select! {
+        response = &mut send => (response.map_err(|_| HttpError::ConnectionReadTimeout)??, false),
+        done = &mut conn => {
+            done?;
+            (send.await.map_err(|_| HttpError::ConnectionReadTimeout)??, true)
+        }
+    };
+    let response = response.map(|incoming| TimedBody::new(incoming, between_bytes));
+    Ok((response, async move {
+        if conn_done {
+            Ok(())
+        } else {
+            conn.await.map_err(HttpError::from)
+        }
+    }))
+}
+
+/// A response body that fails when the server goes quiet for longer than the
+/// between-bytes timeout.
+struct TimedBody {
+    incoming: Incoming,
+    timeout: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl TimedBody {
+    fn new(incoming: Incoming, timeout: Duration) -> TimedBody {
+        TimedBody {
+            incoming,
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+}
+
+impl Body for TimedBody {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.incoming).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let deadline = tokio::time::Instant::now() + self.timeout;
+                self.sleep.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(HttpError::from(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match self.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(HttpError::ConnectionReadTimeout))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.incoming.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_compare_with_default_ports() {
+        let o = |s: &str| Origin::parse(s).unwrap();
+        assert_eq!(o("http://etcd"), o("HTTP://Etcd:80"));
+        assert_eq!(o("https://etcd"), o("https://etcd:443"));
+        assert_ne!(o("http://etcd:2379"), o("https://etcd:2379"));
+        assert_ne!(o("http://etcd:2379"), o("http://etcd:2380"));
+        assert_eq!(o("http://[::1]:2379").address(), "[::1]:2379");
+        assert!(Origin::parse("ftp://etcd").is_none());
+    }
+
+    #[test]
+    fn bad_tls_files_are_explained() {
+        let policy = |ca: &[u8]| {
+            HttpPolicy::new(
+                "p".into(),
+                &[],
+                TlsFiles {
+                    ca: Some(ca.to_vec()),
+                    client: None,
+                },
+            )
+            .err()
+            .unwrap()
+        };
+        assert!(
+            policy(b"not a certificate").contains("no certificate"),
+            "{}",
+            policy(b"x")
+        );
+        assert!(policy(b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n").contains("CA file"));
+    }
+}

@@ -1,0 +1,276 @@
+//! The etcd provider: Kratos-compatible discovery, watch and registration over etcd's
+//! v3 HTTP/JSON gateway, through `wasi:http` (the host sends the requests, only to the
+//! origins it granted, with the TLS roots it was given).
+//!
+//! Instances live under `{namespace}/{service}/{id}` (namespace `/microservices`), each
+//! value a Kratos ServiceInstance in JSON. A query for `hello` reads the range
+//! `{namespace}/hello/` (so `helloworld` never matches) and keeps instances whose
+//! `name` is `hello`. Answers carry the etcd revision as their version; `watch` streams
+//! `/v3/watch` from the next revision and reads the range again on the first change.
+
+mod gateway;
+mod instance;
+
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::json;
+use wasd_sdk::http::HttpError;
+use wasd_sdk::{Configuration, Endpoint, Error, Provider, Query, Registrar, Resolution, ServiceInstance};
+
+use crate::gateway::{Gateway, WatchMessage, b64, malformed, prefix_end, shorten};
+use crate::instance::{Instance, matches_name};
+
+/// Longest watch line read (one event batch).
+const MAX_WATCH_LINE: usize = 16 << 20;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct Settings {
+    /// Gateway URLs, tried in order: `http://127.0.0.1:2379`.
+    endpoints: Vec<String>,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    /// Per-request timeout ("500ms", "2s"); keep it under the provider's time limit.
+    timeout: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    /// Read the password from this (granted) environment variable instead.
+    password_env: Option<String>,
+}
+
+fn default_namespace() -> String {
+    "/microservices".into()
+}
+
+fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let digits = text.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = text.split_at(digits);
+    let n: u64 = number.parse().ok()?;
+    match unit.trim() {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => Some(Duration::from_secs(n * 60)),
+        _ => None,
+    }
+}
+
+struct Etcd {
+    gateway: Gateway,
+    namespace: String,
+}
+
+impl Etcd {
+    fn prefix(&self, service: &str) -> Vec<u8> {
+        format!("{}/{service}/", self.namespace).into_bytes()
+    }
+
+    fn range_body(&self, service: &str) -> serde_json::Value {
+        let prefix = self.prefix(service);
+        json!({ "key": b64(&prefix), "range_end": b64(&prefix_end(&prefix)) })
+    }
+
+    /// Read every instance of the service: the answer and the revision it was read at.
+    fn read(&self, query: &Query) -> Result<Resolution, Error> {
+        let body = self
+            .gateway
+            .call("/v3/kv/range", &self.range_body(&query.service))?;
+        let range = gateway::parse_range(&body).map_err(|e| malformed("etcd", "/v3/kv/range", &e))?;
+        let mut endpoints = Vec::new();
+        for kv in range.kvs {
+            let key = String::from_utf8_lossy(&kv.key).into_owned();
+            let instance = match Instance::parse(&kv.value) {
+                Ok(instance) => instance,
+                Err(e) => {
+                    // One broken value must not hide the healthy instances.
+                    wasd_sdk::warn!("skipping {}: {e}", shorten(&key, 200));
+                    continue;
+                }
+            };
+            if instance.name != query.service {
+                continue;
+            }
+            for endpoint in instance.endpoints() {
+                match endpoint {
+                    Ok(endpoint) => endpoints.push(endpoint),
+                    Err(e) => wasd_sdk::warn!("skipping an endpoint of {}: {e}", shorten(&key, 200)),
+                }
+            }
+        }
+        if let Some(name) = &query.endpoint_name {
+            endpoints.retain(|e: &Endpoint| matches_name(e, name));
+        }
+        Ok(Resolution::new(endpoints).with_version(range.revision.to_string()))
+    }
+}
+
+impl Provider for Etcd {
+    fn configure(config: Configuration) -> Result<Self, Error> {
+        let settings: Settings = serde_json::from_str(&config.settings)
+            .map_err(|e| Error::InvalidSettings(format!("settings: {e}")))?;
+        if settings.endpoints.is_empty() {
+            return Err(Error::InvalidSettings(
+                "settings.endpoints: give at least one etcd gateway URL, like \"http://127.0.0.1:2379\""
+                    .into(),
+            ));
+        }
+        let mut endpoints = Vec::new();
+        for url in &settings.endpoints {
+            let url = url.trim_end_matches('/');
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(Error::InvalidSettings(format!(
+                    "settings.endpoints: '{url}' is not an http:// or https:// URL"
+                )));
+            }
+            endpoints.push(url.to_owned());
+        }
+        let namespace = settings.namespace.trim_end_matches('/').to_owned();
+        if !namespace.starts_with('/') {
+            return Err(Error::InvalidSettings(format!(
+                "settings.namespace: '{namespace}' must start with '/'"
+            )));
+        }
+        let timeout = match &settings.timeout {
+            None => Duration::from_millis(500),
+            Some(t) => parse_duration(t).ok_or_else(|| {
+                Error::InvalidSettings(format!(
+                    "settings.timeout: '{t}' is not a duration like \"500ms\" or \"2s\""
+                ))
+            })?,
+        };
+        let password = match (&settings.password, &settings.password_env) {
+            (Some(_), Some(_)) => {
+                return Err(Error::InvalidSettings(
+                    "settings: give `password` or `password-env`, not both".into(),
+                ));
+            }
+            (Some(p), None) => Some(p.clone()),
+            (None, Some(var)) => Some(std::env::var(var).map_err(|_| {
+                Error::InvalidSettings(format!(
+                    "settings.password-env: the variable '{var}' is not set or not granted (grants.env)"
+                ))
+            })?),
+            (None, None) => None,
+        };
+        let credentials = match (settings.username, password) {
+            (Some(user), Some(password)) => Some((user, password)),
+            (None, None) => None,
+            _ => {
+                return Err(Error::InvalidSettings(
+                    "settings: `username` and a password go together".into(),
+                ));
+            }
+        };
+        Ok(Etcd {
+            gateway: Gateway::new(endpoints, timeout, credentials),
+            namespace,
+        })
+    }
+
+    fn resolve(&self, query: Query) -> Result<Resolution, Error> {
+        self.read(&query)
+    }
+
+    fn watch(&self, query: Query, version: String, timeout_ms: u64) -> Result<Option<Resolution>, Error> {
+        let revision: i64 = version
+            .parse()
+            .map_err(|_| Error::InvalidQuery(format!("'{version}' is not an etcd revision")))?;
+        let wait = Duration::from_millis(timeout_ms);
+        let deadline = Instant::now() + wait;
+        let mut body = self.range_body(&query.service);
+        body["start_revision"] = json!((revision + 1).to_string());
+        let mut stream = self
+            .gateway
+            .stream("/v3/watch", &json!({ "create_request": body }), wait)?;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match stream.next_line(left, MAX_WATCH_LINE) {
+                Ok(Some(line)) => line,
+                Ok(None) => return Err(Error::Unavailable("etcd closed the watch stream".into())),
+                Err(HttpError::Timeout) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            match gateway::parse_watch_line(&line).map_err(|e| malformed("etcd", "/v3/watch", &e))? {
+                WatchMessage::Created | WatchMessage::Events(0) => continue,
+                // A change, or history compacted past our revision: read it all again.
+                WatchMessage::Events(_) | WatchMessage::Compacted(_) => return self.read(&query).map(Some),
+                WatchMessage::Canceled(reason) => {
+                    return Err(Error::Unavailable(format!("etcd canceled the watch: {reason}")));
+                }
+                WatchMessage::Error(message) => {
+                    return Err(Error::Unavailable(format!("etcd watch failed: {message}")));
+                }
+            }
+        }
+    }
+}
+
+impl Registrar for Etcd {
+    fn register(&self, instance: ServiceInstance, ttl_ms: u64) -> Result<String, Error> {
+        let ttl_s = ttl_ms.div_ceil(1000).max(1);
+        let body = self
+            .gateway
+            .call("/v3/lease/grant", &json!({ "TTL": ttl_s.to_string() }))?;
+        let lease =
+            gateway::parse_lease_grant(&body).map_err(|e| malformed("etcd", "/v3/lease/grant", &e))?;
+        let value = Instance {
+            id: instance.id.clone(),
+            name: instance.name.clone(),
+            version: instance.version,
+            metadata: instance.metadata.into_iter().collect(),
+            endpoints: instance.endpoints,
+        };
+        let key = self.key(&instance.name, &instance.id);
+        self.gateway.call(
+            "/v3/kv/put",
+            &json!({ "key": b64(&key), "value": b64(&value.to_json()), "lease": lease }),
+        )?;
+        Ok(lease)
+    }
+
+    fn keep_alive(&self, lease: String) -> Result<bool, Error> {
+        let body = self
+            .gateway
+            .call("/v3/lease/keepalive", &json!({ "ID": lease }))?;
+        let first = body.split(|&b| b == b'\n').next().unwrap_or_default();
+        gateway::parse_keep_alive(first).map_err(|e| malformed("etcd", "/v3/lease/keepalive", &e))
+    }
+
+    fn deregister(&self, instance: ServiceInstance, lease: Option<String>) -> Result<(), Error> {
+        let key = self.key(&instance.name, &instance.id);
+        self.gateway
+            .call("/v3/kv/deleterange", &json!({ "key": b64(&key) }))?;
+        if let Some(lease) = lease {
+            // The key is gone already; a lease etcd has lost is not an error.
+            if let Err(e) = self.gateway.call("/v3/lease/revoke", &json!({ "ID": lease })) {
+                wasd_sdk::debug!("revoking lease {lease}: {e:?}");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Etcd {
+    fn key(&self, service: &str, id: &str) -> Vec<u8> {
+        format!("{}/{service}/{id}", self.namespace).into_bytes()
+    }
+}
+
+wasd_sdk::export!(Etcd, registrar);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("2"), None);
+        assert_eq!(parse_duration("fast"), None);
+    }
+}

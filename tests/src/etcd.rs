@@ -1,0 +1,355 @@
+//! A real etcd for tests: Debian's etcd-server on 127.0.0.1 with free high ports and a
+//! temporary data folder, stopped on drop. Keys are written through etcd's own v3
+//! gateway (as another Kratos service would), never through wasd.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+/// A self-signed CA and a server certificate for 127.0.0.1, made with openssl.
+pub struct TlsFiles {
+    _dir: TempDir,
+    /// The CA certificate (PEM), for the client's `tls.ca-file`.
+    pub ca: PathBuf,
+    /// The server certificate and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    pub fn generate() -> TlsFiles {
+        let dir = tempfile::tempdir().unwrap();
+        let p = |name: &str| dir.path().join(name);
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .output()
+                .expect("running openssl (scripts/setup installs it)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+        let mut ca = vec!["req", "-x509", "-days", "2", "-subj", "/CN=wasd test CA"];
+        ca.extend(ec);
+        ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+        ca.extend([
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        openssl(&ca);
+        let mut csr = vec!["req", "-subj", "/CN=127.0.0.1"];
+        csr.extend(ec);
+        csr.extend(["-keyout", "server.key", "-out", "server.csr"]);
+        openssl(&csr);
+        std::fs::write(
+            p("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "server.pem",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        TlsFiles {
+            ca: p("ca.pem"),
+            cert: p("server.pem"),
+            key: p("server.key"),
+            _dir: dir,
+        }
+    }
+}
+
+/// A running etcd.
+pub struct EtcdServer {
+    child: Option<Child>,
+    data: TempDir,
+    client_port: u16,
+    peer_port: u16,
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    flags: Vec<String>,
+    agent: ureq::Agent,
+    /// Admin credentials once auth is on.
+    auth: Mutex<Option<(String, String, String)>>,
+}
+
+impl EtcdServer {
+    /// Start etcd over plain HTTP.
+    pub fn start() -> EtcdServer {
+        Self::start_with(None, &[])
+    }
+
+    /// Start etcd serving HTTPS with this certificate.
+    pub fn start_tls(tls: &TlsFiles) -> EtcdServer {
+        Self::start_with(Some(tls), &[])
+    }
+
+    /// Start etcd with extra command-line flags (`--auth-token-ttl=1`).
+    pub fn start_with(tls: Option<&TlsFiles>, flags: &[&str]) -> EtcdServer {
+        let mut tls_config = ureq::tls::TlsConfig::builder();
+        if let Some(tls) = tls {
+            let pem = std::fs::read(&tls.ca).unwrap();
+            let ca = ureq::tls::Certificate::from_pem(&pem).unwrap().to_owned();
+            tls_config = tls_config.root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![ca])));
+        }
+        let agent = ureq::Agent::new_with_config(
+            ureq::config::Config::builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(5)))
+                .tls_config(tls_config.build())
+                .build(),
+        );
+        let mut server = EtcdServer {
+            child: None,
+            data: tempfile::tempdir().unwrap(),
+            client_port: free_port(),
+            peer_port: free_port(),
+            tls: tls.map(|t| (t.ca.clone(), t.cert.clone(), t.key.clone())),
+            flags: flags.iter().map(|f| f.to_string()).collect(),
+            agent,
+            auth: Mutex::new(None),
+        };
+        server.spawn();
+        server
+    }
+
+    /// The client URL (`http://127.0.0.1:PORT`), for the provider's `endpoints` and
+    /// `grants.http`.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    fn spawn(&mut self) {
+        let url = self.url();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "wasd-test", "--data-dir"])
+            .arg(self.data.path())
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("wasd-test={peer}")])
+            .args(["--logger", "zap", "--log-level", "error"])
+            .args(&self.flags)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some((_, cert, key)) = &self.tls {
+            cmd.arg("--cert-file").arg(cert).arg("--key-file").arg(key);
+        }
+        self.child = Some(
+            cmd.spawn()
+                .expect("starting etcd (scripts/setup installs Debian's etcd-server)"),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let healthy = TcpStream::connect(("127.0.0.1", self.client_port)).is_ok()
+                && self
+                    .agent
+                    .get(format!("{url}/health"))
+                    .call()
+                    .is_ok_and(|r| r.status() == 200);
+            if healthy {
+                return;
+            }
+            assert!(Instant::now() < deadline, "etcd did not become healthy at {url}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kill etcd (SIGKILL): requests now fail with connection refused.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start again on the same ports with the same data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Start again on the same ports with an empty data folder: every key and lease
+    /// is gone, as after losing a single-node cluster's disk.
+    pub fn restart_empty(&mut self) {
+        self.kill();
+        self.data = tempfile::tempdir().unwrap();
+        *self.auth.lock().unwrap() = None;
+        self.spawn();
+    }
+
+    /// POST to the gateway; the JSON answer. Panics on an HTTP error.
+    pub fn post(&self, path: &str, body: Value) -> Value {
+        let (status, text) = self.post_raw(path, &body);
+        assert_eq!(status, 200, "etcd {path}: {text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn post_raw(&self, path: &str, body: &Value) -> (u16, String) {
+        let (status, text) = self.post_once(path, body);
+        // Tokens may expire (tests shorten their TTL): authenticate again once.
+        if status == 401 && text.contains("invalid auth token") {
+            let credentials = self.auth.lock().unwrap().clone();
+            if let Some((user, password, _)) = credentials {
+                *self.auth.lock().unwrap() = None;
+                let (_, answer) = self.post_once(
+                    "/v3/auth/authenticate",
+                    &json!({ "name": user, "password": password }),
+                );
+                let token: Value = serde_json::from_str(&answer).unwrap();
+                let token = token["token"].as_str().unwrap().to_owned();
+                *self.auth.lock().unwrap() = Some((user, password, token));
+                return self.post_once(path, body);
+            }
+        }
+        (status, text)
+    }
+
+    fn post_once(&self, path: &str, body: &Value) -> (u16, String) {
+        let mut request = self
+            .agent
+            .post(format!("{}{path}", self.url()))
+            .header("content-type", "application/json");
+        if let Some((_, _, token)) = &*self.auth.lock().unwrap() {
+            request = request.header("authorization", token);
+        }
+        let mut response = request
+            .send(body.to_string())
+            .unwrap_or_else(|e| panic!("etcd {path}: {e}"));
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        (response.status().as_u16(), text)
+    }
+
+    /// Write a key, optionally under a lease.
+    pub fn put(&self, key: &str, value: &[u8], lease: Option<&str>) {
+        let mut body = json!({ "key": b64(key.as_bytes()), "value": b64(value) });
+        if let Some(lease) = lease {
+            body["lease"] = json!(lease);
+        }
+        self.post("/v3/kv/put", body);
+    }
+
+    /// Write a Kratos ServiceInstance the way Kratos's Go registry does.
+    pub fn put_instance(&self, name: &str, id: &str, version: &str, endpoints: &[&str], lease: Option<&str>) {
+        let value = json!({
+            "id": id, "name": name, "version": version, "metadata": null, "endpoints": endpoints,
+        });
+        self.put(
+            &format!("/microservices/{name}/{id}"),
+            value.to_string().as_bytes(),
+            lease,
+        );
+    }
+
+    pub fn delete(&self, key: &str) {
+        self.post("/v3/kv/deleterange", json!({ "key": b64(key.as_bytes()) }));
+    }
+
+    /// The values under a prefix, decoded.
+    pub fn get_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().unwrap() += 1;
+        let answer = self.post(
+            "/v3/kv/range",
+            json!({ "key": b64(prefix.as_bytes()), "range_end": b64(&end) }),
+        );
+        answer["kvs"]
+            .as_array()
+            .map(|kvs| {
+                kvs.iter()
+                    .map(|kv| (unb64(&kv["key"]), unb64(&kv["value"])))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// A new lease of `ttl` seconds; its id.
+    pub fn grant(&self, ttl: u64) -> String {
+        self.post("/v3/lease/grant", json!({ "TTL": ttl.to_string() }))["ID"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// Create `user` with `password` as root and turn authentication on.
+    pub fn enable_auth(&self, user: &str, password: &str) {
+        self.post("/v3/auth/user/add", json!({ "name": user, "password": password }));
+        let _ = self.post_raw("/v3/auth/role/add", &json!({ "name": "root" }));
+        self.post("/v3/auth/user/grant", json!({ "user": user, "role": "root" }));
+        self.post("/v3/auth/enable", json!({}));
+        let token = self.post(
+            "/v3/auth/authenticate",
+            json!({ "name": user, "password": password }),
+        )["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        *self.auth.lock().unwrap() = Some((user.to_owned(), password.to_owned(), token));
+    }
+
+    /// Without a token, as a stranger would call.
+    pub fn anonymous_status(&self, path: &str, body: Value) -> u16 {
+        let response = self
+            .agent
+            .post(format!("{}{path}", self.url()))
+            .header("content-type", "application/json")
+            .send(body.to_string())
+            .unwrap();
+        response.status().as_u16()
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data.path()
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    BASE64.encode(bytes)
+}
+
+fn unb64(value: &Value) -> String {
+    String::from_utf8(BASE64.decode(value.as_str().unwrap_or_default()).unwrap()).unwrap()
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("binding a port");
+    listener.local_addr().unwrap().port()
+}

@@ -1,0 +1,532 @@
+//! The etcd provider against a real etcd (Debian's etcd-server on loopback): Kratos
+//! discovery, watch, registration, auth and TLS, grants, and malformed answers.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wasd::{Query, RegistrationState, ServiceInstance};
+use wasd_tests::{EtcdServer, Sandbox, TlsFiles, run, strings};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A chain of just the etcd provider (no pass-through, so misses are errors).
+fn config(url: &str, settings: &str, extra: &str) -> String {
+    format!(
+        r#"
+pass-through = false
+refresh-period = "5s"
+
+[[provider]]
+builtin = "etcd"
+settings = {{ endpoints = ["{url}"] {settings} }}
+grants = {{ http = ["{url}"] }}
+limits = {{ timeout = "3s" }}
+{extra}
+"#
+    )
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+async fn changed(watch: &mut wasd::Watch) -> Vec<String> {
+    let set = tokio::time::timeout(WAIT, watch.changed())
+        .await
+        .expect("no change reached the watcher in time")
+        .expect("the resolver is alive");
+    sorted(strings(&set))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn discovers_kratos_instances_written_directly() {
+    let etcd = EtcdServer::start();
+    etcd.put_instance(
+        "hello",
+        "a",
+        "v1",
+        &["grpc://10.0.0.1:9000", "http://10.0.0.1:8000"],
+        None,
+    );
+    etcd.put_instance("hello", "b", "v2", &["http://10.0.0.2:8000?isSecure=true"], None);
+    // `helloworld` shares the prefix `/microservices/hello` but is another service.
+    etcd.put_instance("helloworld", "c", "v1", &["http://10.0.0.9:8000"], None);
+    // Under hello's prefix but naming another service, and a broken value: skipped.
+    etcd.put(
+        "/microservices/hello/odd",
+        br#"{"id":"odd","name":"other","endpoints":["http://10.9.9.9:1"]}"#,
+        None,
+    );
+    etcd.put("/microservices/hello/broken", b"{not json", None);
+    // Kratos writes extra fields and `"metadata": null`; metadata maps are kept.
+    etcd.put(
+        "/microservices/hello/d",
+        br#"{"id":"d","name":"hello","version":"v2","metadata":{"zone":"eu"},"endpoints":["http://10.0.0.4:8000"],"weight":3}"#,
+        None,
+    );
+    let sandbox = Sandbox::new();
+    let resolver = sandbox.resolver(&config(&etcd.url(), "", "")).await.unwrap();
+
+    let all = resolver.resolve("hello").await.unwrap();
+    assert_eq!(all.provider(), Some("etcd"));
+    assert_eq!(
+        sorted(strings(&all)),
+        [
+            "grpc://10.0.0.1:9000",
+            "http://10.0.0.1:8000",
+            "http://10.0.0.4:8000",
+            "https://10.0.0.2:8000"
+        ]
+    );
+    let world = resolver.resolve("helloworld").await.unwrap();
+    assert_eq!(strings(&world), ["http://10.0.0.9:8000"]);
+
+    // Scheme preference: https wins if any instance has it; a named endpoint is a scheme.
+    let https = resolver.resolve("https+http://hello").await.unwrap();
+    assert_eq!(strings(&https), ["https://10.0.0.2:8000"]);
+    let grpc = resolver.resolve("_grpc.hello").await.unwrap();
+    assert_eq!(strings(&grpc), ["grpc://10.0.0.1:9000"]);
+
+    // Instance version and metadata are on every endpoint, and usable as filters.
+    let d = all.iter().find(|e| e.host() == "10.0.0.4").unwrap();
+    assert_eq!(d.metadata_value("version"), Some("v2"));
+    assert_eq!(d.metadata_value("zone"), Some("eu"));
+    assert_eq!(d.metadata_value("instance-id"), Some("d"));
+    let v2 = Query::parse("http://hello").unwrap().with_filter("version", "v2");
+    assert_eq!(
+        strings(&resolver.resolve_query(&v2).await.unwrap()),
+        ["http://10.0.0.4:8000"]
+    );
+    let v1 = Query::parse("hello").unwrap().with_filter("version", "v1");
+    assert_eq!(
+        sorted(strings(&resolver.resolve_query(&v1).await.unwrap())),
+        ["grpc://10.0.0.1:9000", "http://10.0.0.1:8000"]
+    );
+    let none = Query::parse("hello").unwrap().with_filter("version", "v9");
+    let err = resolver.resolve_query(&none).await.unwrap_err().to_string();
+    assert!(err.contains("no endpoints for service 'hello'"), "{err}");
+
+    // An unknown service is a clean miss, not a failure.
+    let err = resolver.resolve("nobody").await.unwrap_err();
+    assert!(
+        matches!(&err, wasd::Error::NoEndpoints { failures, .. } if failures.is_empty()),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_sees_put_delete_and_lease_expiry() {
+    let etcd = EtcdServer::start();
+    etcd.put_instance("hello", "a", "v1", &["http://10.0.0.1:8000"], None);
+    let sandbox = Sandbox::new();
+    let resolver = sandbox.resolver(&config(&etcd.url(), "", "")).await.unwrap();
+    let mut watch = resolver.watch("hello").await.unwrap();
+    assert_eq!(strings(&watch.current()), ["http://10.0.0.1:8000"]);
+
+    etcd.put_instance("hello", "b", "v1", &["http://10.0.0.2:8000"], None);
+    assert_eq!(
+        changed(&mut watch).await,
+        ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
+    );
+
+    etcd.delete("/microservices/hello/a");
+    assert_eq!(changed(&mut watch).await, ["http://10.0.0.2:8000"]);
+
+    // An instance under a 2 s lease that nobody keeps alive disappears by itself.
+    let lease = etcd.grant(2);
+    etcd.put_instance("hello", "c", "v1", &["http://10.0.0.3:8000"], Some(&lease));
+    assert_eq!(
+        changed(&mut watch).await,
+        ["http://10.0.0.2:8000", "http://10.0.0.3:8000"]
+    );
+    assert_eq!(changed(&mut watch).await, ["http://10.0.0.2:8000"]);
+
+    // A write to another service is no change for this one.
+    etcd.put_instance("helloworld", "x", "v1", &["http://10.0.0.8:8000"], None);
+    etcd.put_instance("hello", "e", "v1", &["http://10.0.0.5:8000"], None);
+    assert_eq!(
+        changed(&mut watch).await,
+        ["http://10.0.0.2:8000", "http://10.0.0.5:8000"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_down_mid_watch_serves_last_good_then_recovers() {
+    let mut etcd = EtcdServer::start();
+    etcd.put_instance("hello", "a", "v1", &["http://10.0.0.1:8000"], None);
+    let sandbox = Sandbox::new();
+    let resolver = sandbox.resolver(&config(&etcd.url(), "", "")).await.unwrap();
+    let mut watch = resolver.watch("hello").await.unwrap();
+
+    etcd.kill();
+    // Several failed watches and refreshes later, the last good set still stands.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(strings(&watch.current()), ["http://10.0.0.1:8000"]);
+    assert_eq!(
+        strings(&resolver.resolve("hello").await.unwrap()),
+        ["http://10.0.0.1:8000"]
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), watch.changed())
+            .await
+            .is_err(),
+        "an unreachable etcd must not change the set"
+    );
+
+    etcd.restart();
+    etcd.put_instance("hello", "b", "v1", &["http://10.0.0.2:8000"], None);
+    let set = tokio::time::timeout(Duration::from_secs(40), watch.changed())
+        .await
+        .expect("recovered after etcd came back")
+        .unwrap();
+    assert_eq!(
+        sorted(strings(&set)),
+        ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn registration_round_trips_and_survives_data_loss() {
+    let mut etcd = EtcdServer::start();
+    let sandbox = Sandbox::new();
+    let resolver = sandbox.resolver(&config(&etcd.url(), "", "")).await.unwrap();
+    let mut instance = ServiceInstance::new("hello", ["grpc://10.0.0.1:9000", "http://10.0.0.1:8000"]);
+    instance.version = "v3".into();
+    instance.metadata.insert("zone".into(), "eu".into());
+    let id = instance.id.clone();
+    let mut registration = resolver
+        .register_with_ttl(instance, Duration::from_secs(3))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, registration.registered())
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Written exactly where and how Kratos writes it.
+    let stored = etcd.get_prefix("/microservices/hello/");
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].0, format!("/microservices/hello/{id}"));
+    let value: serde_json::Value = serde_json::from_str(&stored[0].1).unwrap();
+    assert_eq!(value["name"], "hello");
+    assert_eq!(value["id"], id.as_str());
+    assert_eq!(value["version"], "v3");
+    assert_eq!(value["metadata"]["zone"], "eu");
+    assert_eq!(value["endpoints"][0], "grpc://10.0.0.1:9000");
+    // And discovered by the same resolver.
+    let set = resolver.resolve("_grpc.hello").await.unwrap();
+    assert_eq!(strings(&set), ["grpc://10.0.0.1:9000"]);
+
+    // Kept alive well past its TTL.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(etcd.get_prefix("/microservices/hello/").len(), 1);
+
+    // etcd loses everything (a new data folder): the lease is unknown, so the host
+    // registers again.
+    etcd.restart_empty();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while etcd.get_prefix("/microservices/hello/").is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the instance never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // etcd down for far longer than Kratos's 5 retries would last, then back empty.
+    etcd.kill();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        matches!(registration.state(), RegistrationState::Retrying { .. }),
+        "{:?}",
+        registration.state()
+    );
+    etcd.restart_empty();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    while etcd.get_prefix("/microservices/hello/").is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the instance never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::timeout(WAIT, registration.registered())
+        .await
+        .unwrap()
+        .unwrap();
+
+    registration.deregister().await.unwrap();
+    assert!(etcd.get_prefix("/microservices/hello/").is_empty());
+}
+
+#[test]
+fn wasd_register_deregisters_on_sigterm() {
+    let etcd = EtcdServer::start();
+    let sandbox = Sandbox::new();
+    sandbox.write("wasd.toml", config(&etcd.url(), "", ""));
+    let mut child = sandbox
+        .wasd()
+        .args([
+            "register",
+            "hello",
+            "--endpoint",
+            "http://10.0.0.1:8000",
+            "--endpoint",
+        ])
+        .args([
+            "grpc://10.0.0.1:9000",
+            "--id",
+            "cli-1",
+            "--version",
+            "v2",
+            "--metadata",
+            "zone=eu",
+        ])
+        .args(["--ttl", "30s", "--config", "wasd.toml"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert!(line.starts_with("registered hello/cli-1 (lease "), "{line}");
+
+    let stored = etcd.get_prefix("/microservices/hello/");
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    let value: serde_json::Value = serde_json::from_str(&stored[0].1).unwrap();
+    assert_eq!(value["version"], "v2");
+    assert_eq!(value["metadata"]["zone"], "eu");
+
+    // Other tools see it through `wasd resolve --filter`.
+    let out = run(sandbox.wasd().args([
+        "resolve",
+        "hello",
+        "--filter",
+        "version=v2",
+        "--json",
+        "--config",
+        "wasd.toml",
+    ]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let json: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(json["endpoints"].as_array().unwrap().len(), 2);
+    assert_eq!(json["endpoints"][0]["metadata"]["instance-id"], "cli-1");
+
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "wasd register exited with {exit}");
+    assert!(rest.contains("deregistered hello/cli-1"), "{rest}");
+    // Deleted at once, not left to expire with its 30 s lease.
+    assert!(etcd.get_prefix("/microservices/hello/").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_and_tls_with_a_private_ca() {
+    let tls = TlsFiles::generate();
+    // Tokens live one second, so the provider must re-authenticate mid-test.
+    let etcd = EtcdServer::start_with(Some(&tls), &["--auth-token-ttl=1"]);
+    etcd.enable_auth("root", "s3cret-pw");
+    etcd.put_instance("hello", "a", "v1", &["http://10.0.0.1:8000"], None);
+    assert_eq!(
+        etcd.anonymous_status("/v3/kv/range", serde_json::json!({ "key": "YQ==" })),
+        400
+    );
+
+    // SAFETY of the test: the password arrives through a granted environment variable.
+    unsafe { std::env::set_var("WASD_TEST_ETCD_PASSWORD", "s3cret-pw") };
+    let ca = tls.ca.display().to_string();
+    let sandbox = Sandbox::new();
+    let good = config(
+        &etcd.url(),
+        r#", username = "root", password-env = "WASD_TEST_ETCD_PASSWORD""#,
+        &format!("tls = {{ ca-file = \"{ca}\" }}"),
+    )
+    .replace(
+        "grants = { http = [",
+        "grants = { env = [\"WASD_TEST_ETCD_PASSWORD\"], http = [",
+    );
+    let resolver = sandbox.resolver(&good).await.unwrap();
+    assert_eq!(
+        strings(&resolver.resolve("hello").await.unwrap()),
+        ["http://10.0.0.1:8000"]
+    );
+
+    // Past the token's TTL, the same (pooled) provider instance re-authenticates.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let err = resolver.resolve("helloworld").await.unwrap_err();
+    assert!(
+        matches!(&err, wasd::Error::NoEndpoints { failures, .. } if failures.is_empty()),
+        "{err}"
+    );
+    let mut registration = resolver
+        .register_with_ttl(
+            ServiceInstance::new("hello", ["http://10.0.0.2:8000"]),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, registration.registered())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(etcd.get_prefix("/microservices/hello/").len(), 2);
+    registration.deregister().await.unwrap();
+
+    // A wrong password is refused with a clear error that does not echo it.
+    let wrong = good.replace(
+        r#"password-env = "WASD_TEST_ETCD_PASSWORD""#,
+        r#"password = "not-the-password""#,
+    );
+    let resolver = sandbox.resolver(&wrong).await.unwrap();
+    let err = resolver.resolve("hello").await.unwrap_err().to_string();
+    assert!(err.contains("refused to authenticate user 'root'"), "{err}");
+    assert!(
+        !err.contains("not-the-password") && !err.contains("s3cret"),
+        "{err}"
+    );
+
+    // Without the CA, the host's TLS refuses etcd's certificate.
+    let no_ca = good.replace(&format!("tls = {{ ca-file = \"{ca}\" }}"), "");
+    let resolver = sandbox.resolver(&no_ca).await.unwrap();
+    let err = resolver.resolve("hello").await.unwrap_err().to_string();
+    assert!(
+        err.contains("provider 'etcd': upstream unavailable") && err.contains("Tls"),
+        "{err}"
+    );
+
+    // A CA file that is not a certificate stops the provider from loading.
+    sandbox.write("bad-ca.pem", "not a certificate");
+    let bad_ca = good.replace(&ca, &sandbox.path().join("bad-ca.pem").display().to_string());
+    let err = sandbox.resolver(&bad_ca).await.err().unwrap().to_string();
+    assert!(
+        err.contains("provider 'etcd'") && err.contains("the CA file holds no certificate"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_to_an_origin_not_granted_is_denied() {
+    let etcd = EtcdServer::start();
+    etcd.put_instance("hello", "a", "v1", &["http://10.0.0.1:8000"], None);
+    let sandbox = Sandbox::new();
+    // Granted another port on the same host: still denied, before any connection.
+    let toml = config(&etcd.url(), "", "").replace(
+        &format!("grants = {{ http = [\"{}\"] }}", etcd.url()),
+        "grants = { http = [\"http://127.0.0.1:1\"] }",
+    );
+    let resolver = sandbox.resolver(&toml).await.unwrap();
+    let err = resolver.resolve("hello").await.unwrap_err().to_string();
+    assert!(
+        err.contains("provider 'etcd': capability denied: HTTP request denied by the host"),
+        "{err}"
+    );
+    assert!(err.contains(&etcd.url()), "{err}");
+}
+
+/// Serve each connection one canned HTTP response.
+async fn fake_gateway(body: &'static str) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                // Read the whole request (head and body) before answering.
+                let mut request = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = socket.read(&mut chunk).await.unwrap_or(0);
+                    request.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&request).to_ascii_lowercase();
+                    if let Some(head_end) = text.find("\r\n\r\n") {
+                        let length: usize = text
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if request.len() >= head_end + 4 + length {
+                            break;
+                        }
+                    }
+                    if n == 0 {
+                        break;
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_gateway_answers_are_clear_errors() {
+    let sandbox = Sandbox::new();
+    for (body, expected) in [
+        (
+            "<html>oops</html>",
+            "malformed response to /v3/kv/range: not a range response",
+        ),
+        (
+            r#"{"header":{"revision":"3"},"kvs":[{"key":"%%%","value":"e30="}]}"#,
+            "a key is not valid base64",
+        ),
+        (
+            r#"{"header":{"revision":"3"},"kvs":[{"key":"YQ==","value":"***"}]}"#,
+            "the value of 'a' is not valid base64",
+        ),
+        (r#"{"kvs":[]}"#, "a range response without a header"),
+    ] {
+        let url = fake_gateway(body).await;
+        let resolver = sandbox.resolver(&config(&url, "", "")).await.unwrap();
+        let err = resolver.resolve("hello").await.unwrap_err().to_string();
+        assert!(
+            err.contains("provider 'etcd': upstream unavailable") && err.contains(expected),
+            "{err}"
+        );
+        assert!(!err.contains("trapped"), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_settings_refuse_the_provider() {
+    let sandbox = Sandbox::new();
+    for (settings, expected) in [
+        (r#"endpoints = []"#, "give at least one etcd gateway URL"),
+        (
+            r#"endpoints = ["127.0.0.1:2379"]"#,
+            "is not an http:// or https:// URL",
+        ),
+        (
+            r#"endpoints = ["http://127.0.0.1:2379"], namespace = "services""#,
+            "must start with '/'",
+        ),
+        (
+            r#"endpoints = ["http://127.0.0.1:2379"], username = "root""#,
+            "go together",
+        ),
+        (
+            r#"endpoints = ["http://127.0.0.1:2379"], timeout = "soon""#,
+            "settings.timeout",
+        ),
+    ] {
+        let toml = format!("[[provider]]\nbuiltin = \"etcd\"\nsettings = {{ {settings} }}\n");
+        let err = sandbox.resolver(&toml).await.err().unwrap().to_string();
+        assert!(
+            err.contains("provider 'etcd'") && err.contains(expected),
+            "{settings}: {err}"
+        );
+    }
+}
