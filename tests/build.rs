@@ -9,7 +9,13 @@ fn main() {
     for shared in ["../wit", "../sdk/src"] {
         println!("cargo:rerun-if-changed={}", here.join(shared).display());
     }
-    let fixtures = [("sequence", "wasd_fixture_sequence")];
+    let fixtures = [
+        ("sequence", "wasd_fixture_sequence"),
+        ("fixed-a", "wasd_fixture_fixed_a"),
+        ("fixed-b", "wasd_fixture_fixed_b"),
+        ("not-a-provider", "wasd_fixture_not_a_provider"),
+        ("wrong-version", "wasd_fixture_wrong_version"),
+    ];
     let built = wasd_guest_build::build(&here.join("guests/Cargo.toml"), &fixtures);
     let mut consts = String::new();
     for ((name, _), path) in fixtures.iter().zip(&built) {

@@ -32,13 +32,39 @@ pub(crate) struct ChainAnswer {
 
 impl ProviderChain {
     /// Load every provider of the config, in order: the listed ones, then modules in
-    /// the plugin folder that no entry lists (by file name), then pass-through.
-    pub async fn load(runtime: &Arc<Runtime>, config: &Config) -> Result<ProviderChain, Error> {
+    /// the plugin folder that no entry lists (by file name), then pass-through. A
+    /// listed provider that fails to load fails the whole load; a plugin-folder module
+    /// that fails is left out and reported (it may be half-copied; the file watcher
+    /// retries it on its next change).
+    pub async fn load(
+        runtime: &Arc<Runtime>,
+        config: &Config,
+    ) -> Result<(ProviderChain, Vec<(ProviderSpec, Error)>), Error> {
         let mut providers = Vec::new();
+        let mut skipped = Vec::new();
         for spec in chain_specs(config)? {
-            providers.push(Arc::new(Provider::load(runtime, &spec).await?));
+            match Provider::load(runtime, &spec).await {
+                Ok(provider) => providers.push(Arc::new(provider)),
+                Err(e) if spec.unlisted => {
+                    tracing::warn!("{e}");
+                    skipped.push((spec, e));
+                }
+                Err(e) => return Err(e),
+            }
         }
-        Ok(ProviderChain { providers })
+        Ok((ProviderChain { providers }, skipped))
+    }
+
+    pub fn new(providers: Vec<Arc<Provider>>) -> ProviderChain {
+        ProviderChain { providers }
+    }
+
+    pub fn providers(&self) -> &[Arc<Provider>] {
+        &self.providers
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Provider>> {
+        self.providers.iter().find(|p| &*p.name == name)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -115,6 +141,7 @@ pub(crate) fn chain_specs(config: &Config) -> Result<Vec<ProviderSpec>, Error> {
             grants: Grants::default(),
             limits: Limits::default(),
             tls: TlsSpec::default(),
+            unlisted: false,
         });
     }
     Ok(specs)
@@ -132,6 +159,7 @@ pub(crate) fn plugin_spec(path: std::path::PathBuf) -> ProviderSpec {
         grants: Grants::default(),
         limits: Limits::default(),
         tls: TlsSpec::default(),
+        unlisted: true,
     }
 }
 

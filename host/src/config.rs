@@ -63,6 +63,8 @@ pub(crate) struct ProviderSpec {
     pub grants: Grants,
     pub limits: Limits,
     pub tls: TlsSpec,
+    /// Found in the plugin folder, not listed in the config.
+    pub unlisted: bool,
 }
 
 /// TLS files for a provider's outgoing HTTPS (the host does the TLS).
@@ -72,6 +74,17 @@ pub(crate) struct TlsSpec {
     pub ca_file: Option<PathBuf>,
     /// PEM client certificate chain and key, for mutual TLS.
     pub client: Option<(PathBuf, PathBuf)>,
+}
+
+impl ProviderSpec {
+    /// A load failure of this provider.
+    pub fn load_error(&self, reason: String) -> crate::Error {
+        crate::Error::Load {
+            provider: self.name.clone(),
+            source_name: self.module.to_string(),
+            reason,
+        }
+    }
 }
 
 // Settings may hold secrets (an etcd password): Debug shows only their size.
@@ -295,6 +308,7 @@ impl Config {
                 },
                 limits: Limits::default(),
                 tls: TlsSpec::default(),
+                unlisted: false,
             }],
             registrar: None,
         }
@@ -551,6 +565,7 @@ fn provider_spec(
         },
         limits,
         tls,
+        unlisted: false,
     })
 }
 

@@ -56,6 +56,7 @@ mod imports;
 mod provider;
 mod query;
 mod registry;
+mod reload;
 mod resolver;
 mod runtime;
 
@@ -68,4 +69,5 @@ pub use endpoint::{Endpoint, EndpointSet};
 pub use error::{ConfigError, Error, ProviderError, ProviderErrorKind};
 pub use query::Query;
 pub use registry::{DEFAULT_REGISTRATION_TTL, Registration, RegistrationState, ServiceInstance};
+pub use reload::{ReloadError, ReloadReport, ReloadStatus};
 pub use resolver::{Resolver, ResolverBuilder, Watch};

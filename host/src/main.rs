@@ -131,8 +131,19 @@ impl ConfigArgs {
         Ok(config)
     }
 
-    async fn resolver(&self) -> anyhow::Result<Resolver> {
-        Ok(Resolver::builder().config(self.load()?).build().await?)
+    /// `follow`: watch the config and plugin files and reload on change (for the
+    /// long-running commands).
+    async fn resolver(&self, follow: bool) -> anyhow::Result<Resolver> {
+        let mut builder = Resolver::builder().watch_files(follow);
+        // Without --config the builder discovers it ($WASD_CONFIG, ./wasd.toml, or
+        // the built-in defaults), again on every reload.
+        if let Some(path) = &self.config {
+            builder = builder.config_file(path);
+        }
+        if let Some(dir) = &self.plugin_dir {
+            builder = builder.plugin_dir(Some(dir.clone()));
+        }
+        Ok(builder.build().await?)
     }
 }
 
@@ -167,7 +178,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let parsed = filters.query(&query)?;
-            let resolver = config.resolver().await?;
+            let resolver = config.resolver(false).await?;
             let set = resolver.resolve_query(&parsed).await?;
             let mut out = std::io::stdout().lock();
             if json {
@@ -186,7 +197,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let parsed = filters.query(&query)?;
-            let resolver = config.resolver().await?;
+            let resolver = config.resolver(true).await?;
             let mut watch = resolver.watch_query(&parsed).await?;
             let print = |set: &EndpointSet| -> anyhow::Result<()> {
                 let mut out = std::io::stdout().lock();
@@ -202,13 +213,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(())
             };
             print(&watch.current())?;
+            // Created once: a signal that arrives while printing is not lost.
+            let shutdown = shutdown_signal();
+            tokio::pin!(shutdown);
             loop {
                 tokio::select! {
                     set = watch.changed() => match set {
                         Some(set) => print(&set)?,
                         None => break,
                     },
-                    _ = shutdown_signal() => break,
+                    _ = &mut shutdown => break,
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -266,7 +280,9 @@ async fn register(
     config: ConfigArgs,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let resolver = config.resolver().await?;
+    // Before registering: a SIGTERM from then on deregisters.
+    let shutdown = shutdown_signal();
+    let resolver = config.resolver(true).await?;
     let mut registration = resolver.register_with_ttl(instance, ttl).await?;
     let instance = registration.instance().clone();
     let print = |state: &RegistrationState| -> anyhow::Result<()> {
@@ -309,13 +325,14 @@ async fn register(
         out.flush()?;
         Ok(())
     };
+    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             state = registration.changed() => match state {
                 Some(state) => print(&state)?,
                 None => break,
             },
-            _ = shutdown_signal() => break,
+            _ = &mut shutdown => break,
         }
     }
     registration.deregister().await?;
@@ -344,18 +361,25 @@ fn set_json(query: &Query, set: &EndpointSet) -> serde_json::Value {
     })
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called,
+/// not when first polled, so a signal that comes early is not lost.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
+        let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
         let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -20,11 +20,16 @@ use crate::endpoint::Endpoint;
 use crate::error::{Error, ProviderError, ProviderErrorKind};
 use crate::imports::http::{HttpHooks, HttpPolicy, TlsFiles};
 use crate::runtime::{EPOCH_TICK, Runtime};
+use sha2::{Digest, Sha256};
 
 /// Idle instances kept per provider; more are created under concurrency and dropped.
 const MAX_IDLE_INSTANCES: usize = 4;
 /// Largest granted file the host reads for a provider.
 const MAX_GRANTED_FILE: u64 = 16 << 20;
+/// Calls an instance serves before it is retired. Bounds what a long-lived instance
+/// can accumulate: guest heap fragmentation, and host resources wasmtime-wasi-http 48
+/// never frees (each outgoing request leaks its `request-options` handle).
+const MAX_CALLS_PER_INSTANCE: u32 = 1000;
 /// What a guest may write to stderr per instance; kept to explain its traps.
 const STDERR_CAPTURE: usize = 16 << 10;
 /// Limits on what crosses the boundary in an answer.
@@ -105,6 +110,7 @@ struct Instance {
     resolver: ResolverGuest,
     registrar: Option<RegistrarGuest>,
     stderr: MemoryOutputPipe,
+    calls: u32,
 }
 
 /// A provider's answer after the host has checked it.
@@ -130,17 +136,23 @@ pub(crate) struct Provider {
     idle: Mutex<Vec<Instance>>,
     /// Cleared when `watch` answers `unsupported`: the host polls this provider.
     watchable: std::sync::atomic::AtomicBool,
+    /// What it was made from; a reload whose inputs hash the same keeps it.
+    pub fingerprint: [u8; 32],
 }
 
-impl Provider {
-    /// Compile, link, instantiate and configure: a provider that loads has answered
-    /// `configure` once, so bad settings fail here and not on the first query.
-    pub async fn load(runtime: &Arc<Runtime>, spec: &ProviderSpec) -> Result<Provider, Error> {
-        let load_error = |reason: String| Error::Load {
-            provider: spec.name.clone(),
-            source_name: spec.module.to_string(),
-            reason,
-        };
+/// A provider's inputs, read from disk: the module, granted files and TLS files. Two
+/// reads with the same fingerprint make the same provider.
+pub(crate) struct Prepared {
+    spec: ProviderSpec,
+    bytes: Arc<[u8]>,
+    files: Vec<File>,
+    tls: TlsFiles,
+    pub fingerprint: [u8; 32],
+}
+
+impl Prepared {
+    pub async fn read(spec: &ProviderSpec) -> Result<Prepared, Error> {
+        let load_error = |reason: String| spec.load_error(reason);
         let bytes: Arc<[u8]> = match &spec.module {
             ModuleSource::Builtin(builtin) => builtin.wasm().into(),
             ModuleSource::File(path) => tokio::fs::read(path)
@@ -148,18 +160,6 @@ impl Provider {
                 .map_err(|e| load_error(format!("cannot read the module: {e}")))?
                 .into(),
         };
-        let component = runtime
-            .compile(bytes)
-            .await
-            .map_err(|e| load_error(format!("not a loadable component: {e}")))?;
-        let pre = runtime
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| load_error(format!("cannot link: {e:#}")))?;
-        let resolver = ResolverIndices::new(&pre)
-            .map_err(|e| load_error(format!("does not export wasd:provider/resolver@0.1.0: {e:#}")))?;
-        let registrar = RegistrarIndices::new(&pre).ok();
-
         let mut files = Vec::new();
         for (written, path) in &spec.grants.files {
             match read_granted_file(path).await {
@@ -173,12 +173,6 @@ impl Provider {
                 Err(reason) => return Err(load_error(format!("{}: {reason}", path.display()))),
             }
         }
-        // Only granted variables; one that is not UTF-8 cannot cross into WASI.
-        let env = std::env::vars_os()
-            .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
-            .filter(|(name, _)| spec.grants.allows_env(name))
-            .collect();
-        let name: Arc<str> = spec.name.as_str().into();
         let mut tls = TlsFiles::default();
         if let Some(path) = &spec.tls.ca_file {
             tls.ca = Some(read_tls_file(path).await.map_err(load_error)?);
@@ -189,6 +183,71 @@ impl Provider {
                 read_tls_file(key).await.map_err(load_error)?,
             ));
         }
+        let mut sha = Sha256::new();
+        let mut field = |bytes: &[u8]| {
+            sha.update((bytes.len() as u64).to_le_bytes());
+            sha.update(bytes);
+        };
+        field(spec.name.as_bytes());
+        field(spec.module.to_string().as_bytes());
+        field(&bytes);
+        field(spec.settings.as_bytes());
+        field(format!("{:?}{:?}{:?}", spec.grants, spec.limits, spec.tls).as_bytes());
+        for file in &files {
+            field(file.path.as_bytes());
+            field(&file.contents);
+        }
+        for pem in [
+            tls.ca.as_deref(),
+            tls.client.as_ref().map(|c| &*c.0),
+            tls.client.as_ref().map(|c| &*c.1),
+        ] {
+            field(pem.unwrap_or_default());
+        }
+        Ok(Prepared {
+            spec: spec.clone(),
+            bytes,
+            files,
+            tls,
+            fingerprint: sha.finalize().into(),
+        })
+    }
+}
+
+impl Provider {
+    /// Read, compile, link, instantiate and configure: a provider that loads has
+    /// answered `configure` once, so bad settings fail here and not on the first query.
+    pub async fn load(runtime: &Arc<Runtime>, spec: &ProviderSpec) -> Result<Provider, Error> {
+        Provider::load_prepared(runtime, Prepared::read(spec).await?).await
+    }
+
+    /// Compile, link, instantiate and configure what [`Prepared::read`] read.
+    pub async fn load_prepared(runtime: &Arc<Runtime>, prepared: Prepared) -> Result<Provider, Error> {
+        let Prepared {
+            spec,
+            bytes,
+            files,
+            tls,
+            fingerprint,
+        } = prepared;
+        let load_error = |reason: String| spec.load_error(reason);
+        let component = runtime
+            .compile(bytes)
+            .await
+            .map_err(|e| load_error(format!("not a loadable component: {e}")))?;
+        let pre = runtime
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| load_error(format!("cannot link: {e:#}")))?;
+        let resolver = ResolverIndices::new(&pre)
+            .map_err(|e| load_error(format!("does not export wasd:provider/resolver@0.1.0: {e:#}")))?;
+        let registrar = RegistrarIndices::new(&pre).ok();
+        // Only granted variables; one that is not UTF-8 cannot cross into WASI.
+        let env = std::env::vars_os()
+            .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+            .filter(|(name, _)| spec.grants.allows_env(name))
+            .collect();
+        let name: Arc<str> = spec.name.as_str().into();
         let http = HttpPolicy::new(name.clone(), &spec.grants.http, tls)
             .map_err(|e| load_error(format!("tls: {e}")))?;
         let provider = Provider {
@@ -208,6 +267,7 @@ impl Provider {
             limits: spec.limits,
             idle: Mutex::new(Vec::new()),
             watchable: std::sync::atomic::AtomicBool::new(true),
+            fingerprint,
         };
         let instance = provider
             .instantiate()
@@ -278,6 +338,7 @@ impl Provider {
             resolver,
             registrar,
             stderr,
+            calls: 0,
         };
         let configuration = self.configuration.clone();
         self.call(&mut instance, self.limits.timeout, async |i: &mut Instance| {
@@ -319,6 +380,7 @@ impl Provider {
     ) -> Result<T, ProviderError> {
         let mut instance = self.checkout().await?;
         let value = self.call(&mut instance, timeout, f).await?;
+        instance.calls += 1;
         self.checkin(instance);
         Ok(value)
     }
@@ -334,7 +396,7 @@ impl Provider {
     fn checkin(&self, instance: Instance) {
         // An instance whose captured stderr is half full is retired, so the capture
         // never fills and refuses the guest's writes.
-        if instance.stderr.contents().len() > STDERR_CAPTURE / 2 {
+        if instance.stderr.contents().len() > STDERR_CAPTURE / 2 || instance.calls >= MAX_CALLS_PER_INSTANCE {
             return;
         }
         let mut idle = self.idle.lock().expect("pool lock");
@@ -434,9 +496,9 @@ impl Provider {
         Ok(lease)
     }
 
-    /// Refresh a lease; `false` when the registry no longer knows it.
-    pub async fn keep_alive(&self, lease: &str) -> Result<bool, ProviderError> {
-        self.registrar_call(async |r, store| r.call_keep_alive(store, lease).await)
+    /// Refresh a lease; `false` when the instance is no longer registered under it.
+    pub async fn keep_alive(&self, instance: &GuestInstance, lease: &str) -> Result<bool, ProviderError> {
+        self.registrar_call(async |r, store| r.call_keep_alive(store, instance, lease).await)
             .await
     }
 

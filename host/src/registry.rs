@@ -260,9 +260,18 @@ async fn keep_registered(
     let mut backoff = BACKOFF.0;
     let mut attempts = 0u32;
     'register: loop {
+        let registering = provider.register(&guest, ttl);
+        tokio::pin!(registering);
         let registered = tokio::select! {
-            r = provider.register(&guest, ttl) => r,
-            _ = &mut stop => break 'register,
+            r = &mut registering => r,
+            _ = &mut stop => {
+                // The write may already be on its way: let it land, so that the
+                // deregistration below removes it instead of racing it.
+                if let Ok(Ok(granted)) = tokio::time::timeout(DEREGISTER_TIMEOUT, registering).await {
+                    lease = Some(granted);
+                }
+                break 'register;
+            }
         };
         match registered {
             Ok(granted) => {
@@ -300,14 +309,22 @@ async fn keep_registered(
             }
             let current = lease.as_deref().expect("registered above");
             let alive = tokio::select! {
-                r = provider.keep_alive(current) => r,
+                r = provider.keep_alive(&guest, current) => r,
                 _ = &mut stop => break 'register,
             };
             match alive {
                 Ok(true) => last_alive = Instant::now(),
                 Ok(false) => {
-                    tracing::warn!(%instance, lease = %current, "the registry lost the lease; registering again");
+                    tracing::warn!(
+                        %instance,
+                        lease = %current,
+                        "the registry lost the lease or the instance; registering again"
+                    );
+                    // The old lease may still live (the key was deleted by hand): let
+                    // it go rather than keep it alive for nothing.
+                    let _ = provider.deregister(&guest, Some(current)).await;
                     lease = None;
+                    state.send_replace(RegistrationState::Registering);
                     continue 'register;
                 }
                 Err(failure) if last_alive.elapsed() >= ttl => {

@@ -26,10 +26,13 @@ use crate::error::{ConfigError, Error, ProviderErrorKind};
 use crate::provider::Provider;
 use crate::query::{Query, effective_schemes};
 use crate::registry::{DEFAULT_REGISTRATION_TTL, Registration, ServiceInstance};
+use crate::reload::{self, ReloadError, ReloadReport, ReloadStatus, Reloading};
 use crate::runtime::Runtime;
 
 /// Shortest interval between two refreshes of one answer, whatever its TTL says.
 const MIN_REFRESH: Duration = Duration::from_secs(1);
+/// Least time between two watch calls of one entry.
+const WATCH_GAP: Duration = Duration::from_millis(100);
 /// Retry back-off after a failed refresh: doubles from the first to the second.
 const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 
@@ -42,18 +45,38 @@ pub struct Resolver {
     inner: Arc<Inner>,
 }
 
-struct Inner {
+pub(crate) struct Inner {
     pub(crate) chain: ArcSwap<ProviderChain>,
-    /// The provider named by the config's `registrar`, if any.
-    pub(crate) registrar: Option<String>,
+    /// The config settings a reload may change (everything but the providers).
+    settings: ArcSwap<Settings>,
     entries: DashMap<Key, Arc<Entry>>,
+    started: Instant,
+    /// Dropped with `Inner`: wakes every refresh task so it can exit at once.
+    pub(crate) shutdown: watch::Sender<()>,
+    pub(crate) runtime: Arc<Runtime>,
+    pub(crate) loader: ConfigLoader,
+    pub(crate) reloading: Reloading,
+}
+
+/// Host settings that take effect on reload. (DNS servers and the cache folder are
+/// read at start only.)
+struct Settings {
     allowed_schemes: Vec<String>,
     refresh_period: Duration,
     idle_timeout: Duration,
-    started: Instant,
-    /// Dropped with `Inner`: wakes every refresh task so it can exit at once.
-    shutdown: watch::Sender<()>,
-    _runtime: Arc<Runtime>,
+    /// The provider named by the config's `registrar`, if any.
+    registrar: Option<String>,
+}
+
+impl Settings {
+    fn of(config: &Config) -> Settings {
+        Settings {
+            allowed_schemes: config.allowed_schemes.clone(),
+            refresh_period: config.refresh_period,
+            idle_timeout: config.idle_timeout,
+            registrar: config.registrar.clone(),
+        }
+    }
 }
 
 /// A query reduced to what can change its answer.
@@ -93,6 +116,7 @@ impl Entry {
 }
 
 /// Where the builder takes its configuration from.
+#[derive(Clone)]
 enum ConfigSource {
     Discover,
     File(PathBuf),
@@ -100,46 +124,16 @@ enum ConfigSource {
     Value(Box<Config>),
 }
 
-/// Builds a [`Resolver`]. Created by [`Resolver::builder`].
-pub struct ResolverBuilder {
+/// Reads the configuration the same way at start and on every reload.
+#[derive(Clone)]
+pub(crate) struct ConfigLoader {
     source: ConfigSource,
     plugin_dir: Option<Option<PathBuf>>,
     cache_dir: Option<Option<PathBuf>>,
 }
 
-impl ResolverBuilder {
-    /// Read the configuration from this TOML file.
-    pub fn config_file(mut self, path: impl Into<PathBuf>) -> Self {
-        self.source = ConfigSource::File(path.into());
-        self
-    }
-
-    /// Use this TOML text as the configuration (relative paths: the current folder).
-    pub fn config_toml(mut self, toml: impl Into<String>) -> Self {
-        self.source = ConfigSource::Toml(toml.into());
-        self
-    }
-
-    /// Use an already loaded configuration.
-    pub fn config(mut self, config: Config) -> Self {
-        self.source = ConfigSource::Value(Box::new(config));
-        self
-    }
-
-    /// Load unlisted provider modules from this folder (`None`: no plugin folder).
-    pub fn plugin_dir(mut self, dir: Option<PathBuf>) -> Self {
-        self.plugin_dir = Some(dir);
-        self
-    }
-
-    /// Keep precompiled components in this folder (`None`: compile on every start).
-    pub fn cache_dir(mut self, dir: Option<PathBuf>) -> Self {
-        self.cache_dir = Some(dir);
-        self
-    }
-
-    /// The configuration this builder would use.
-    pub fn load_config(&self) -> Result<Config, Error> {
+impl ConfigLoader {
+    pub fn load(&self) -> Result<Config, Error> {
         let mut config = match &self.source {
             ConfigSource::Discover => Config::discover()?,
             ConfigSource::File(path) => Config::from_file(path)?,
@@ -163,6 +157,64 @@ impl ResolverBuilder {
         Ok(config)
     }
 
+    /// The config file, when it is one.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match &self.source {
+            ConfigSource::File(path) => Some(path),
+            _ => None,
+        }
+    }
+}
+
+/// Builds a [`Resolver`]. Created by [`Resolver::builder`].
+pub struct ResolverBuilder {
+    loader: ConfigLoader,
+    watch_files: bool,
+}
+
+impl ResolverBuilder {
+    /// Read the configuration from this TOML file.
+    pub fn config_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.loader.source = ConfigSource::File(path.into());
+        self
+    }
+
+    /// Use this TOML text as the configuration (relative paths: the current folder).
+    pub fn config_toml(mut self, toml: impl Into<String>) -> Self {
+        self.loader.source = ConfigSource::Toml(toml.into());
+        self
+    }
+
+    /// Use an already loaded configuration.
+    pub fn config(mut self, config: Config) -> Self {
+        self.loader.source = ConfigSource::Value(Box::new(config));
+        self
+    }
+
+    /// Load unlisted provider modules from this folder (`None`: no plugin folder).
+    pub fn plugin_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.loader.plugin_dir = Some(dir);
+        self
+    }
+
+    /// Keep precompiled components in this folder (`None`: compile on every start).
+    pub fn cache_dir(mut self, dir: Option<PathBuf>) -> Self {
+        self.loader.cache_dir = Some(dir);
+        self
+    }
+
+    /// Watch the config file, the plugin folder and the providers' granted files, and
+    /// reload on change (default: on). Off, [`Resolver::reload`] still reloads.
+    pub fn watch_files(mut self, on: bool) -> Self {
+        self.watch_files = on;
+        self
+    }
+
+    /// The configuration this builder would use.
+    pub fn load_config(&self) -> Result<Config, Error> {
+        self.loader.load()
+    }
+
     /// Load every provider (compiling or loading precompiled components, and calling
     /// each provider's `configure`) and start the resolver. Must run inside a tokio
     /// runtime.
@@ -170,20 +222,32 @@ impl ResolverBuilder {
         let config = self.load_config()?;
         let runtime = Runtime::new(config.cache_dir.clone(), config.dns.clone())
             .map_err(|e| Error::Engine(format!("{e:#}")))?;
-        let chain = ProviderChain::load(&runtime, &config).await?;
-        Ok(Resolver {
-            inner: Arc::new(Inner {
-                chain: ArcSwap::from_pointee(chain),
-                registrar: config.registrar.clone(),
-                entries: DashMap::new(),
-                allowed_schemes: config.allowed_schemes.clone(),
-                refresh_period: config.refresh_period,
-                idle_timeout: config.idle_timeout,
-                started: Instant::now(),
-                shutdown: watch::channel(()).0,
-                _runtime: runtime,
-            }),
-        })
+        let (chain, skipped) = ProviderChain::load(&runtime, &config).await?;
+        let errors = skipped
+            .into_iter()
+            .map(|(spec, e)| ReloadError {
+                provider: spec.name,
+                source: spec.module.to_string(),
+                reason: match e {
+                    Error::Load { reason, .. } => reason,
+                    other => other.to_string(),
+                },
+            })
+            .collect();
+        let inner = Arc::new(Inner {
+            reloading: Reloading::new(chain.names().map(str::to_owned).collect(), errors),
+            chain: ArcSwap::from_pointee(chain),
+            settings: ArcSwap::from_pointee(Settings::of(&config)),
+            entries: DashMap::new(),
+            started: Instant::now(),
+            shutdown: watch::channel(()).0,
+            runtime,
+            loader: self.loader,
+        });
+        if self.watch_files {
+            reload::start(&inner, &config)?;
+        }
+        Ok(Resolver { inner })
     }
 }
 
@@ -192,15 +256,36 @@ impl Resolver {
     /// does ([`Config::discover`]).
     pub fn builder() -> ResolverBuilder {
         ResolverBuilder {
-            source: ConfigSource::Discover,
-            plugin_dir: None,
-            cache_dir: None,
+            loader: ConfigLoader {
+                source: ConfigSource::Discover,
+                plugin_dir: None,
+                cache_dir: None,
+            },
+            watch_files: true,
         }
     }
 
     /// The names of the providers in the chain, in the order they are asked.
     pub fn providers(&self) -> Vec<String> {
         self.inner.chain.load().names().map(str::to_owned).collect()
+    }
+
+    /// Reload now, as a change to a watched file does: read the config and every
+    /// provider's module and files, load what changed (off the resolve path), and swap
+    /// the new chain in. What fails to load keeps its previous version serving.
+    pub async fn reload(&self) -> ReloadReport {
+        reload::reload(&self.inner).await
+    }
+
+    /// Where reloading stands: the generation, the providers serving, and what failed
+    /// in the last reload.
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.inner.reloading.status()
+    }
+
+    /// Every reload's report, as it happens.
+    pub fn reload_events(&self) -> tokio::sync::broadcast::Receiver<ReloadReport> {
+        self.inner.reloading.events.subscribe()
     }
 
     /// Resolve a query such as `https+http://catalog` to endpoints.
@@ -270,7 +355,8 @@ impl Resolver {
 
     fn registrar(&self) -> Result<Arc<Provider>, Error> {
         let chain = self.inner.chain.load();
-        let name = self.inner.registrar.as_deref();
+        let settings = self.inner.settings.load();
+        let name = settings.registrar.as_deref();
         match chain.registrar(name) {
             Some(p) if p.is_registrar() => Ok(p),
             Some(p) => Err(Error::NoRegistrar(format!(
@@ -286,15 +372,20 @@ impl Resolver {
 }
 
 impl Inner {
+    pub(crate) fn apply_settings(&self, config: &Config) {
+        self.settings.store(Arc::new(Settings::of(config)));
+    }
+
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
 
     fn entry(self: &Arc<Self>, query: &Query) -> Result<Arc<Entry>, Error> {
+        let settings = self.settings.load();
         let schemes =
-            effective_schemes(query, &self.allowed_schemes).ok_or_else(|| Error::SchemeNotAllowed {
+            effective_schemes(query, &settings.allowed_schemes).ok_or_else(|| Error::SchemeNotAllowed {
                 query: query.as_str().to_owned(),
-                allowed: self.allowed_schemes.clone(),
+                allowed: settings.allowed_schemes.clone(),
             })?;
         let key = Key {
             service: query.service().to_owned(),
@@ -338,6 +429,12 @@ impl Inner {
         let init = entry
             .init
             .get_or_try_init(|| async {
+                // Subscribed before the chain is read: a reload during this first
+                // resolve wakes the refresh task at once.
+                let wake = Wake {
+                    shutdown: self.shutdown.subscribe(),
+                    reload: self.reloading.generation.subscribe(),
+                };
                 let chain = self.chain.load_full();
                 let (set, next) = match chain.resolve(&entry.query, &entry.key.filters).await {
                     Ok(answer) if !answer.failures.is_empty() => (answer.set, Next::Sleep(BACKOFF.0)),
@@ -354,12 +451,7 @@ impl Inner {
                     }
                 };
                 entry.publish(set);
-                tokio::spawn(refresh_loop(
-                    Arc::downgrade(self),
-                    entry.clone(),
-                    self.shutdown.subscribe(),
-                    next,
-                ));
+                tokio::spawn(refresh_loop(Arc::downgrade(self), entry.clone(), wake, next));
                 Ok(())
             })
             .await;
@@ -372,8 +464,8 @@ impl Inner {
     }
 
     fn next_refresh(&self, ttl: Option<Duration>) -> Duration {
-        ttl.map_or(self.refresh_period, |ttl| ttl.min(self.refresh_period))
-            .max(MIN_REFRESH)
+        let period = self.settings.load().refresh_period;
+        ttl.map_or(period, |ttl| ttl.min(period)).max(MIN_REFRESH)
     }
 
     /// After a clean answer: watch the provider if it tagged the answer with a
@@ -409,29 +501,59 @@ enum Watched {
     Shutdown,
 }
 
+/// What wakes a refresh task early: the resolver going away, or a reload.
+struct Wake {
+    shutdown: watch::Receiver<()>,
+    reload: watch::Receiver<u64>,
+}
+
+enum Woken {
+    Shutdown,
+    Reload,
+}
+
+impl Wake {
+    async fn wait(&mut self) -> Woken {
+        tokio::select! {
+            _ = self.shutdown.changed() => Woken::Shutdown,
+            changed = self.reload.changed() => match changed {
+                Ok(()) => Woken::Reload,
+                Err(_) => Woken::Shutdown,
+            },
+        }
+    }
+}
+
 async fn watch_once(
     entry: &Entry,
     provider: &Arc<Provider>,
     version: &str,
     wait: Duration,
-    shutdown: &mut watch::Receiver<()>,
+    wake: &mut Wake,
     backoff: &mut Duration,
 ) -> Watched {
+    // A reload cancels the watch (and frees the old provider): the chain decides anew.
     let result = tokio::select! {
         result = provider.watch(&entry.query, version, wait) => result,
-        _ = shutdown.changed() => return Watched::Shutdown,
+        woken = wake.wait() => return match woken {
+            Woken::Shutdown => Watched::Shutdown,
+            Woken::Reload => Watched::AskChain,
+        },
     };
     match result {
         Ok(Some(answer)) => {
+            *backoff = BACKOFF.0;
             let endpoints = select(answer.endpoints, &entry.query, &entry.key.filters);
             if endpoints.is_empty() {
                 return Watched::AskChain;
             }
-            *backoff = BACKOFF.0;
             entry.publish(EndpointSet::new(provider.name.clone(), endpoints));
             Watched::Changed(answer.version)
         }
-        Ok(None) => Watched::AskChain,
+        Ok(None) => {
+            *backoff = BACKOFF.0;
+            Watched::AskChain
+        }
         Err(failure) => {
             if matches!(failure.kind, ProviderErrorKind::Unsupported(_)) {
                 provider.set_cannot_watch();
@@ -439,7 +561,9 @@ async fn watch_once(
                 warn_keeping(entry, std::slice::from_ref(&failure), *backoff);
                 tokio::select! {
                     _ = tokio::time::sleep(*backoff) => {}
-                    _ = shutdown.changed() => return Watched::Shutdown,
+                    woken = wake.wait() => if let Woken::Shutdown = woken {
+                        return Watched::Shutdown;
+                    },
                 }
                 *backoff = (*backoff * 2).min(BACKOFF.1);
             }
@@ -449,53 +573,56 @@ async fn watch_once(
 }
 
 /// Keeps one cached answer fresh until the resolver is dropped or the entry idles out.
-async fn refresh_loop(
-    inner: Weak<Inner>,
-    entry: Arc<Entry>,
-    mut shutdown: watch::Receiver<()>,
-    mut next: Next,
-) {
+async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut next: Next) {
     let mut backoff = BACKOFF.0;
+    // Failing watches back off on their own: a chain refresh that succeeds in between
+    // (etcd answers ranges but a proxy cuts its streams) must not reset it.
+    let mut watch_backoff = BACKOFF.0;
+    let mut last_chain = Instant::now();
     loop {
         match next {
             Next::Sleep(delay) => {
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.changed() => return,
+                    woken = wake.wait() => if let Woken::Shutdown = woken {
+                        return;
+                    },
                 }
             }
             Next::Watch { provider, version } => {
-                let Some(wait) = inner.upgrade().map(|i| i.refresh_period.max(MIN_REFRESH)) else {
+                let Some(period) = inner.upgrade().map(|i| i.settings.load().refresh_period) else {
                     return;
                 };
-                match watch_once(&entry, &provider, &version, wait, &mut shutdown, &mut backoff).await {
+                // Watch until the next periodic chain refresh is due.
+                let wait = period.saturating_sub(last_chain.elapsed()).max(MIN_REFRESH);
+                match watch_once(&entry, &provider, &version, wait, &mut wake, &mut watch_backoff).await {
                     Watched::Changed(Some(version)) => {
-                        next = Next::Watch { provider, version };
-                        continue;
+                        let Some(inner) = inner.upgrade() else { return };
+                        if expire_if_idle(&inner, &entry) {
+                            return;
+                        }
+                        if last_chain.elapsed() < period {
+                            // Paced, so a provider that answers at once cannot spin.
+                            tokio::select! {
+                                _ = tokio::time::sleep(WATCH_GAP) => {}
+                                woken = wake.wait() => if let Woken::Shutdown = woken {
+                                    return;
+                                },
+                            }
+                            next = Next::Watch { provider, version };
+                            continue;
+                        }
                     }
-                    Watched::Changed(None) => {}
-                    Watched::AskChain => {}
+                    Watched::Changed(None) | Watched::AskChain => {}
                     Watched::Shutdown => return,
                 }
             }
         }
         let Some(inner) = inner.upgrade() else { return };
-        let idle = |inner: &Inner| {
-            let idle_ms = inner
-                .now_ms()
-                .saturating_sub(entry.last_used_ms.load(Ordering::Relaxed));
-            entry.state.receiver_count() == 0 && Duration::from_millis(idle_ms) >= inner.idle_timeout
-        };
-        // Checked again under the map's lock, so a resolve or watch that just found
-        // the entry keeps it.
-        if idle(&inner)
-            && inner
-                .entries
-                .remove_if(&entry.key, |_, e| Arc::ptr_eq(e, &entry) && idle(&inner))
-                .is_some()
-        {
+        if expire_if_idle(&inner, &entry) {
             return;
         }
+        last_chain = Instant::now();
         let chain = inner.chain.load_full();
         match chain.resolve(&entry.query, &entry.key.filters).await {
             // A provider ahead of the one that answered failed (etcd down, pass-through
@@ -528,6 +655,24 @@ async fn refresh_loop(
             }
         }
     }
+}
+
+/// Drop the entry if nobody has used or watched it for the idle timeout.
+fn expire_if_idle(inner: &Inner, entry: &Arc<Entry>) -> bool {
+    let idle = |inner: &Inner| {
+        let idle_ms = inner
+            .now_ms()
+            .saturating_sub(entry.last_used_ms.load(Ordering::Relaxed));
+        entry.state.receiver_count() == 0
+            && Duration::from_millis(idle_ms) >= inner.settings.load().idle_timeout
+    };
+    // Checked again under the map's lock, so a resolve or watch that just found the
+    // entry keeps it.
+    idle(inner)
+        && inner
+            .entries
+            .remove_if(&entry.key, |_, e| Arc::ptr_eq(e, entry) && idle(inner))
+            .is_some()
 }
 
 fn warn_keeping(entry: &Entry, failures: &[crate::ProviderError], retry_in: Duration) {

@@ -133,10 +133,12 @@ pub trait Registrar: Provider {
     /// Write `instance` under a new lease of `ttl_ms`; return the lease's id.
     fn register(&self, instance: ServiceInstance, ttl_ms: u64) -> Result<String, Error>;
 
-    /// Refresh a lease; `Ok(false)` when the registry no longer knows it.
-    fn keep_alive(&self, lease: String) -> Result<bool, Error>;
+    /// Refresh a lease and check that `instance` is still registered under it;
+    /// `Ok(false)` when not (the host then registers again).
+    fn keep_alive(&self, instance: ServiceInstance, lease: String) -> Result<bool, Error>;
 
-    /// Delete `instance` and revoke its lease, if any.
+    /// Delete `instance` if it is still registered under `lease` (unconditionally
+    /// without one), and revoke the lease.
     fn deregister(&self, instance: ServiceInstance, lease: Option<String>) -> Result<(), Error>;
 }
 
@@ -160,8 +162,11 @@ macro_rules! export {
                     with_provider(|provider| $crate::Registrar::register(provider, instance, ttl_ms))
                 }
 
-                fn keep_alive(lease: ::std::string::String) -> ::std::result::Result<bool, Error> {
-                    with_provider(|provider| $crate::Registrar::keep_alive(provider, lease))
+                fn keep_alive(
+                    instance: $crate::ServiceInstance,
+                    lease: ::std::string::String,
+                ) -> ::std::result::Result<bool, Error> {
+                    with_provider(|provider| $crate::Registrar::keep_alive(provider, instance, lease))
                 }
 
                 fn deregister(

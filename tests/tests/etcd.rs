@@ -222,6 +222,17 @@ async fn registration_round_trips_and_survives_data_loss() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(etcd.get_prefix("/microservices/hello/").len(), 1);
 
+    // Deleted by hand while its lease lives: the keep-alive notices and writes it again.
+    etcd.delete(&format!("/microservices/hello/{id}"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while etcd.get_prefix("/microservices/hello/").is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the deleted instance never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // etcd loses everything (a new data folder): the lease is unknown, so the host
     // registers again.
     etcd.restart_empty();
@@ -258,6 +269,36 @@ async fn registration_round_trips_and_survives_data_loss() {
 
     registration.deregister().await.unwrap();
     assert!(etcd.get_prefix("/microservices/hello/").is_empty());
+
+    // A successor took the same id over (under its own lease): deregistering the old
+    // registration leaves it alone.
+    let old = resolver
+        .register_with_ttl(
+            ServiceInstance {
+                id: "fixed-id".into(),
+                ..ServiceInstance::new("hello", ["http://10.0.0.7:8000"])
+            },
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let mut old = old;
+    tokio::time::timeout(WAIT, old.registered())
+        .await
+        .unwrap()
+        .unwrap();
+    let successor = etcd.grant(30);
+    etcd.put_instance(
+        "hello",
+        "fixed-id",
+        "v4",
+        &["http://10.0.0.8:8000"],
+        Some(&successor),
+    );
+    old.deregister().await.unwrap();
+    let stored = etcd.get_prefix("/microservices/hello/");
+    assert_eq!(stored.len(), 1);
+    assert!(stored[0].1.contains("10.0.0.8"), "{stored:?}");
 }
 
 #[test]

@@ -141,6 +141,13 @@ impl Gateway {
         let bytes = response
             .bytes(64 << 10)
             .map_err(|e| Failure::Unreachable(format!("etcd at {endpoint}: {e}")))?;
+        if status >= 500 {
+            // A sick member (no leader, say): another endpoint may do better.
+            return Err(Failure::Unreachable(format!(
+                "etcd at {endpoint} could not authenticate (HTTP {status}): {}",
+                error_message(&bytes)
+            )));
+        }
         if status != 200 {
             return Err(Failure::Final(Error::Denied(format!(
                 "etcd at {endpoint} refused to authenticate user '{name}': {}",
@@ -250,13 +257,16 @@ pub struct RawKeyValue {
     key: String,
     #[serde(default)]
     value: String,
+    #[serde(default, deserialize_with = "int64")]
+    lease: i64,
 }
 
-/// A key and value, decoded.
+/// A key and value, decoded, with the lease the key is attached to (0: none).
 #[derive(Debug, PartialEq, Eq)]
 pub struct KeyValue {
     pub key: Vec<u8>,
     pub value: Vec<u8>,
+    pub lease: i64,
 }
 
 impl RawKeyValue {
@@ -270,7 +280,11 @@ impl RawKeyValue {
                 shorten(&String::from_utf8_lossy(&key), 200)
             )
         })?;
-        Ok(KeyValue { key, value })
+        Ok(KeyValue {
+            key,
+            value,
+            lease: self.lease,
+        })
     }
 }
 
@@ -396,9 +410,10 @@ mod tests {
 
     #[test]
     fn range_responses() {
-        let body = br#"{"header":{"cluster_id":"1","revision":"12"},"kvs":[{"key":"L20vaGVsbG8vYQ==","value":"e30=","mod_revision":"5"}],"count":"1"}"#;
+        let body = br#"{"header":{"cluster_id":"1","revision":"12"},"kvs":[{"key":"L20vaGVsbG8vYQ==","value":"e30=","mod_revision":"5","lease":"77"}],"count":"1"}"#;
         let range = parse_range(body).unwrap();
         assert_eq!(range.revision, 12);
+        assert_eq!(range.kvs[0].lease, 77);
         assert_eq!(range.kvs[0].key, b"/m/hello/a");
         assert_eq!(range.kvs[0].value, b"{}");
         // No keys: etcd omits `kvs`.

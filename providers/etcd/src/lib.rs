@@ -232,18 +232,38 @@ impl Registrar for Etcd {
         Ok(lease)
     }
 
-    fn keep_alive(&self, lease: String) -> Result<bool, Error> {
+    fn keep_alive(&self, instance: ServiceInstance, lease: String) -> Result<bool, Error> {
         let body = self
             .gateway
             .call("/v3/lease/keepalive", &json!({ "ID": lease }))?;
         let first = body.split(|&b| b == b'\n').next().unwrap_or_default();
-        gateway::parse_keep_alive(first).map_err(|e| malformed("etcd", "/v3/lease/keepalive", &e))
+        if !gateway::parse_keep_alive(first).map_err(|e| malformed("etcd", "/v3/lease/keepalive", &e))? {
+            return Ok(false);
+        }
+        // The lease lives; is the instance still ours? (Deleted by hand, or taken
+        // over by a successor with the same id: then register again.)
+        let key = self.key(&instance.name, &instance.id);
+        let body = self.gateway.call("/v3/kv/range", &json!({ "key": b64(&key) }))?;
+        let range = gateway::parse_range(&body).map_err(|e| malformed("etcd", "/v3/kv/range", &e))?;
+        Ok(range.kvs.first().is_some_and(|kv| kv.lease.to_string() == lease))
     }
 
     fn deregister(&self, instance: ServiceInstance, lease: Option<String>) -> Result<(), Error> {
         let key = self.key(&instance.name, &instance.id);
-        self.gateway
-            .call("/v3/kv/deleterange", &json!({ "key": b64(&key) }))?;
+        match &lease {
+            // Only if still under our lease: a successor with the same id stays.
+            Some(lease) => {
+                let txn = json!({
+                    "compare": [{ "key": b64(&key), "target": "LEASE", "result": "EQUAL", "lease": lease }],
+                    "success": [{ "request_delete_range": { "key": b64(&key) } }],
+                });
+                self.gateway.call("/v3/kv/txn", &txn)?;
+            }
+            None => {
+                self.gateway
+                    .call("/v3/kv/deleterange", &json!({ "key": b64(&key) }))?;
+            }
+        }
         if let Some(lease) = lease {
             // The key is gone already; a lease etcd has lost is not an error.
             if let Err(e) = self.gateway.call("/v3/lease/revoke", &json!({ "ID": lease })) {

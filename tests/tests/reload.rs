@@ -1,0 +1,375 @@
+//! Hot reload with real files: plugin modules added, replaced (every way editors and
+//! deploy tools write), deleted and corrupted; appsettings.json and wasd.toml edited;
+//! resolves running throughout.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use wasd_tests::{Sandbox, fixtures, run, strings};
+
+const A: &str = "http://10.1.0.1:80";
+const B: &str = "http://10.1.0.2:80";
+
+fn wasm(path: &str) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+/// Write `bytes` to `path` through a temporary file and a rename, as deploy tools do.
+fn write_then_rename(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Resolve until the answer is `expected` (or, for `None`, until there is none).
+async fn eventually(resolver: &wasd::Resolver, query: &str, expected: Option<&[&str]>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = resolver.resolve(query).await.map(|set| strings(&set)).ok();
+        let matched = match (expected, &now) {
+            (Some(want), Some(got)) => got == want,
+            (None, None) => true,
+            _ => false,
+        };
+        if matched {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{query}: still {now:?}, want {expected:?}; status {:?}",
+            resolver.reload_status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const PLUGINS_ONLY: &str = "pass-through = false\nplugin-dir = \"plugins\"\n";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_modules_are_added_replaced_and_removed_however_written() {
+    let sandbox = Sandbox::new();
+    std::fs::create_dir(sandbox.path().join("plugins")).unwrap();
+    let resolver = sandbox.resolver(PLUGINS_ONLY).await.unwrap();
+    assert!(resolver.resolve("fixed").await.is_err());
+    let plugin = sandbox.path().join("plugins/fixed.wasm");
+
+    // Added (a plain copy, written in place).
+    std::fs::copy(fixtures::FIXED_A, &plugin).unwrap();
+    eventually(&resolver, "fixed", Some(&[A])).await;
+    assert_eq!(resolver.providers(), ["fixed"]);
+
+    // Replaced in place, in two halves with a pause: the half-written module is never
+    // activated, the old one serves meanwhile, and the finished one takes over.
+    let b = wasm(fixtures::FIXED_B);
+    std::fs::write(&plugin, &b[..b.len() / 2]).unwrap();
+    let mut events = resolver.reload_events();
+    let report = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let report = events.recv().await.unwrap();
+            if !report.errors.is_empty() {
+                return report;
+            }
+        }
+    })
+    .await
+    .expect("the half-written module was looked at");
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert!(
+        report.errors[0].reason.contains("not a loadable component"),
+        "{report:?}"
+    );
+    assert_eq!(strings(&resolver.resolve("fixed").await.unwrap()), [A]);
+    let mut file = std::fs::OpenOptions::new().append(true).open(&plugin).unwrap();
+    std::io::Write::write_all(&mut file, &b[b.len() / 2..]).unwrap();
+    drop(file);
+    eventually(&resolver, "fixed", Some(&[B])).await;
+    assert!(resolver.reload_status().errors.is_empty());
+
+    // Write-then-rename.
+    write_then_rename(&plugin, &wasm(fixtures::FIXED_A));
+    eventually(&resolver, "fixed", Some(&[A])).await;
+
+    // Delete-then-create.
+    std::fs::remove_file(&plugin).unwrap();
+    std::fs::write(&plugin, wasm(fixtures::FIXED_B)).unwrap();
+    eventually(&resolver, "fixed", Some(&[B])).await;
+
+    // A Kubernetes ConfigMap: `fixed.wasm -> ..data/fixed.wasm`, `..data -> ..v1`,
+    // updated by flipping `..data` to a new folder with one rename.
+    std::fs::remove_file(&plugin).unwrap();
+    let dir = sandbox.path().join("plugins");
+    for (version, bytes) in [
+        ("..v1", wasm(fixtures::FIXED_A)),
+        ("..v2", wasm(fixtures::FIXED_B)),
+    ] {
+        std::fs::create_dir(dir.join(version)).unwrap();
+        std::fs::write(dir.join(version).join("fixed.wasm"), bytes).unwrap();
+    }
+    std::os::unix::fs::symlink("..v1", dir.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/fixed.wasm", &plugin).unwrap();
+    eventually(&resolver, "fixed", Some(&[A])).await;
+    std::os::unix::fs::symlink("..v2", dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    eventually(&resolver, "fixed", Some(&[B])).await;
+
+    // Deleted.
+    std::fs::remove_file(&plugin).unwrap();
+    eventually(&resolver, "fixed", None).await;
+    assert!(resolver.providers().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_module_that_fails_to_load_leaves_the_last_good_one_serving() {
+    let sandbox = Sandbox::new();
+    let plugin = sandbox.write("plugins/fixed.wasm", wasm(fixtures::FIXED_A));
+    let resolver = sandbox.resolver(PLUGINS_ONLY).await.unwrap();
+    eventually(&resolver, "fixed", Some(&[A])).await;
+    let generation = resolver.reload_status().generation;
+
+    for (bytes, reason) in [
+        (b"garbage, not wasm".to_vec(), "not a loadable component"),
+        // A core module, not a component.
+        (b"\0asm\x01\0\0\0".to_vec(), "not a loadable component"),
+        (
+            wasm(fixtures::NOT_A_PROVIDER),
+            "does not export wasd:provider/resolver@0.1.0",
+        ),
+        (
+            wasm(fixtures::WRONG_VERSION),
+            "does not export wasd:provider/resolver@0.1.0",
+        ),
+    ] {
+        write_then_rename(&plugin, &bytes);
+        let report = resolver.reload().await;
+        assert_eq!(report.errors.len(), 1, "{report:?}");
+        let error = &report.errors[0];
+        assert_eq!(error.provider, "fixed");
+        assert!(error.source.ends_with("plugins/fixed.wasm"), "{error}");
+        assert!(error.reason.contains(reason), "{error}");
+        assert!(!report.changed(), "{report:?}");
+        assert_eq!(resolver.reload_status().errors, report.errors);
+        assert_eq!(resolver.reload_status().generation, generation);
+        assert_eq!(strings(&resolver.resolve("fixed").await.unwrap()), [A]);
+    }
+    // And `wasd check` says the same.
+    let out = run(sandbox
+        .wasd()
+        .args(["check"])
+        .env("WASD_CONFIG", sandbox.write("wasd.toml", PLUGINS_ONLY)));
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert!(
+        out.stdout.contains("error  fixed") && out.stdout.contains("does not export"),
+        "{}",
+        out.stdout
+    );
+
+    write_then_rename(&plugin, &wasm(fixtures::FIXED_B));
+    let report = resolver.reload().await;
+    assert!(
+        report.errors.is_empty() && report.replaced == ["fixed"],
+        "{report:?}"
+    );
+    eventually(&resolver, "fixed", Some(&[B])).await;
+    assert!(resolver.reload_status().generation > generation);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn edits_to_appsettings_and_the_host_config_apply_in_place() {
+    let sandbox = Sandbox::new();
+    let settings = |url: &str| format!(r#"{{"Services": {{"catalog": {{"http": ["{url}"]}}}}}}"#);
+    sandbox.write("appsettings.json", settings("http://10.2.0.1:80"));
+    let toml = |section: &str| {
+        format!(
+            "pass-through = false\n[[provider]]\nbuiltin = \"config\"\nsettings = {{ section = \"{section}\" }}\n\
+             grants = {{ files = [\"appsettings.json\"] }}\n"
+        )
+    };
+    let resolver = sandbox.resolver(&toml("Services")).await.unwrap();
+    let mut watch = resolver.watch("http://catalog").await.unwrap();
+    assert_eq!(strings(&watch.current()), ["http://10.2.0.1:80"]);
+
+    // Edited in place: watchers hear of it.
+    sandbox.write("appsettings.json", settings("http://10.2.0.2:80"));
+    let set = tokio::time::timeout(Duration::from_secs(10), watch.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(strings(&set), ["http://10.2.0.2:80"]);
+
+    // Broken JSON: the provider refuses it, the last good answer stays, nothing is
+    // published; the error names the provider and the reason.
+    sandbox.write("appsettings.json", r#"{"Services": {"catalog": "#);
+    let report = resolver.reload().await;
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert_eq!(report.errors[0].provider, "config");
+    assert!(report.errors[0].reason.contains("appsettings.json"), "{report:?}");
+    assert_eq!(
+        strings(&resolver.resolve("http://catalog").await.unwrap()),
+        ["http://10.2.0.2:80"]
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), watch.changed())
+            .await
+            .is_err()
+    );
+
+    // A TOML syntax error in the host config: refused with file:line, nothing changes.
+    sandbox.write("wasd.toml", "pass-through = \n");
+    let report = resolver.reload().await;
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert_eq!(report.errors[0].provider, "config");
+    assert!(report.errors[0].reason.contains("wasd.toml:1:"), "{report:?}");
+    assert_eq!(
+        strings(&resolver.resolve("http://catalog").await.unwrap()),
+        ["http://10.2.0.2:80"]
+    );
+
+    // Fixed, and pointed at another section: the new config serves.
+    sandbox.write(
+        "appsettings.json",
+        r#"{"Services": {"catalog": {"http": ["http://10.2.0.2:80"]}},
+           "Other": {"catalog": {"http": ["http://10.2.0.3:80"]}}}"#,
+    );
+    sandbox.write("wasd.toml", toml("Other"));
+    let set = tokio::time::timeout(Duration::from_secs(10), watch.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(strings(&set), ["http://10.2.0.3:80"]);
+    assert!(resolver.reload_status().errors.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_resolve_fails_during_hundreds_of_reloads() {
+    let sandbox = Sandbox::new();
+    let plugin = sandbox.write("plugins/fixed.wasm", wasm(fixtures::FIXED_A));
+    let resolver = sandbox.resolver(PLUGINS_ONLY).await.unwrap();
+    eventually(&resolver, "fixed", Some(&[A])).await;
+    let (a, b) = (wasm(fixtures::FIXED_A), wasm(fixtures::FIXED_B));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let resolves = Arc::new(AtomicUsize::new(0));
+    let seen_b = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let (resolver, stop, failures, resolves, seen_b) = (
+            resolver.clone(),
+            stop.clone(),
+            failures.clone(),
+            resolves.clone(),
+            seen_b.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                // Uncached queries too, so the chain itself runs on every generation.
+                for query in ["fixed", "http://fixed"] {
+                    match resolver.resolve(query).await {
+                        Ok(set) => {
+                            let got = strings(&set);
+                            assert!(got == [A] || got == [B], "an invalid set: {got:?}");
+                            if got == [B] {
+                                seen_b.store(true, Ordering::Relaxed);
+                            }
+                        }
+                        Err(e) => {
+                            eprintln!("failed resolve: {e}");
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    resolves.fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    let start = resolver.reload_status().generation;
+    for i in 0..120u32 {
+        write_then_rename(&plugin, if i.is_multiple_of(2) { &b } else { &a });
+        let report = resolver.reload().await;
+        assert!(report.errors.is_empty(), "{report:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert!(resolver.reload_status().generation >= start + 100);
+    assert_eq!(failures.load(Ordering::Relaxed), 0);
+    assert!(resolves.load(Ordering::Relaxed) > 100);
+    assert!(seen_b.load(Ordering::Relaxed));
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn old_generations_are_freed() {
+    let sandbox = Sandbox::new();
+    let plugin = sandbox.write("plugins/fixed.wasm", wasm(fixtures::FIXED_A));
+    let resolver = sandbox.resolver(PLUGINS_ONLY).await.unwrap();
+    let (a, b) = (wasm(fixtures::FIXED_A), wasm(fixtures::FIXED_B));
+    let cycle = |i: usize| {
+        write_then_rename(&plugin, if i.is_multiple_of(2) { &b } else { &a });
+    };
+    // Warm up: both modules compiled and cached, allocator pools grown.
+    for i in 0..40 {
+        cycle(i);
+        resolver.reload().await;
+        resolver.resolve("fixed").await.unwrap();
+    }
+    let before = rss_bytes();
+    for i in 0..400 {
+        cycle(i);
+        resolver.reload().await;
+        resolver.resolve("fixed").await.unwrap();
+    }
+    // Nothing holds a replaced provider once its calls are done.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while resolver.reload_status().draining > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            resolver.reload_status()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(grown < 48 << 20, "RSS grew {} MiB over 400 reloads", grown >> 20);
+}
+
+#[test]
+fn wasd_watch_prints_the_change_after_a_file_edit() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "appsettings.json",
+        r#"{"Services": {"catalog": {"http": ["http://10.3.0.1:80"]}}}"#,
+    );
+    let mut child = sandbox
+        .wasd()
+        .args(["watch", "http://catalog"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "http://10.3.0.1:80");
+
+    std::thread::sleep(Duration::from_millis(200));
+    let path = sandbox.path().join("appsettings.json");
+    write_then_rename(
+        &path,
+        br#"{"Services": {"catalog": {"http": ["http://10.3.0.2:80", "http://10.3.0.3:80"]}}}"#,
+    );
+    line.clear();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line.trim(), "http://10.3.0.2:80 http://10.3.0.3:80");
+    let _ = child.kill();
+    let _ = child.wait();
+}
