@@ -173,6 +173,20 @@ async fn a_module_that_fails_to_load_leaves_the_last_good_one_serving() {
     );
     eventually(&resolver, "fixed", Some(&[B])).await;
     assert!(resolver.reload_status().generation > generation);
+    // Settings the provider refuses in `configure`: the running version stays.
+    sandbox.write(
+        "wasd.toml",
+        format!("{PLUGINS_ONLY}[[provider]]\nname = \"fixed\"\nsettings = {{ refuse = true }}\n"),
+    );
+    let report = resolver.reload().await;
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert!(
+        report.errors[0]
+            .reason
+            .contains("invalid settings: refused by request"),
+        "{report:?}"
+    );
+    assert_eq!(strings(&resolver.resolve("fixed").await.unwrap()), [B]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
