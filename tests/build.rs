@@ -13,6 +13,7 @@ fn main() {
         ("sequence", "wasd_fixture_sequence"),
         ("fixed-a", "wasd_fixture_fixed_a"),
         ("fixed-b", "wasd_fixture_fixed_b"),
+        ("hostile", "wasd_fixture_hostile"),
         ("not-a-provider", "wasd_fixture_not_a_provider"),
         ("wrong-version", "wasd_fixture_wrong_version"),
     ];

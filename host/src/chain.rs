@@ -142,6 +142,7 @@ pub(crate) fn chain_specs(config: &Config) -> Result<Vec<ProviderSpec>, Error> {
             limits: Limits::default(),
             tls: TlsSpec::default(),
             unlisted: false,
+            sha256: None,
         });
     }
     Ok(specs)
@@ -160,6 +161,7 @@ pub(crate) fn plugin_spec(path: std::path::PathBuf) -> ProviderSpec {
         limits: Limits::default(),
         tls: TlsSpec::default(),
         unlisted: true,
+        sha256: None,
     }
 }
 

@@ -65,6 +65,8 @@ pub(crate) struct ProviderSpec {
     pub tls: TlsSpec,
     /// Found in the plugin folder, not listed in the config.
     pub unlisted: bool,
+    /// The module's expected sha256 (lower-case hex); a module that differs is refused.
+    pub sha256: Option<String>,
 }
 
 /// TLS files for a provider's outgoing HTTPS (the host does the TLS).
@@ -97,6 +99,7 @@ impl std::fmt::Debug for ProviderSpec {
             .field("grants", &self.grants)
             .field("limits", &self.limits)
             .field("tls", &self.tls)
+            .field("sha256", &self.sha256)
             .finish()
     }
 }
@@ -221,6 +224,7 @@ struct RawProvider {
     limits: RawLimits,
     #[serde(default)]
     tls: RawTls,
+    sha256: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -309,6 +313,7 @@ impl Config {
                 limits: Limits::default(),
                 tls: TlsSpec::default(),
                 unlisted: false,
+                sha256: None,
             }],
             registrar: None,
         }
@@ -547,6 +552,19 @@ fn provider_spec(
         ca_file: raw.tls.ca_file.as_deref().map(resolve),
         client,
     };
+    let sha256 = match &raw.sha256 {
+        None => None,
+        Some(pin) => {
+            let hex = pin.get_ref().trim().to_ascii_lowercase();
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(src.at(
+                    pin,
+                    "sha256 must be 64 hexadecimal digits (`sha256sum module.wasm`)",
+                ));
+            }
+            Some(hex)
+        }
+    };
     Ok(ProviderSpec {
         name,
         module,
@@ -566,6 +584,7 @@ fn provider_spec(
         limits,
         tls,
         unlisted: false,
+        sha256,
     })
 }
 

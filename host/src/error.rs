@@ -117,6 +117,10 @@ pub enum ProviderErrorKind {
     /// The provider's answer broke the contract (too many endpoints, bad host names...).
     #[error("answer refused: {0}")]
     InvalidAnswer(String),
+    /// The provider faulted (trapped, hit a limit, broke the contract) several times in
+    /// a row and is not called for a while; the chain goes on without it.
+    #[error("quarantined: {0}")]
+    Quarantined(String),
 }
 
 struct FailureList<'a>(&'a [ProviderError]);

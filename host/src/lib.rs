@@ -59,6 +59,7 @@ mod registry;
 mod reload;
 mod resolver;
 mod runtime;
+mod sandbox;
 
 pub use check::{CheckReport, check};
 pub use config::{
@@ -71,3 +72,4 @@ pub use query::Query;
 pub use registry::{DEFAULT_REGISTRATION_TTL, Registration, RegistrationState, ServiceInstance};
 pub use reload::{ReloadError, ReloadReport, ReloadStatus};
 pub use resolver::{Resolver, ResolverBuilder, Watch};
+pub use sandbox::ProviderStatus;

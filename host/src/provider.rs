@@ -5,8 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{InstancePre, ResourceTable};
-use wasmtime::{ResourceLimiter, Store, UpdateDeadline};
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::WasiHttpCtx;
 
@@ -20,18 +19,22 @@ use crate::endpoint::Endpoint;
 use crate::error::{Error, ProviderError, ProviderErrorKind};
 use crate::imports::http::{HttpHooks, HttpPolicy, TlsFiles};
 use crate::runtime::{EPOCH_TICK, Runtime};
+use crate::sandbox::{Health, LimitExceeded, MemoryLimiter, StderrTail, cap_text};
 use sha2::{Digest, Sha256};
 
 /// Idle instances kept per provider; more are created under concurrency and dropped.
 const MAX_IDLE_INSTANCES: usize = 4;
 /// Largest granted file the host reads for a provider.
 const MAX_GRANTED_FILE: u64 = 16 << 20;
+/// Calls (other than long-polling watches) one provider runs at once; each may hold an
+/// instance with up to `max-memory`. More wait, for at most the call's time limit.
+const MAX_CONCURRENT_CALLS: usize = 32;
+/// Log lines one call may write; the rest are dropped (with one warning).
+pub(crate) const MAX_LOG_LINES_PER_CALL: u32 = 1000;
 /// Calls an instance serves before it is retired. Bounds what a long-lived instance
 /// can accumulate: guest heap fragmentation, and host resources wasmtime-wasi-http 48
 /// never frees (each outgoing request leaks its `request-options` handle).
 const MAX_CALLS_PER_INSTANCE: u32 = 1000;
-/// What a guest may write to stderr per instance; kept to explain its traps.
-const STDERR_CAPTURE: usize = 16 << 10;
 /// Limits on what crosses the boundary in an answer.
 const MAX_HOST_LEN: usize = 253;
 const MAX_SCHEME_LEN: usize = 32;
@@ -52,6 +55,8 @@ pub(crate) struct ProviderState {
     limiter: MemoryLimiter,
     deadline: Instant,
     timeout: Duration,
+    /// Log lines the current call has written.
+    pub(crate) log_lines: u32,
 }
 
 impl WasiView for ProviderState {
@@ -63,53 +68,11 @@ impl WasiView for ProviderState {
     }
 }
 
-/// A sandbox limit was hit; raised as the trap's cause so it can be told from a bug.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct LimitExceeded(String);
-
-struct MemoryLimiter {
-    max_memory: usize,
-}
-
-impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired > self.max_memory {
-            return Err(wasmtime::Error::new(LimitExceeded(format!(
-                "memory limit ({} MiB; it asked for {} MiB)",
-                self.max_memory >> 20,
-                desired.div_ceil(1 << 20)
-            ))));
-        }
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        const MAX_TABLE: usize = 100_000;
-        if desired > MAX_TABLE {
-            return Err(wasmtime::Error::new(LimitExceeded(format!(
-                "table limit ({MAX_TABLE} elements)"
-            ))));
-        }
-        Ok(true)
-    }
-}
-
 struct Instance {
     store: Store<ProviderState>,
     resolver: ResolverGuest,
     registrar: Option<RegistrarGuest>,
-    stderr: MemoryOutputPipe,
+    stderr: StderrTail,
     calls: u32,
 }
 
@@ -138,6 +101,8 @@ pub(crate) struct Provider {
     watchable: std::sync::atomic::AtomicBool,
     /// What it was made from; a reload whose inputs hash the same keeps it.
     pub fingerprint: [u8; 32],
+    pub health: Health,
+    busy: tokio::sync::Semaphore,
 }
 
 /// A provider's inputs, read from disk: the module, granted files and TLS files. Two
@@ -160,6 +125,17 @@ impl Prepared {
                 .map_err(|e| load_error(format!("cannot read the module: {e}")))?
                 .into(),
         };
+        if let Some(pin) = &spec.sha256 {
+            let actual: String = Sha256::digest(&bytes)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            if &actual != pin {
+                return Err(load_error(format!(
+                    "refused: its sha256 is {actual}, the config pins {pin}"
+                )));
+            }
+        }
         let mut files = Vec::new();
         for (written, path) in &spec.grants.files {
             match read_granted_file(path).await {
@@ -268,6 +244,8 @@ impl Provider {
             idle: Mutex::new(Vec::new()),
             watchable: std::sync::atomic::AtomicBool::new(true),
             fingerprint,
+            health: Health::new(),
+            busy: tokio::sync::Semaphore::new(MAX_CONCURRENT_CALLS),
         };
         let instance = provider
             .instantiate()
@@ -287,7 +265,7 @@ impl Provider {
     /// A fresh sandbox: no files, no network, only the granted environment variables;
     /// stdout discarded, stderr kept to explain traps.
     async fn instantiate(&self) -> Result<Instance, ProviderError> {
-        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        let stderr = StderrTail::default();
         let wasi = WasiCtx::builder().envs(&self.env).stderr(stderr.clone()).build();
         let mut store = Store::new(
             &self.runtime.engine,
@@ -304,6 +282,7 @@ impl Provider {
                 },
                 deadline: Instant::now(),
                 timeout: self.limits.timeout,
+                log_lines: 0,
             },
         );
         store.limiter(|state| &mut state.limiter);
@@ -358,6 +337,8 @@ impl Provider {
         f: impl AsyncFnOnce(&mut Instance) -> wasmtime::Result<T>,
     ) -> Result<T, ProviderError> {
         arm_deadline(&mut instance.store, timeout);
+        // A trap is explained by what this call wrote, not by an earlier one.
+        instance.stderr.clear();
         // The epoch deadline only fires while wasm runs; time spent awaiting a host
         // import is bounded here, with slack so the epoch trap (the clearer error)
         // normally comes first.
@@ -373,16 +354,72 @@ impl Provider {
     }
 
     /// Check an instance out, run one call on it, and put it back if it survived.
+    /// A quarantined provider is not called at all.
     async fn with_instance<T>(
         &self,
         timeout: Duration,
         f: impl AsyncFnOnce(&mut Instance) -> wasmtime::Result<T>,
     ) -> Result<T, ProviderError> {
-        let mut instance = self.checkout().await?;
-        let value = self.call(&mut instance, timeout, f).await?;
-        instance.calls += 1;
-        self.checkin(instance);
-        Ok(value)
+        self.with_instance_of(timeout, true, f).await
+    }
+
+    /// `bounded`: the call counts against [`MAX_CONCURRENT_CALLS`] (watches do not:
+    /// they wait, they do not work, and there is one per watched query).
+    async fn with_instance_of<T>(
+        &self,
+        timeout: Duration,
+        bounded: bool,
+        f: impl AsyncFnOnce(&mut Instance) -> wasmtime::Result<T>,
+    ) -> Result<T, ProviderError> {
+        if let Some((left, faults)) = self.health.quarantined() {
+            return Err(self.error(ProviderErrorKind::Quarantined(format!(
+                "{faults} faults in a row; not called for another {} ms",
+                left.as_millis()
+            ))));
+        }
+        let _permit = if bounded {
+            match tokio::time::timeout(self.limits.timeout, self.busy.acquire()).await {
+                Ok(permit) => Some(permit.expect("the semaphore is never closed")),
+                // Not the provider's fault: no fault is counted.
+                Err(_) => {
+                    return Err(self.error(ProviderErrorKind::Limit(format!(
+                        "concurrency limit ({MAX_CONCURRENT_CALLS} calls at once)"
+                    ))));
+                }
+            }
+        } else {
+            None
+        };
+        let called = async {
+            let mut instance = self.checkout().await?;
+            let value = self.call(&mut instance, timeout, f).await?;
+            instance.calls += 1;
+            self.checkin(instance);
+            Ok(value)
+        };
+        let result = called.await;
+        // A success is recorded by the caller, once the answer is checked too.
+        if let Err(failure) = &result {
+            self.fault(failure);
+        }
+        result
+    }
+
+    /// Count a fault (a trap, a limit, a broken answer), quarantining the provider
+    /// when they come in a row.
+    fn fault(&self, failure: &ProviderError) {
+        if let Some(length) = self.health.fault() {
+            tracing::warn!(
+                provider = %self.name,
+                quarantine_ms = length.as_millis() as u64,
+                "quarantined after repeated faults; the chain goes on without it meanwhile: {failure}"
+            );
+        }
+    }
+
+    /// Faults, and whether the provider is quarantined.
+    pub fn status(&self) -> crate::sandbox::ProviderStatus {
+        self.health.status(&self.name)
     }
 
     async fn checkout(&self) -> Result<Instance, ProviderError> {
@@ -394,9 +431,7 @@ impl Provider {
     }
 
     fn checkin(&self, instance: Instance) {
-        // An instance whose captured stderr is half full is retired, so the capture
-        // never fills and refuses the guest's writes.
-        if instance.stderr.contents().len() > STDERR_CAPTURE / 2 || instance.calls >= MAX_CALLS_PER_INSTANCE {
+        if instance.calls >= MAX_CALLS_PER_INSTANCE {
             return;
         }
         let mut idle = self.idle.lock().expect("pool lock");
@@ -407,6 +442,7 @@ impl Provider {
 
     /// Ask the provider. `not-found` is the same as an empty answer.
     pub async fn resolve(&self, query: &Query) -> Result<Answer, ProviderError> {
+        let started = Instant::now();
         let result = self
             .with_instance(self.limits.timeout, async |i: &mut Instance| {
                 i.resolver.call_resolve(&mut i.store, query).await
@@ -414,12 +450,18 @@ impl Provider {
             .await?;
         match result {
             Ok(resolution) => self.check_answer(resolution),
-            Err(GuestError::NotFound(_)) => Ok(Answer {
-                endpoints: Vec::new(),
-                ttl: None,
-                version: None,
-            }),
-            Err(e) => Err(self.error(guest_error(e))),
+            Err(e) => {
+                // The provider ran and spoke for itself: not a fault.
+                self.health.success(started);
+                match e {
+                    GuestError::NotFound(_) => Ok(Answer {
+                        endpoints: Vec::new(),
+                        ttl: None,
+                        version: None,
+                    }),
+                    e => Err(self.error(guest_error(e))),
+                }
+            }
         }
     }
 
@@ -432,20 +474,29 @@ impl Provider {
         wait: Duration,
     ) -> Result<Option<Answer>, ProviderError> {
         let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        let started = Instant::now();
         let result = self
-            .with_instance(wait + self.limits.timeout, async |i: &mut Instance| {
+            .with_instance_of(wait + self.limits.timeout, false, async |i: &mut Instance| {
                 i.resolver.call_watch(&mut i.store, query, version, wait_ms).await
             })
             .await?;
         match result {
             Ok(Some(resolution)) => self.check_answer(resolution).map(Some),
-            Ok(None) => Ok(None),
-            Err(GuestError::NotFound(_)) => Ok(Some(Answer {
-                endpoints: Vec::new(),
-                ttl: None,
-                version: None,
-            })),
-            Err(e) => Err(self.error(guest_error(e))),
+            Ok(None) => {
+                self.health.success(started);
+                Ok(None)
+            }
+            Err(e) => {
+                self.health.success(started);
+                match e {
+                    GuestError::NotFound(_) => Ok(Some(Answer {
+                        endpoints: Vec::new(),
+                        ttl: None,
+                        version: None,
+                    })),
+                    e => Err(self.error(guest_error(e))),
+                }
+            }
         }
     }
 
@@ -473,12 +524,14 @@ impl Provider {
                 "this provider does not export wasd:provider/registrar".into(),
             )));
         }
+        let started = Instant::now();
         let result = self
             .with_instance(self.limits.timeout, async |i: &mut Instance| {
                 let registrar = i.registrar.as_ref().expect("loaded with the provider");
                 f(registrar, &mut i.store).await
             })
             .await?;
+        self.health.success(started);
         result.map_err(|e| self.error(guest_error(e)))
     }
 
@@ -514,7 +567,12 @@ impl Provider {
 
     /// Check an answer against the contract and the provider's limits, and convert it.
     fn check_answer(&self, resolution: Resolution) -> Result<Answer, ProviderError> {
-        let refuse = |reason: String| Err(self.error(ProviderErrorKind::InvalidAnswer(reason)));
+        let started = Instant::now();
+        let refuse = |reason: String| {
+            let failure = self.error(ProviderErrorKind::InvalidAnswer(reason));
+            self.fault(&failure);
+            Err(failure)
+        };
         if resolution.endpoints.len() > self.limits.max_endpoints {
             return refuse(format!(
                 "{} endpoints, more than its limit of {}",
@@ -536,6 +594,7 @@ impl Provider {
                 Err(reason) => return refuse(reason),
             }
         }
+        self.health.success(started);
         Ok(Answer {
             endpoints,
             ttl: resolution.ttl_ms.map(Duration::from_millis),
@@ -548,6 +607,7 @@ fn arm_deadline(store: &mut Store<ProviderState>, timeout: Duration) {
     let state = store.data_mut();
     state.deadline = Instant::now() + timeout;
     state.timeout = timeout;
+    state.log_lines = 0;
     store.set_epoch_deadline(1);
 }
 
@@ -574,21 +634,22 @@ async fn read_granted_file(path: &std::path::Path) -> Result<Option<Vec<u8>>, St
     tokio::fs::read(path).await.map(Some).map_err(|e| e.to_string())
 }
 
+/// A provider's own error, its message capped: it is the provider's text.
 fn guest_error(e: GuestError) -> ProviderErrorKind {
     match e {
-        GuestError::NotFound(m) => ProviderErrorKind::Internal(format!("not found: {m}")),
-        GuestError::InvalidQuery(m) => ProviderErrorKind::InvalidQuery(m),
-        GuestError::InvalidSettings(m) => ProviderErrorKind::InvalidSettings(m),
-        GuestError::Unavailable(m) => ProviderErrorKind::Unavailable(m),
-        GuestError::Denied(m) => ProviderErrorKind::Denied(m),
-        GuestError::Unsupported(m) => ProviderErrorKind::Unsupported(m),
-        GuestError::Internal(m) => ProviderErrorKind::Internal(m),
+        GuestError::NotFound(m) => ProviderErrorKind::Internal(format!("not found: {}", cap_text(m))),
+        GuestError::InvalidQuery(m) => ProviderErrorKind::InvalidQuery(cap_text(m)),
+        GuestError::InvalidSettings(m) => ProviderErrorKind::InvalidSettings(cap_text(m)),
+        GuestError::Unavailable(m) => ProviderErrorKind::Unavailable(cap_text(m)),
+        GuestError::Denied(m) => ProviderErrorKind::Denied(cap_text(m)),
+        GuestError::Unsupported(m) => ProviderErrorKind::Unsupported(cap_text(m)),
+        GuestError::Internal(m) => ProviderErrorKind::Internal(cap_text(m)),
     }
 }
 
 /// Tell a limit from a trap, and add what the guest last wrote to stderr (a Rust
 /// guest's panic message lands there).
-fn classify(e: &wasmtime::Error, stderr: &MemoryOutputPipe) -> ProviderErrorKind {
+fn classify(e: &wasmtime::Error, stderr: &StderrTail) -> ProviderErrorKind {
     if let Some(limit) = e.chain().find_map(|c| c.downcast_ref::<LimitExceeded>()) {
         return ProviderErrorKind::Limit(limit.0.clone());
     }
@@ -617,6 +678,17 @@ fn panic_message(stderr: &[u8]) -> Option<String> {
     Some(message.join(" ").chars().take(300).collect())
 }
 
+/// A guest string shown in an error: escaped, and cut short when long.
+fn excerpt(text: &str) -> String {
+    const SHOWN: usize = 64;
+    let shown: String = text.chars().take(SHOWN).flat_map(char::escape_default).collect();
+    if text.chars().nth(SHOWN).is_some() {
+        format!("{shown}… ({} bytes)", text.len())
+    } else {
+        shown
+    }
+}
+
 fn check_endpoint(e: GuestEndpoint) -> Result<Endpoint, String> {
     let host_ok = !e.host.is_empty()
         && e.host.len() <= MAX_HOST_LEN
@@ -626,11 +698,11 @@ fn check_endpoint(e: GuestEndpoint) -> Result<Endpoint, String> {
     if !host_ok {
         return Err(format!(
             "host '{}' is not a host name or IP address",
-            e.host.escape_default()
+            excerpt(&e.host)
         ));
     }
     if e.host.contains(':') && e.host.parse::<std::net::Ipv6Addr>().is_err() {
-        return Err(format!("host '{}' is not an IPv6 address", e.host));
+        return Err(format!("host '{}' is not an IPv6 address", excerpt(&e.host)));
     }
     if let Some(scheme) = &e.scheme {
         let ok = scheme.len() <= MAX_SCHEME_LEN
@@ -639,7 +711,7 @@ fn check_endpoint(e: GuestEndpoint) -> Result<Endpoint, String> {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
         if !ok {
-            return Err(format!("scheme '{}' is not valid", scheme.escape_default()));
+            return Err(format!("scheme '{}' is not valid", excerpt(scheme)));
         }
     }
     if let Some(path) = &e.path
@@ -647,7 +719,7 @@ fn check_endpoint(e: GuestEndpoint) -> Result<Endpoint, String> {
             || path.len() > MAX_PATH_LEN
             || path.chars().any(|c| c.is_whitespace() || c.is_control()))
     {
-        return Err(format!("path '{}' is not a URI path", path.escape_default()));
+        return Err(format!("path '{}' is not a URI path", excerpt(path)));
     }
     if e.metadata.len() > MAX_METADATA_PAIRS
         || e.metadata

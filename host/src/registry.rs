@@ -18,6 +18,9 @@ use crate::bindings::GuestInstance;
 use crate::error::{Error, ProviderError};
 use crate::provider::Provider;
 
+/// Finds the registrar of the chain serving now; `None` once the resolver is gone.
+pub(crate) type RegistrarSource = Arc<dyn Fn() -> Option<Arc<Provider>> + Send + Sync>;
+
 /// Lease TTL when none is given: Kratos's default.
 pub const DEFAULT_REGISTRATION_TTL: Duration = Duration::from_secs(15);
 /// Shortest TTL etcd accepts.
@@ -167,8 +170,11 @@ pub struct Registration {
 }
 
 impl Registration {
+    /// `current` finds the registrar in the chain serving now (after a reload it is a
+    /// new provider); `provider` is the one to start with.
     pub(crate) fn start(
         provider: Arc<Provider>,
+        current: RegistrarSource,
         instance: ServiceInstance,
         ttl: Duration,
     ) -> Result<Self, Error> {
@@ -179,6 +185,7 @@ impl Registration {
         let name = provider.name.to_string();
         let task = tokio::spawn(keep_registered(
             provider,
+            current,
             instance.clone(),
             ttl,
             state_tx,
@@ -249,7 +256,8 @@ impl Drop for Registration {
 }
 
 async fn keep_registered(
-    provider: Arc<Provider>,
+    mut provider: Arc<Provider>,
+    current: RegistrarSource,
     instance: ServiceInstance,
     ttl: Duration,
     state: watch::Sender<RegistrationState>,
@@ -259,18 +267,28 @@ async fn keep_registered(
     let mut lease: Option<String> = None;
     let mut backoff = BACKOFF.0;
     let mut attempts = 0u32;
+    // Each step uses the registrar serving now, so a reloaded provider (new
+    // settings, new credentials) takes over and the old one can be freed.
+    let refresh = |provider: &mut Arc<Provider>| {
+        if let Some(now) = current() {
+            *provider = now;
+        }
+    };
     'register: loop {
-        let registering = provider.register(&guest, ttl);
-        tokio::pin!(registering);
-        let registered = tokio::select! {
-            r = &mut registering => r,
-            _ = &mut stop => {
-                // The write may already be on its way: let it land, so that the
-                // deregistration below removes it instead of racing it.
-                if let Ok(Ok(granted)) = tokio::time::timeout(DEREGISTER_TIMEOUT, registering).await {
-                    lease = Some(granted);
+        refresh(&mut provider);
+        let registered = {
+            let registering = provider.register(&guest, ttl);
+            tokio::pin!(registering);
+            tokio::select! {
+                r = &mut registering => r,
+                _ = &mut stop => {
+                    // The write may already be on its way: let it land, so that the
+                    // deregistration below removes it instead of racing it.
+                    if let Ok(Ok(granted)) = tokio::time::timeout(DEREGISTER_TIMEOUT, registering).await {
+                        lease = Some(granted);
+                    }
+                    break 'register;
                 }
-                break 'register;
             }
         };
         match registered {
@@ -307,6 +325,7 @@ async fn keep_registered(
                 _ = tokio::time::sleep(ttl / 3) => {}
                 _ = &mut stop => break 'register,
             }
+            refresh(&mut provider);
             let current = lease.as_deref().expect("registered above");
             let alive = tokio::select! {
                 r = provider.keep_alive(&guest, current) => r,
@@ -341,6 +360,7 @@ async fn keep_registered(
             }
         }
     }
+    refresh(&mut provider);
     let result =
         match tokio::time::timeout(DEREGISTER_TIMEOUT, provider.deregister(&guest, lease.as_deref())).await {
             Ok(result) => result,

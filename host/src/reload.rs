@@ -268,75 +268,131 @@ fn finish(inner: &Arc<Inner>, report: ReloadReport, config: Option<&Config>) -> 
     if let Some(config) = config {
         inner.apply_settings(config);
         if let Some(watcher) = reloading.watcher.lock().expect("watcher lock").as_mut() {
-            watcher.watch(watched_folders(config));
+            watcher.watch(config);
         }
     }
     let _ = reloading.events.send(report.clone());
     report
 }
 
-/// The folders whose changes can change the chain.
-fn watched_folders(config: &Config) -> HashSet<PathBuf> {
-    let mut folders = HashSet::new();
-    let mut parent_of = |path: &Path| {
-        let parent = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        folders.insert(std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf()));
-    };
-    if let Some(path) = config.path() {
-        parent_of(path);
-    }
-    for spec in &config.providers {
-        if let ModuleSource::File(path) = &spec.module {
-            parent_of(path);
-        }
-        for (_, path) in &spec.grants.files {
-            parent_of(path);
-        }
-        for path in spec
-            .tls
-            .ca_file
-            .iter()
-            .chain(spec.tls.client.iter().flat_map(|(c, k)| [c, k]))
-        {
-            parent_of(path);
-        }
-    }
-    if let Some(dir) = &config.plugin_dir {
-        folders.insert(dir.clone());
-    }
-    folders
+/// What can change the chain: the files to react to, and the folders to watch for
+/// them.
+#[derive(Default)]
+struct Inputs {
+    /// Input files (as written and, for symlinks, their targets), and folders that do
+    /// not exist yet.
+    files: HashSet<PathBuf>,
+    /// Folders any change in which counts (the plugin folder).
+    any_in: HashSet<PathBuf>,
+    /// Folders to watch (each existing, or the nearest existing ancestor).
+    folders: HashSet<PathBuf>,
 }
 
-/// Watches folders with `notify` and tells the reload task when something in one
-/// changed.
+impl Inputs {
+    fn of(config: &Config) -> Inputs {
+        let mut inputs = Inputs::default();
+        if let Some(path) = config.path() {
+            inputs.file(path);
+        }
+        for spec in &config.providers {
+            if let ModuleSource::File(path) = &spec.module {
+                inputs.file(path);
+            }
+            for (_, path) in &spec.grants.files {
+                inputs.file(path);
+            }
+            for path in spec
+                .tls
+                .ca_file
+                .iter()
+                .chain(spec.tls.client.iter().flat_map(|(c, k)| [c, k]))
+            {
+                inputs.file(path);
+            }
+        }
+        if let Some(dir) = &config.plugin_dir {
+            let dir = absolute(dir);
+            inputs.folder(&dir);
+            inputs.any_in.insert(dir);
+        }
+        inputs
+    }
+
+    fn file(&mut self, path: &Path) {
+        let path = absolute(path);
+        // A symlinked file (a ConfigMap's) changes where its target lives, too.
+        if let Ok(target) = std::fs::canonicalize(&path)
+            && target != path
+        {
+            if let Some(parent) = target.parent() {
+                self.folder(parent);
+            }
+            self.files.insert(target);
+        }
+        if let Some(parent) = path.parent() {
+            self.folder(parent);
+        }
+        self.files.insert(path);
+    }
+
+    /// Watch `folder`, or, until it exists, its nearest existing ancestor (whose
+    /// events on the missing parts count).
+    fn folder(&mut self, folder: &Path) {
+        let mut existing = folder;
+        while !existing.is_dir() {
+            self.files.insert(existing.to_path_buf());
+            match existing.parent() {
+                Some(parent) => existing = parent,
+                None => return,
+            }
+        }
+        self.folders.insert(existing.to_path_buf());
+    }
+
+    /// Whether an event on these paths can change the chain.
+    fn concerns(&self, paths: &[PathBuf]) -> bool {
+        paths.iter().any(|path| {
+            self.files.contains(path)
+                || path.parent().is_some_and(|parent| self.any_in.contains(parent))
+                // Kubernetes flips `..data` (and writes `..2024_...` folders) next to
+                // the symlinks it updates.
+                || path.file_name().is_some_and(|name| name.as_encoded_bytes().starts_with(b".."))
+        })
+    }
+}
+
+fn absolute(path: &Path) -> PathBuf {
+    let path = if path.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        path
+    };
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// Watches folders with `notify` and tells the reload task when an input changed.
 pub(crate) struct FileWatcher {
     watcher: notify::RecommendedWatcher,
-    watching: HashSet<PathBuf>,
+    inputs: Arc<Mutex<Inputs>>,
 }
 
 impl FileWatcher {
-    fn watch(&mut self, folders: HashSet<PathBuf>) {
-        for gone in self.watching.difference(&folders) {
-            let _ = self.watcher.unwatch(gone);
+    /// Watch what `config` reads. Every folder is watched afresh each time, so one
+    /// that was deleted and made again is not lost.
+    fn watch(&mut self, config: &Config) {
+        let inputs = Inputs::of(config);
+        // Never hold the lock while calling notify: its event thread takes the same
+        // lock in the handler, and `watch` waits for that thread.
+        let old = std::mem::take(&mut self.inputs.lock().expect("inputs lock").folders);
+        for folder in &old {
+            let _ = self.watcher.unwatch(folder);
         }
-        let mut watching = HashSet::new();
-        for folder in folders {
-            if self.watching.contains(&folder) {
-                watching.insert(folder);
-                continue;
-            }
-            // A folder that does not exist yet is tried again after the next reload.
-            match self.watcher.watch(&folder, RecursiveMode::NonRecursive) {
-                Ok(()) => {
-                    watching.insert(folder);
-                }
-                Err(e) => tracing::debug!(folder = %folder.display(), "not watching: {e}"),
+        for folder in &inputs.folders {
+            if let Err(e) = self.watcher.watch(folder, RecursiveMode::NonRecursive) {
+                tracing::warn!(folder = %folder.display(), "cannot watch for changes: {e}");
             }
         }
-        self.watching = watching;
+        *self.inputs.lock().expect("inputs lock") = inputs;
     }
 }
 
@@ -344,20 +400,22 @@ impl FileWatcher {
 /// the resolver.
 pub(crate) fn start(inner: &Arc<Inner>, config: &Config) -> Result<(), Error> {
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let inputs = Arc::new(Mutex::new(Inputs::default()));
+    let concerned = inputs.clone();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-        // Reading files (ours included, during a reload) must not trigger a reload.
+        // Reading files (ours included, during a reload) must not trigger a reload,
+        // nor may changes to files wasd does not read (logs next to the config).
         Ok(event) if matches!(event.kind, EventKind::Access(_)) => {}
-        Ok(_) => {
-            let _ = tx.send(());
+        Ok(event) => {
+            if concerned.lock().expect("inputs lock").concerns(&event.paths) {
+                let _ = tx.send(());
+            }
         }
         Err(e) => tracing::warn!("file watcher: {e}"),
     })
     .map_err(|e| Error::Engine(format!("cannot watch files: {e}")))?;
-    let mut watcher = FileWatcher {
-        watcher,
-        watching: HashSet::new(),
-    };
-    watcher.watch(watched_folders(config));
+    let mut watcher = FileWatcher { watcher, inputs };
+    watcher.watch(config);
     *inner.reloading.watcher.lock().expect("watcher lock") = Some(watcher);
 
     let weak: Weak<Inner> = Arc::downgrade(inner);

@@ -28,6 +28,7 @@ use crate::query::{Query, effective_schemes};
 use crate::registry::{DEFAULT_REGISTRATION_TTL, Registration, ServiceInstance};
 use crate::reload::{self, ReloadError, ReloadReport, ReloadStatus, Reloading};
 use crate::runtime::Runtime;
+use crate::sandbox::ProviderStatus;
 
 /// Shortest interval between two refreshes of one answer, whatever its TTL says.
 const MIN_REFRESH: Duration = Duration::from_secs(1);
@@ -277,6 +278,17 @@ impl Resolver {
         reload::reload(&self.inner).await
     }
 
+    /// Each provider's faults and quarantine, in chain order.
+    pub fn provider_status(&self) -> Vec<ProviderStatus> {
+        self.inner
+            .chain
+            .load()
+            .providers()
+            .iter()
+            .map(|p| p.status())
+            .collect()
+    }
+
     /// Where reloading stands: the generation, the providers serving, and what failed
     /// in the last reload.
     pub fn reload_status(&self) -> ReloadStatus {
@@ -339,7 +351,12 @@ impl Resolver {
         ttl: Duration,
     ) -> Result<Registration, Error> {
         let provider = self.registrar()?;
-        Registration::start(provider, instance, ttl)
+        let inner = Arc::downgrade(&self.inner);
+        let current = Arc::new(move || {
+            let inner = inner.upgrade()?;
+            Resolver { inner }.registrar().ok()
+        });
+        Registration::start(provider, current, instance, ttl)
     }
 
     /// Delete an instance from the registry without a [`Registration`] (one made by
@@ -602,15 +619,19 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                             return;
                         }
                         if last_chain.elapsed() < period {
-                            // Paced, so a provider that answers at once cannot spin.
-                            tokio::select! {
-                                _ = tokio::time::sleep(WATCH_GAP) => {}
-                                woken = wake.wait() => if let Woken::Shutdown = woken {
-                                    return;
+                            // Paced, so a provider that answers at once cannot spin. A
+                            // reload meanwhile sends us to the (new) chain instead.
+                            let reloaded = tokio::select! {
+                                _ = tokio::time::sleep(WATCH_GAP) => false,
+                                woken = wake.wait() => match woken {
+                                    Woken::Shutdown => return,
+                                    Woken::Reload => true,
                                 },
+                            };
+                            if !reloaded {
+                                next = Next::Watch { provider, version };
+                                continue;
                             }
-                            next = Next::Watch { provider, version };
-                            continue;
                         }
                     }
                     Watched::Changed(None) | Watched::AskChain => {}

@@ -1,22 +1,35 @@
 //! `wasd:provider/log`: guest messages into the host's `tracing` log.
 
 use crate::bindings::wasd::provider::log::{Host, Level};
-use crate::provider::ProviderState;
-
-/// Longest message kept; a provider cannot flood the log with megabyte lines.
-const MAX_MESSAGE: usize = 4096;
+use crate::provider::{MAX_LOG_LINES_PER_CALL, ProviderState};
+use crate::sandbox::cap_text;
 
 impl Host for ProviderState {
-    fn log(&mut self, level: Level, mut message: String) -> wasmtime::Result<()> {
-        if message.len() > MAX_MESSAGE {
-            let mut cut = MAX_MESSAGE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push('…');
-        }
+    // A provider cannot flood the log: lines are capped in length, and in number per call.
+    fn log(&mut self, level: Level, message: String) -> wasmtime::Result<()> {
         let provider = &*self.name;
+        self.log_lines = self.log_lines.saturating_add(1);
+        if self.log_lines > MAX_LOG_LINES_PER_CALL {
+            if self.log_lines == MAX_LOG_LINES_PER_CALL + 1 {
+                tracing::warn!(
+                    provider,
+                    "more than {MAX_LOG_LINES_PER_CALL} log lines in one call; dropping the rest of this call's"
+                );
+            }
+            return Ok(());
+        }
+        // One line each, whatever the guest sends: no forged host log lines.
+        let message: String = cap_text(message)
+            .chars()
+            .flat_map(|c| {
+                let escaped: Vec<char> = if c.is_control() {
+                    c.escape_default().collect()
+                } else {
+                    vec![c]
+                };
+                escaped
+            })
+            .collect();
         match level {
             Level::Trace => tracing::trace!(provider, "{message}"),
             Level::Debug => tracing::debug!(provider, "{message}"),

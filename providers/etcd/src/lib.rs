@@ -8,6 +8,7 @@
 //! `name` is `hello`. Answers carry the etcd revision as their version; `watch` streams
 //! `/v3/watch` from the next revision and reads the range again on the first change.
 
+// Pure parsers, also compiled into the fuzz targets (fuzz/) by path.
 mod gateway;
 mod instance;
 

@@ -1,0 +1,128 @@
+//! A provider that misbehaves on request: the service name picks the attack. The
+//! sandbox must contain every one of them. Services it does not know get an empty
+//! answer, so the next provider in the chain answers them.
+
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+use wasd_sdk::{Configuration, Endpoint, Error, Provider, Query, Resolution};
+
+struct Hostile {
+    calls: Cell<u64>,
+}
+
+#[inline(never)]
+#[allow(unconditional_recursion)] // The point: it only ends in a stack overflow.
+fn recurse(depth: u64, pad: &mut [u8; 256]) -> u64 {
+    pad[(depth % 256) as usize] = depth as u8;
+    // Not a tail call: every frame stays on the stack.
+    recurse(depth + 1, pad) + u64::from(pad[0])
+}
+
+impl Provider for Hostile {
+    fn configure(_config: Configuration) -> Result<Self, Error> {
+        Ok(Hostile { calls: Cell::new(0) })
+    }
+
+    fn resolve(&self, query: Query) -> Result<Resolution, Error> {
+        let calls = self.calls.get() + 1;
+        self.calls.set(calls);
+        let leaked = |what: &str| {
+            Ok(Resolution::new(vec![Endpoint::new(
+                format!("leaked-{what}"),
+                Some(1),
+            )]))
+        };
+        match query.service.as_str() {
+            // CPU: never returns.
+            "loop" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            // Memory: grows until something stops it.
+            "bomb" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "recurse" => {
+                let mut pad = [0u8; 256];
+                let depth = recurse(0, &mut pad);
+                Ok(Resolution::new(vec![Endpoint::new(
+                    format!("depth-{depth}"),
+                    None,
+                )]))
+            }
+            "panic" => panic!("hostile provider panicked on purpose"),
+            // Output: far more endpoints than any limit allows.
+            "huge" => {
+                let endpoints = (0..200_000u32)
+                    .map(|i| Endpoint::new(format!("h{i}.example"), Some(80)))
+                    .collect();
+                Ok(Resolution::new(endpoints))
+            }
+            // Output: a megabyte host name.
+            "long" => Ok(Resolution::new(vec![Endpoint::new(
+                "a".repeat(1 << 20),
+                Some(80),
+            )])),
+            // A megabyte error message.
+            "long-error" => Err(Error::Internal("e".repeat(1 << 20))),
+            // A megabyte of stderr, then a normal answer.
+            "stderr" => {
+                for _ in 0..1024 {
+                    eprintln!("{}", "x".repeat(1023));
+                }
+                Ok(Resolution::new(vec![Endpoint::new("10.9.0.1", Some(80))]))
+            }
+            // A flood of log lines.
+            "log-flood" => {
+                for i in 0..20_000 {
+                    wasd_sdk::info!("flood line {i} {}", "y".repeat(100));
+                }
+                Ok(Resolution::new(vec![Endpoint::new("10.9.0.2", Some(80))]))
+            }
+            // Slow but within the limit: busy for 300 ms.
+            "slow" => {
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_millis(300) {
+                    std::hint::black_box(0);
+                }
+                Ok(Resolution::new(vec![Endpoint::new("10.9.0.3", Some(80))]))
+            }
+            // Capabilities it was not granted.
+            "files" => match std::fs::read_to_string("/etc/passwd") {
+                Ok(_) => leaked("file"),
+                Err(e) => Err(Error::Denied(format!("reading /etc/passwd: {e}"))),
+            },
+            "env" => match std::env::var("WASD_TEST_SECRET") {
+                Ok(_) => leaked("env"),
+                Err(e) => Err(Error::Denied(format!("WASD_TEST_SECRET: {e}"))),
+            },
+            "http" => {
+                let url = format!("http://127.0.0.1:{}/", query.port.unwrap_or(9));
+                match wasd_sdk::http::Request::get(url)
+                    .timeout(Duration::from_millis(500))
+                    .send()
+                {
+                    Ok(_) => leaked("http"),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            "dns" => match wasd_sdk::dns::lookup_addresses("secret.internal") {
+                Ok(_) => leaked("dns"),
+                Err(e) => Err(Error::Denied(format!("secret.internal: {e:?}"))),
+            },
+            // Traps on every other call of an instance.
+            "flaky" if calls.is_multiple_of(2) => core::arch::wasm32::unreachable(),
+            "flaky" => Ok(Resolution::new(vec![Endpoint::new("10.9.0.4", Some(80))])),
+            _ => Ok(Resolution::empty()),
+        }
+    }
+}
+
+wasd_sdk::export!(Hostile);

@@ -1,0 +1,317 @@
+//! Hostile providers (tests/guests/hostile, built from source) against the sandbox:
+//! every attack fails only its own call, with an error naming the provider and the
+//! limit; the host stays up, the chain goes on, other resolves keep flowing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use wasd_tests::{Sandbox, fixtures, run, strings};
+
+/// The hostile provider alone, so its failure is the error the caller sees.
+fn alone(limits: &str) -> String {
+    format!(
+        "pass-through = false\n[[provider]]\nname = \"hostile\"\nmodule = \"{}\"\nlimits = {{ {limits} }}\n",
+        fixtures::HOSTILE
+    )
+}
+
+const LIMITS: &str = r#"timeout = "500ms", max-memory = "32MiB", max-endpoints = 1000"#;
+
+/// The hostile provider first, then the configuration provider that knows every
+/// service, then pass-through.
+fn chain(sandbox: &Sandbox) -> String {
+    let services: Vec<String> = ATTACKS
+        .iter()
+        .map(|(name, _)| format!(r#""{name}": {{"http": ["http://10.8.0.1:80"]}}"#))
+        .collect();
+    sandbox.write(
+        "appsettings.json",
+        format!(r#"{{"Services": {{{}}}}}"#, services.join(",")),
+    );
+    format!(
+        "{}[[provider]]\nbuiltin = \"config\"\ngrants = {{ files = [\"appsettings.json\"] }}\n",
+        alone(LIMITS).replace("pass-through = false", "pass-through = true")
+    )
+}
+
+/// Each attack, and what the caller must be told when it is alone.
+const ATTACKS: &[(&str, &str)] = &[
+    (
+        "loop",
+        "provider 'hostile': exceeded its time limit (500 ms per call)",
+    ),
+    ("bomb", "provider 'hostile': exceeded its memory limit (32 MiB"),
+    (
+        "recurse",
+        "provider 'hostile': exceeded its stack limit (stack overflow)",
+    ),
+    ("panic", "provider 'hostile': trapped: "),
+    (
+        "huge",
+        "provider 'hostile': answer refused: 200000 endpoints, more than its limit of 1000",
+    ),
+    ("long", "provider 'hostile': answer refused: host 'aaaa"),
+    (
+        "files",
+        "provider 'hostile': capability denied: reading /etc/passwd: ",
+    ),
+    (
+        "env",
+        "provider 'hostile': capability denied: WASD_TEST_SECRET: environment variable not found",
+    ),
+    (
+        "http",
+        "provider 'hostile': capability denied: HTTP request denied by the host: http://127.0.0.1:",
+    ),
+    (
+        "dns",
+        "provider 'hostile': capability denied: secret.internal: DnsError::Denied(\"provider 'hostile' may not look up",
+    ),
+];
+
+async fn resolver(sandbox: &Sandbox, toml: &str) -> wasd::Resolver {
+    sandbox.resolver(toml).await.expect("the host config loads")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_attack_fails_only_its_own_call_with_a_clear_error() {
+    // Seen by the test process; a provider must not see it.
+    unsafe { std::env::set_var("WASD_TEST_SECRET", "hunter2") };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let sandbox = Sandbox::new();
+    for (attack, expected) in ATTACKS {
+        // A fresh provider each time, so faults do not add up to a quarantine here.
+        let resolver = resolver(&sandbox, &alone(LIMITS)).await;
+        let query = if *attack == "http" {
+            format!("{attack}:{port}")
+        } else {
+            attack.to_string()
+        };
+        let err = resolver.resolve(&query).await.unwrap_err().to_string();
+        assert!(err.contains(expected), "{attack}: {err}");
+        assert!(
+            !err.contains("leaked") && !err.contains("hunter2"),
+            "{attack}: {err}"
+        );
+        assert!(err.len() < 2000, "{attack}: an error of {} bytes", err.len());
+        // The same provider answers the next call from a fresh instance.
+        let ok = resolver.resolve("unknown-service").await.unwrap_err().to_string();
+        assert_eq!(ok, "no endpoints for service 'unknown-service'", "after {attack}");
+    }
+    // Nothing was accepted on the port the provider was refused.
+    listener.set_nonblocking(true).unwrap();
+    assert!(listener.accept().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_chain_goes_on_past_every_attack() {
+    let sandbox = Sandbox::new();
+    let toml = chain(&sandbox);
+    for (attack, _) in ATTACKS {
+        let resolver = resolver(&sandbox, &toml).await;
+        let set = resolver.resolve(&format!("http://{attack}")).await.unwrap();
+        assert_eq!(set.provider(), Some("config"), "{attack}");
+        assert_eq!(strings(&set), ["http://10.8.0.1:80"], "{attack}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn noisy_and_slow_but_legal_providers_work() {
+    let sandbox = Sandbox::new();
+    let resolver = resolver(&sandbox, &alone(LIMITS)).await;
+    // A megabyte of stderr: kept only in part, never a failure.
+    assert_eq!(
+        strings(&resolver.resolve("stderr").await.unwrap()),
+        ["10.9.0.1:80"]
+    );
+    // 20 000 log lines: the first thousand are logged, the rest dropped.
+    assert_eq!(
+        strings(&resolver.resolve("log-flood").await.unwrap()),
+        ["10.9.0.2:80"]
+    );
+    // 300 ms of work under a 500 ms limit.
+    assert_eq!(strings(&resolver.resolve("slow").await.unwrap()), ["10.9.0.3:80"]);
+    // A megabyte error message is cut down.
+    let err = resolver.resolve("long-error").await.unwrap_err().to_string();
+    assert!(err.len() < 5000 && err.ends_with('…'), "{} bytes", err.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_spinning_provider_does_not_stall_other_resolves() {
+    // One runtime thread: a guest that never yielded would block every other task.
+    let sandbox = Sandbox::new();
+    let resolver = resolver(&sandbox, &chain(&sandbox)).await;
+    let spinning = Arc::new(AtomicBool::new(true));
+    let attack = {
+        let (resolver, spinning) = (resolver.clone(), spinning.clone());
+        tokio::spawn(async move {
+            let set = resolver.resolve("http://loop").await;
+            spinning.store(false, Ordering::SeqCst);
+            set
+        })
+    };
+    let done_meanwhile = Arc::new(AtomicUsize::new(0));
+    let mut n = 0;
+    while spinning.load(Ordering::SeqCst) {
+        n += 1;
+        // Uncached: each goes through the hostile provider (empty) to pass-through.
+        let set = resolver.resolve(&format!("steady-{n}:8080")).await.unwrap();
+        assert_eq!(strings(&set), [format!("steady-{n}:8080")]);
+        if spinning.load(Ordering::SeqCst) {
+            done_meanwhile.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    // The loop ran into its deadline; the chain answered from the config provider.
+    assert_eq!(strings(&attack.await.unwrap().unwrap()), ["http://10.8.0.1:80"]);
+    assert!(
+        done_meanwhile.load(Ordering::SeqCst) >= 3,
+        "only {} resolves completed while a provider spun",
+        done_meanwhile.load(Ordering::SeqCst)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_that_keeps_faulting_is_quarantined_then_retried() {
+    let sandbox = Sandbox::new();
+    let resolver = resolver(&sandbox, &alone(LIMITS)).await;
+    for _ in 0..3 {
+        let err = resolver.resolve("panic").await.unwrap_err().to_string();
+        assert!(err.contains("trapped"), "{err}");
+    }
+    // Quarantined: not even called (the answer comes at once, and says why).
+    let err = resolver.resolve("fine").await.unwrap_err().to_string();
+    assert!(
+        err.contains("provider 'hostile': quarantined: 3 faults in a row"),
+        "{err}"
+    );
+    let status = resolver.provider_status();
+    assert_eq!(status[0].name, "hostile");
+    assert_eq!(status[0].faults, 3);
+    assert!(status[0].quarantined_for.is_some(), "{status:?}");
+    // After the first quarantine (1 s), it is called again, and a success clears it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(strings(&resolver.resolve("slow").await.unwrap()), ["10.9.0.3:80"]);
+    let status = resolver.provider_status();
+    assert_eq!((status[0].faults_in_a_row, status[0].quarantined_for), (0, None));
+
+    // A provider that traps only sometimes: every other call fails, the rest answer;
+    // it never reaches three in a row.
+    let resolver = self::resolver(&sandbox, &alone(LIMITS)).await;
+    let mut answered = 0;
+    for i in 0..6 {
+        // Distinct queries, so none is served from the cache.
+        match resolver.resolve(&format!("flaky:{}", 1000 + i)).await {
+            Ok(set) => {
+                assert_eq!(strings(&set), ["10.9.0.4:80"]);
+                answered += 1;
+            }
+            Err(e) => assert!(
+                e.to_string().contains("trapped: wasm trap: wasm `unreachable`"),
+                "{e}"
+            ),
+        }
+    }
+    assert_eq!(answered, 3);
+    assert!(resolver.provider_status()[0].quarantined_for.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pinned_module_must_match_its_sha256() {
+    let sandbox = Sandbox::new();
+    let bytes = std::fs::read(fixtures::FIXED_A).unwrap();
+    let plugin = sandbox.write("plugins/fixed.wasm", &bytes);
+    let pin =
+        |hex: &str| format!("pass-through = false\n[[provider]]\nname = \"fixed\"\nsha256 = \"{hex}\"\n");
+    let actual = sha256_hex(&bytes);
+    let resolver = resolver(&sandbox, &pin(&actual)).await;
+    assert_eq!(
+        strings(&resolver.resolve("fixed").await.unwrap()),
+        ["http://10.1.0.1:80"]
+    );
+
+    // Another module dropped in its place is refused; the pinned one keeps serving.
+    std::fs::write(&plugin, std::fs::read(fixtures::FIXED_B).unwrap()).unwrap();
+    let report = resolver.reload().await;
+    assert_eq!(report.errors.len(), 1, "{report:?}");
+    assert!(
+        report.errors[0].reason.contains("refused: its sha256 is"),
+        "{report:?}"
+    );
+    assert!(
+        report.errors[0]
+            .reason
+            .contains(&format!("the config pins {actual}")),
+        "{report:?}"
+    );
+    assert_eq!(
+        strings(&resolver.resolve("http://fixed").await.unwrap()),
+        ["http://10.1.0.1:80"]
+    );
+
+    // At start, a mismatch stops the host from loading.
+    let err = sandbox
+        .resolver(&pin(&"0".repeat(64)))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("provider 'fixed'") && err.contains("refused: its sha256 is"),
+        "{err}"
+    );
+    let err = sandbox.resolver(&pin("abc")).await.err().unwrap().to_string();
+    assert!(err.contains("sha256 must be 64 hexadecimal digits"), "{err}");
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(bytes)?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+#[test]
+fn bad_input_on_the_command_line_is_an_error_not_a_crash() {
+    let sandbox = Sandbox::new();
+    // Not UTF-8.
+    use std::os::unix::ffi::OsStrExt;
+    let out = run(sandbox
+        .wasd()
+        .arg("resolve")
+        .arg(std::ffi::OsStr::from_bytes(b"bad\xff\xfe")));
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(out.stderr.contains("invalid UTF-8"), "{}", out.stderr);
+    // Huge.
+    let out = run(sandbox.wasd().args(["resolve", &"a".repeat(100_000)]));
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("longer than 2048 bytes"), "{}", out.stderr);
+    // A config file that is not UTF-8, and one that is huge garbage.
+    sandbox.write("bin.toml", b"\xff\xfe\x00garbage");
+    let out = run(sandbox.wasd().args(["resolve", "x", "--config", "bin.toml"]));
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("bin.toml"), "{}", out.stderr);
+    sandbox.write("big.toml", "[[[".repeat(1 << 20));
+    let out = run(sandbox.wasd().args(["resolve", "x", "--config", "big.toml"]));
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("big.toml:1:"), "{}", out.stderr);
+    // Environment variables that are not UTF-8 are ignored, not fatal.
+    let out = run(sandbox
+        .wasd()
+        .args(["resolve", "http://catalog"])
+        .env(
+            "services__catalog__http__0",
+            std::ffi::OsStr::from_bytes(b"http://\xff:80"),
+        )
+        .env("services__catalog__http__1", "http://10.0.0.1:80"));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "http://10.0.0.1:80");
+}
