@@ -27,9 +27,10 @@ pub struct Query {
 impl Query {
     /// Parse a query such as `https+http://_dashboard.basket:8080/path`.
     pub fn parse(input: &str) -> Result<Query, Error> {
+        // Parts of the input appear in the reason: one line, bounded, whatever they hold.
         let invalid = |reason: String| Error::InvalidQuery {
             query: truncate(input),
-            reason,
+            reason: one_line(&reason),
         };
         if input.len() > MAX_QUERY_LEN {
             return Err(invalid(format!("longer than {MAX_QUERY_LEN} bytes")));
@@ -181,6 +182,23 @@ fn parse_schemes(written: &str) -> Result<Vec<String>, String> {
         .collect()
 }
 
+/// Control characters escaped, and at most 300 characters.
+fn one_line(text: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == 300 {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Keep error messages one line and bounded, whatever the caller passed.
 fn truncate(input: &str) -> String {
     let mut out: String = input.chars().take(120).flat_map(char::escape_default).collect();
@@ -319,5 +337,15 @@ mod tests {
         let bare = Query::parse("basket").unwrap();
         assert_eq!(effective_schemes(&bare, &[]), Some(vec![]));
         assert_eq!(effective_schemes(&bare, &s(&["https"])), Some(s(&["https"])));
+    }
+
+    #[test]
+    fn errors_stay_on_one_line() {
+        // Found by fuzz/fuzz_targets/query.rs: a newline in the service name.
+        for input in ["a\naTTCt\u{0}a.\u{0}\u{0}g", "http://x:\n1", "ht\ntp://x", &"\n".repeat(3000)] {
+            let message = Query::parse(input).unwrap_err().to_string();
+            assert!(!message.contains('\n'), "{message:?}");
+            assert!(message.len() < 1200, "{} bytes", message.len());
+        }
     }
 }

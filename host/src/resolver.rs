@@ -318,6 +318,31 @@ impl Resolver {
         Ok(set)
     }
 
+    /// Ask the providers now, bypassing (and not filling) the cache: what a cold
+    /// resolve costs, or a diagnostic that must not be served from the cache.
+    pub async fn resolve_uncached(&self, query: &Query) -> Result<EndpointSet, Error> {
+        let settings = self.inner.settings.load();
+        let schemes =
+            effective_schemes(query, &settings.allowed_schemes).ok_or_else(|| Error::SchemeNotAllowed {
+                query: query.as_str().to_owned(),
+                allowed: settings.allowed_schemes.clone(),
+            })?;
+        let wit = WitQuery {
+            service: query.service().to_owned(),
+            endpoint_name: query.endpoint_name().map(str::to_owned),
+            schemes,
+            port: query.port(),
+        };
+        let chain = self.inner.chain.load_full();
+        match chain.resolve(&wit, query.filters()).await {
+            Ok(answer) => Ok(answer.set),
+            Err(failures) => Err(Error::NoEndpoints {
+                service: query.service().to_owned(),
+                failures,
+            }),
+        }
+    }
+
     /// Follow a query: the current endpoints, then every change. A query with no
     /// endpoints yet is watched too (its current set is empty).
     pub async fn watch(&self, query: &str) -> Result<Watch, Error> {

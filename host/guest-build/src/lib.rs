@@ -22,8 +22,20 @@ pub fn build(manifest: &Path, components: &[(&str, &str)]) -> Vec<PathBuf> {
         .unwrap_or_else(|| workspace_root().join("target"))
         .join("wasm-guests");
 
-    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
+    // WASD_GUEST_TOOLCHAIN builds the guests with another rustup toolchain than the
+    // outer build (the fuzz targets build with nightly, which may lack the target).
+    println!("cargo:rerun-if-env-changed=WASD_GUEST_TOOLCHAIN");
+    let mut cmd = match env::var("WASD_GUEST_TOOLCHAIN") {
+        Ok(toolchain) if !toolchain.is_empty() => {
+            let mut cmd = Command::new("rustup");
+            cmd.args(["run", &toolchain, "cargo"]);
+            for var in ["RUSTUP_TOOLCHAIN", "RUSTC", "RUSTDOC", "CARGO"] {
+                cmd.env_remove(var);
+            }
+            cmd
+        }
+        _ => Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into())),
+    };
     cmd.args([
         "build",
         "--release",
