@@ -163,12 +163,12 @@ fn cached(c: &mut Criterion) {
             let start = Instant::now();
             std::thread::scope(|scope| {
                 for _ in 0..cores {
-                    let (resolver, query) = (resolver.clone(), query.clone());
+                    let resolver = resolver.clone();
                     scope.spawn(move || {
                         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
                         rt.block_on(async {
                             for _ in 0..per_thread {
-                                black_box(resolver.resolve_query(&query).await.unwrap());
+                                black_box(resolver.resolve(black_box("https+http://catalog")).await.unwrap());
                             }
                         });
                     });

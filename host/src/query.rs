@@ -342,7 +342,12 @@ mod tests {
     #[test]
     fn errors_stay_on_one_line() {
         // Found by fuzz/fuzz_targets/query.rs: a newline in the service name.
-        for input in ["a\naTTCt\u{0}a.\u{0}\u{0}g", "http://x:\n1", "ht\ntp://x", &"\n".repeat(3000)] {
+        for input in [
+            "a\naTTCt\u{0}a.\u{0}\u{0}g",
+            "http://x:\n1",
+            "ht\ntp://x",
+            &"\n".repeat(3000),
+        ] {
             let message = Query::parse(input).unwrap_err().to_string();
             assert!(!message.contains('\n'), "{message:?}");
             assert!(message.len() < 1200, "{} bytes", message.len());

@@ -9,12 +9,13 @@
 //! version), the task long-polls the provider's `watch` instead of sleeping, so changes
 //! arrive as they happen; a quiet watch still ends in a periodic refresh of the chain.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use dashmap::DashMap;
 use tokio::sync::{OnceCell, watch};
 
@@ -32,6 +33,21 @@ use crate::sandbox::ProviderStatus;
 
 /// Shortest interval between two refreshes of one answer, whatever its TTL says.
 const MIN_REFRESH: Duration = Duration::from_secs(1);
+/// Most query texts remembered for `resolve(&str)`'s fast path.
+const MAX_TEXT_INDEX: usize = 4096;
+
+type TextIndex = HashMap<Box<str>, Arc<Entry>, foldhash::fast::RandomState>;
+
+fn non_empty(query: &Query, set: EndpointSet) -> Result<EndpointSet, Error> {
+    if set.is_empty() {
+        return Err(Error::NoEndpoints {
+            service: query.service().to_owned(),
+            failures: Vec::new(),
+        });
+    }
+    Ok(set)
+}
+
 /// Least time between two watch calls of one entry.
 const WATCH_GAP: Duration = Duration::from_millis(100);
 /// Retry back-off after a failed refresh: doubles from the first to the second.
@@ -51,6 +67,9 @@ pub(crate) struct Inner {
     /// The config settings a reload may change (everything but the providers).
     settings: ArcSwap<Settings>,
     entries: DashMap<Key, Arc<Entry>>,
+    /// Query text → entry, for `resolve(&str)`: a hit skips parsing and key building.
+    /// Read-mostly and copied on write, so reads from every core never contend.
+    by_text: ArcSwap<TextIndex>,
     started: Instant,
     /// Dropped with `Inner`: wakes every refresh task so it can exit at once.
     pub(crate) shutdown: watch::Sender<()>,
@@ -95,6 +114,10 @@ struct Entry {
     query: WitQuery,
     /// `None` until the first answer; an empty set once the service has disappeared.
     state: watch::Sender<Option<EndpointSet>>,
+    /// The same set as `state`, for the read path: an `ArcSwap` load takes no lock.
+    current: ArcSwapOption<EndpointSet>,
+    /// Cleared when the entry leaves the cache (idle), so `by_text` never serves it.
+    live: AtomicBool,
     init: OnceCell<()>,
     last_used_ms: AtomicU64,
 }
@@ -110,6 +133,7 @@ impl Entry {
             if current.as_ref() == Some(&set) {
                 return false;
             }
+            self.current.store(Some(Arc::new(set.clone())));
             *current = Some(set);
             true
         });
@@ -240,6 +264,7 @@ impl ResolverBuilder {
             chain: ArcSwap::from_pointee(chain),
             settings: ArcSwap::from_pointee(Settings::of(&config)),
             entries: DashMap::new(),
+            by_text: ArcSwap::default(),
             started: Instant::now(),
             shutdown: watch::channel(()).0,
             runtime,
@@ -302,20 +327,35 @@ impl Resolver {
 
     /// Resolve a query such as `https+http://catalog` to endpoints.
     pub async fn resolve(&self, query: &str) -> Result<EndpointSet, Error> {
-        self.resolve_query(&Query::parse(query)?).await
+        // The hot path: a query seen before, answered from its entry without parsing.
+        if let Some(entry) = self.inner.by_text.load().get(query)
+            && entry.live.load(Ordering::Acquire)
+            && let Some(set) = &*entry.current.load()
+        {
+            self.inner.touch(entry);
+            return if set.is_empty() {
+                Err(Error::NoEndpoints {
+                    service: entry.key.service.clone(),
+                    failures: Vec::new(),
+                })
+            } else {
+                Ok(EndpointSet::clone(set))
+            };
+        }
+        let parsed = Query::parse(query)?;
+        let entry = self.inner.entry(&parsed)?;
+        let set = self.inner.ready(&entry, false).await;
+        if set.is_ok() {
+            self.inner.index_text(query, &entry);
+        }
+        non_empty(&parsed, set?)
     }
 
     /// Resolve an already parsed query.
     pub async fn resolve_query(&self, query: &Query) -> Result<EndpointSet, Error> {
         let entry = self.inner.entry(query)?;
         let set = self.inner.ready(&entry, false).await?;
-        if set.is_empty() {
-            return Err(Error::NoEndpoints {
-                service: query.service().to_owned(),
-                failures: Vec::new(),
-            });
-        }
-        Ok(set)
+        non_empty(query, set)
     }
 
     /// Ask the providers now, bypassing (and not filling) the cache: what a cold
@@ -416,6 +456,8 @@ impl Resolver {
 impl Inner {
     pub(crate) fn apply_settings(&self, config: &Config) {
         self.settings.store(Arc::new(Settings::of(config)));
+        // Allowed schemes may have changed what a query text means.
+        self.by_text.store(Arc::default());
     }
 
     fn now_ms(&self) -> u64 {
@@ -451,22 +493,57 @@ impl Inner {
                         },
                         key,
                         state: watch::channel(None).0,
+                        current: ArcSwapOption::empty(),
+                        live: AtomicBool::new(true),
                         init: OnceCell::new(),
                         last_used_ms: AtomicU64::new(0),
                     })
                 })
                 .clone(),
         };
-        entry.last_used_ms.store(self.now_ms(), Ordering::Relaxed);
+        self.touch(&entry);
         Ok(entry)
+    }
+
+    /// Mark an entry used. Written only when the second changes, so resolving the same
+    /// query on every core does not bounce its cache line.
+    fn touch(&self, entry: &Entry) {
+        let now = self.now_ms();
+        if now.saturating_sub(entry.last_used_ms.load(Ordering::Relaxed)) >= 1000 {
+            entry.last_used_ms.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Remember `text` → `entry` for `resolve(&str)`.
+    fn index_text(&self, text: &str, entry: &Arc<Entry>) {
+        self.by_text.rcu(|index| {
+            if index.len() >= MAX_TEXT_INDEX
+                || index.contains_key(text)
+                || !entry.live.load(Ordering::Acquire)
+            {
+                return Arc::clone(index);
+            }
+            let mut copy = HashMap::clone(index);
+            copy.insert(text.into(), entry.clone());
+            Arc::new(copy)
+        });
+    }
+
+    fn unindex(&self, entry: &Arc<Entry>) {
+        entry.live.store(false, Ordering::Release);
+        self.by_text.rcu(|index| {
+            let mut copy = HashMap::clone(index);
+            copy.retain(|_, e| !Arc::ptr_eq(e, entry));
+            Arc::new(copy)
+        });
     }
 
     /// The entry's current set, running the chain first if nobody has yet. With
     /// `keep_empty`, a query without endpoints stays cached (and refreshed) as an
     /// empty set instead of failing.
     async fn ready(self: &Arc<Self>, entry: &Arc<Entry>, keep_empty: bool) -> Result<EndpointSet, Error> {
-        if let Some(set) = entry.state.borrow().as_ref() {
-            return Ok(set.clone());
+        if let Some(set) = &*entry.current.load() {
+            return Ok(EndpointSet::clone(set));
         }
         let init = entry
             .init
@@ -499,7 +576,13 @@ impl Inner {
             .await;
         if let Err(e) = init {
             // Not cached: the next resolve asks the providers again.
-            self.entries.remove_if(&entry.key, |_, e| Arc::ptr_eq(e, entry));
+            if self
+                .entries
+                .remove_if(&entry.key, |_, e| Arc::ptr_eq(e, entry))
+                .is_some()
+            {
+                self.unindex(entry);
+            }
             return Err(e);
         }
         Ok(entry.state.borrow().clone().unwrap_or_default())
@@ -714,11 +797,15 @@ fn expire_if_idle(inner: &Inner, entry: &Arc<Entry>) -> bool {
     };
     // Checked again under the map's lock, so a resolve or watch that just found the
     // entry keeps it.
-    idle(inner)
+    let expired = idle(inner)
         && inner
             .entries
             .remove_if(&entry.key, |_, e| Arc::ptr_eq(e, entry) && idle(inner))
-            .is_some()
+            .is_some();
+    if expired {
+        inner.unindex(entry);
+    }
+    expired
 }
 
 fn warn_keeping(entry: &Entry, failures: &[crate::ProviderError], retry_in: Duration) {
