@@ -42,6 +42,15 @@ fn resolver(rt: &Runtime, dir: &Path, cache: Option<&Path>) -> Resolver {
     .unwrap()
 }
 
+/// A current-thread runtime and a folder for the config and the component cache.
+fn setup() -> (Runtime, tempfile::TempDir) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    (rt, tempfile::tempdir().unwrap())
+}
+
 /// An endpoint as a native provider would hold it.
 #[derive(Clone, Debug)]
 #[allow(dead_code)] // Read through black_box only.
@@ -127,11 +136,7 @@ impl NativeConfig {
 }
 
 fn cached(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (rt, dir) = setup();
     let cache = dir.path().join("cache");
     let resolver = resolver(&rt, dir.path(), Some(&cache));
     let query = Query::parse("https+http://catalog").unwrap();
@@ -184,11 +189,7 @@ fn cached(c: &mut Criterion) {
 }
 
 fn uncached(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (rt, dir) = setup();
     let cache = dir.path().join("cache");
     let resolver = resolver(&rt, dir.path(), Some(&cache));
     let native = NativeConfig::new();
@@ -215,11 +216,7 @@ fn uncached(c: &mut Criterion) {
 }
 
 fn startup(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let (rt, dir) = setup();
     let cache = dir.path().join("cache");
     drop(resolver(&rt, dir.path(), Some(&cache)));
 

@@ -361,12 +361,7 @@ impl Resolver {
     /// Ask the providers now, bypassing (and not filling) the cache: what a cold
     /// resolve costs, or a diagnostic that must not be served from the cache.
     pub async fn resolve_uncached(&self, query: &Query) -> Result<EndpointSet, Error> {
-        let settings = self.inner.settings.load();
-        let schemes =
-            effective_schemes(query, &settings.allowed_schemes).ok_or_else(|| Error::SchemeNotAllowed {
-                query: query.as_str().to_owned(),
-                allowed: settings.allowed_schemes.clone(),
-            })?;
+        let schemes = self.inner.schemes_for(query)?;
         let wit = WitQuery {
             service: query.service().to_owned(),
             endpoint_name: query.endpoint_name().map(str::to_owned),
@@ -464,13 +459,17 @@ impl Inner {
         self.started.elapsed().as_millis() as u64
     }
 
-    fn entry(self: &Arc<Self>, query: &Query) -> Result<Arc<Entry>, Error> {
+    /// The schemes a query accepts under the config's `allowed-schemes`.
+    fn schemes_for(&self, query: &Query) -> Result<Vec<String>, Error> {
         let settings = self.settings.load();
-        let schemes =
-            effective_schemes(query, &settings.allowed_schemes).ok_or_else(|| Error::SchemeNotAllowed {
-                query: query.as_str().to_owned(),
-                allowed: settings.allowed_schemes.clone(),
-            })?;
+        effective_schemes(query, &settings.allowed_schemes).ok_or_else(|| Error::SchemeNotAllowed {
+            query: query.as_str().to_owned(),
+            allowed: settings.allowed_schemes.clone(),
+        })
+    }
+
+    fn entry(self: &Arc<Self>, query: &Query) -> Result<Arc<Entry>, Error> {
+        let schemes = self.schemes_for(query)?;
         let key = Key {
             service: query.service().to_owned(),
             endpoint_name: query.endpoint_name().map(str::to_owned),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wasd::{Query, RegistrationState, ServiceInstance};
-use wasd_tests::{EtcdServer, Sandbox, TlsFiles, run, strings};
+use wasd_tests::{EtcdServer, Sandbox, TlsFiles, eventually, run, strings};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -224,26 +224,20 @@ async fn registration_round_trips_and_survives_data_loss() {
 
     // Deleted by hand while its lease lives: the keep-alive notices and writes it again.
     etcd.delete(&format!("/microservices/hello/{id}"));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while etcd.get_prefix("/microservices/hello/").is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the deleted instance never came back"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "the deleted instance never came back",
+        || !etcd.get_prefix("/microservices/hello/").is_empty(),
+    )
+    .await;
 
     // etcd loses everything (a new data folder): the lease is unknown, so the host
     // registers again.
     etcd.restart_empty();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while etcd.get_prefix("/microservices/hello/").is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the instance never came back"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(Duration::from_secs(20), "the instance never came back", || {
+        !etcd.get_prefix("/microservices/hello/").is_empty()
+    })
+    .await;
 
     // etcd down for far longer than Kratos's 5 retries would last, then back empty.
     etcd.kill();
@@ -254,14 +248,10 @@ async fn registration_round_trips_and_survives_data_loss() {
         registration.state()
     );
     etcd.restart_empty();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
-    while etcd.get_prefix("/microservices/hello/").is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the instance never came back"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    eventually(Duration::from_secs(40), "the instance never came back", || {
+        !etcd.get_prefix("/microservices/hello/").is_empty()
+    })
+    .await;
     tokio::time::timeout(WAIT, registration.registered())
         .await
         .unwrap()
