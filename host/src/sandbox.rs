@@ -246,6 +246,25 @@ mod tests {
     }
 
     #[test]
+    fn memory_and_table_growth_past_the_limits_is_refused() {
+        let mut limiter = MemoryLimiter { max_memory: 64 << 20 };
+        assert!(limiter.memory_growing(0, 64 << 20, None).unwrap());
+        let e = limiter
+            .memory_growing(64 << 20, (64 << 20) + 65536, None)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("memory limit (64 MiB; it asked for 65 MiB)"),
+            "{e}"
+        );
+        assert!(limiter.table_growing(0, MAX_TABLE, None).unwrap());
+        let e = limiter.table_growing(MAX_TABLE, MAX_TABLE + 1, None).unwrap_err();
+        assert!(e.to_string().contains("table limit (100000 elements)"), "{e}");
+        // Raised as LimitExceeded, so the host reports a limit, not a bug.
+        assert!(e.downcast_ref::<LimitExceeded>().is_some());
+    }
+
+    #[test]
     fn stderr_keeps_the_tail() {
         let tail = StderrTail::default();
         tail.push(&vec![b'a'; 20 << 10]);
