@@ -213,18 +213,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(())
             };
             print(&watch.current())?;
-            // Created once: a signal that arrives while printing is not lost.
-            let shutdown = shutdown_signal();
-            tokio::pin!(shutdown);
-            loop {
-                tokio::select! {
-                    set = watch.changed() => match set {
-                        Some(set) => print(&set)?,
-                        None => break,
-                    },
-                    _ = &mut shutdown => break,
-                }
-            }
+            print_until_signal(shutdown_signal(), async || watch.changed().await, print).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config, modules } => {
@@ -325,16 +314,7 @@ async fn register(
         out.flush()?;
         Ok(())
     };
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            state = registration.changed() => match state {
-                Some(state) => print(&state)?,
-                None => break,
-            },
-            _ = &mut shutdown => break,
-        }
-    }
+    print_until_signal(shutdown, async || registration.changed().await, print).await?;
     registration.deregister().await?;
     print(&RegistrationState::Stopped)?;
     Ok(ExitCode::SUCCESS)
@@ -359,6 +339,25 @@ fn set_json(query: &Query, set: &EndpointSet) -> serde_json::Value {
             "metadata": e.metadata().iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// Print what `next` yields until it ends or `shutdown` resolves. `shutdown` is made
+/// once, before the loop, so a signal that arrives while printing is not lost.
+async fn print_until_signal<T>(
+    shutdown: impl Future<Output = ()>,
+    mut next: impl AsyncFnMut() -> Option<T>,
+    print: impl Fn(&T) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            item = next() => match item {
+                Some(item) => print(&item)?,
+                None => return Ok(()),
+            },
+            _ = &mut shutdown => return Ok(()),
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called,

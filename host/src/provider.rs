@@ -110,6 +110,8 @@ pub(crate) struct Provider {
 pub(crate) struct Prepared {
     spec: ProviderSpec,
     bytes: Arc<[u8]>,
+    /// The module's sha256: computed once, for the pin, the fingerprint and the cache.
+    digest: [u8; 32],
     files: Vec<File>,
     tls: TlsFiles,
     pub fingerprint: [u8; 32],
@@ -125,11 +127,9 @@ impl Prepared {
                 .map_err(|e| load_error(format!("cannot read the module: {e}")))?
                 .into(),
         };
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
         if let Some(pin) = &spec.sha256 {
-            let actual: String = Sha256::digest(&bytes)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
+            let actual: String = digest.iter().map(|b| format!("{b:02x}")).collect();
             if &actual != pin {
                 return Err(load_error(format!(
                     "refused: its sha256 is {actual}, the config pins {pin}"
@@ -166,7 +166,7 @@ impl Prepared {
         };
         field(spec.name.as_bytes());
         field(spec.module.to_string().as_bytes());
-        field(&bytes);
+        field(&digest);
         field(spec.settings.as_bytes());
         field(format!("{:?}{:?}{:?}", spec.grants, spec.limits, spec.tls).as_bytes());
         for file in &files {
@@ -183,6 +183,7 @@ impl Prepared {
         Ok(Prepared {
             spec: spec.clone(),
             bytes,
+            digest,
             files,
             tls,
             fingerprint: sha.finalize().into(),
@@ -202,13 +203,14 @@ impl Provider {
         let Prepared {
             spec,
             bytes,
+            digest,
             files,
             tls,
             fingerprint,
         } = prepared;
         let load_error = |reason: String| spec.load_error(reason);
         let component = runtime
-            .compile(bytes)
+            .compile(bytes, digest)
             .await
             .map_err(|e| load_error(format!("not a loadable component: {e}")))?;
         let pre = runtime

@@ -100,11 +100,10 @@ pub(crate) struct Reloading {
 }
 
 impl Reloading {
-    pub fn new(providers: Vec<String>, errors: Vec<ReloadError>) -> Reloading {
+    pub fn new(errors: Vec<ReloadError>) -> Reloading {
         Reloading {
             lock: tokio::sync::Mutex::new(HashMap::new()),
             status: Mutex::new(ReloadStatus {
-                providers,
                 errors,
                 ..ReloadStatus::default()
             }),
@@ -115,8 +114,10 @@ impl Reloading {
         }
     }
 
-    pub fn status(&self) -> ReloadStatus {
+    /// The status, with the providers of `chain` (the one serving).
+    pub fn status(&self, chain: &ProviderChain) -> ReloadStatus {
         let mut status = self.status.lock().expect("status lock").clone();
+        status.providers = chain.names().map(str::to_owned).collect();
         let mut retired = self.retired.lock().expect("retired lock");
         retired.retain(|p| p.strong_count() > 0);
         status.draining = retired.len();
@@ -259,7 +260,6 @@ fn finish(inner: &Arc<Inner>, report: ReloadReport, config: Option<&Config>) -> 
         let mut status = reloading.status.lock().expect("status lock");
         status.generation = report.generation;
         status.reloads += 1;
-        status.providers = inner.chain.load().names().map(str::to_owned).collect();
         status.errors = report.errors.clone();
     }
     for e in &report.errors {

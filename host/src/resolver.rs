@@ -38,10 +38,11 @@ const MAX_TEXT_INDEX: usize = 4096;
 
 type TextIndex = HashMap<Box<str>, Arc<Entry>, foldhash::fast::RandomState>;
 
-fn non_empty(query: &Query, set: EndpointSet) -> Result<EndpointSet, Error> {
+/// A resolve's answer: an empty set (the service is gone) is `NoEndpoints`.
+fn non_empty(service: &str, set: EndpointSet) -> Result<EndpointSet, Error> {
     if set.is_empty() {
         return Err(Error::NoEndpoints {
-            service: query.service().to_owned(),
+            service: service.to_owned(),
             failures: Vec::new(),
         });
     }
@@ -260,7 +261,7 @@ impl ResolverBuilder {
             })
             .collect();
         let inner = Arc::new(Inner {
-            reloading: Reloading::new(chain.names().map(str::to_owned).collect(), errors),
+            reloading: Reloading::new(errors),
             chain: ArcSwap::from_pointee(chain),
             settings: ArcSwap::from_pointee(Settings::of(&config)),
             entries: DashMap::new(),
@@ -317,7 +318,7 @@ impl Resolver {
     /// Where reloading stands: the generation, the providers serving, and what failed
     /// in the last reload.
     pub fn reload_status(&self) -> ReloadStatus {
-        self.inner.reloading.status()
+        self.inner.reloading.status(&self.inner.chain.load())
     }
 
     /// Every reload's report, as it happens.
@@ -333,14 +334,7 @@ impl Resolver {
             && let Some(set) = &*entry.current.load()
         {
             self.inner.touch(entry);
-            return if set.is_empty() {
-                Err(Error::NoEndpoints {
-                    service: entry.key.service.clone(),
-                    failures: Vec::new(),
-                })
-            } else {
-                Ok(EndpointSet::clone(set))
-            };
+            return non_empty(&entry.key.service, EndpointSet::clone(set));
         }
         let parsed = Query::parse(query)?;
         let entry = self.inner.entry(&parsed)?;
@@ -348,14 +342,14 @@ impl Resolver {
         if set.is_ok() {
             self.inner.index_text(query, &entry);
         }
-        non_empty(&parsed, set?)
+        non_empty(parsed.service(), set?)
     }
 
     /// Resolve an already parsed query.
     pub async fn resolve_query(&self, query: &Query) -> Result<EndpointSet, Error> {
         let entry = self.inner.entry(query)?;
         let set = self.inner.ready(&entry, false).await?;
-        non_empty(query, set)
+        non_empty(query.service(), set)
     }
 
     /// Ask the providers now, bypassing (and not filling) the cache: what a cold

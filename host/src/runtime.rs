@@ -50,15 +50,20 @@ impl Runtime {
 
     /// Compile a component, or load it precompiled from the cache. Compiling takes tens
     /// of milliseconds of CPU, so it runs on the blocking pool, off the resolve path.
-    pub async fn compile(self: &Arc<Self>, bytes: Arc<[u8]>) -> Result<Component, String> {
+    /// `digest` is the module's sha256 (the caller has it already: pins and reload
+    /// fingerprints use it too).
+    pub async fn compile(self: &Arc<Self>, bytes: Arc<[u8]>, digest: [u8; 32]) -> Result<Component, String> {
         let runtime = self.clone();
-        tokio::task::spawn_blocking(move || runtime.compile_blocking(&bytes))
+        tokio::task::spawn_blocking(move || runtime.compile_blocking(&bytes, &digest))
             .await
             .map_err(|e| format!("compilation task failed: {e}"))?
     }
 
-    fn compile_blocking(&self, bytes: &[u8]) -> Result<Component, String> {
-        let cached = self.cache_dir.as_ref().map(|dir| dir.join(self.cache_key(bytes)));
+    fn compile_blocking(&self, bytes: &[u8], digest: &[u8; 32]) -> Result<Component, String> {
+        let cached = self
+            .cache_dir
+            .as_ref()
+            .map(|dir| dir.join(self.cache_key(digest)));
         if let Some(path) = &cached
             && path.is_file()
         {
@@ -83,7 +88,7 @@ impl Runtime {
 
     /// Content hash of the module plus the engine's compatibility hash: a different
     /// wasmtime version or configuration never picks up a stale artefact.
-    fn cache_key(&self, bytes: &[u8]) -> String {
+    fn cache_key(&self, digest: &[u8; 32]) -> String {
         struct Sha(Sha256);
         impl Hasher for Sha {
             fn finish(&self) -> u64 {
@@ -95,7 +100,7 @@ impl Runtime {
         }
         let mut sha = Sha(Sha256::new());
         self.engine.precompile_compatibility_hash().hash(&mut sha);
-        sha.0.update(bytes);
+        sha.0.update(digest);
         let digest = sha.0.finalize();
         let hex: String = digest.iter().take(20).map(|b| format!("{b:02x}")).collect();
         format!("{hex}.cwasm")
