@@ -71,45 +71,49 @@ impl fmt::Display for Endpoint {
     }
 }
 
-/// The endpoints one provider gave for a query. Cheap to clone.
+/// The endpoints one provider gave for a query. Cheap to clone: one reference count,
+/// which is all a cached resolve pays for its answer.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct EndpointSet {
+pub struct EndpointSet(Arc<SetInner>);
+
+#[derive(Debug, PartialEq, Eq, Default)]
+struct SetInner {
     provider: Option<Arc<str>>,
-    endpoints: Arc<[Endpoint]>,
+    endpoints: Box<[Endpoint]>,
 }
 
 impl EndpointSet {
     pub(crate) fn new(provider: Arc<str>, endpoints: Vec<Endpoint>) -> Self {
-        EndpointSet {
+        EndpointSet(Arc::new(SetInner {
             provider: Some(provider),
             endpoints: endpoints.into(),
-        }
+        }))
     }
 
     /// The name of the provider that answered (`config`, `pass-through`, ...); `None`
     /// for the empty set.
     pub fn provider(&self) -> Option<&str> {
-        self.provider.as_deref()
+        self.0.provider.as_deref()
     }
 
     /// The endpoints, in the provider's order.
     pub fn endpoints(&self) -> &[Endpoint] {
-        &self.endpoints
+        &self.0.endpoints
     }
 
     /// Number of endpoints.
     pub fn len(&self) -> usize {
-        self.endpoints.len()
+        self.0.endpoints.len()
     }
 
     /// True when there is no endpoint.
     pub fn is_empty(&self) -> bool {
-        self.endpoints.is_empty()
+        self.0.endpoints.is_empty()
     }
 
     /// Iterate over the endpoints.
     pub fn iter(&self) -> std::slice::Iter<'_, Endpoint> {
-        self.endpoints.iter()
+        self.0.endpoints.iter()
     }
 }
 
@@ -118,7 +122,7 @@ impl<'a> IntoIterator for &'a EndpointSet {
     type IntoIter = std::slice::Iter<'a, Endpoint>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.endpoints.iter()
+        self.iter()
     }
 }
 

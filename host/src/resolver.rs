@@ -34,7 +34,7 @@ use crate::sandbox::ProviderStatus;
 /// Shortest interval between two refreshes of one answer, whatever its TTL says.
 const MIN_REFRESH: Duration = Duration::from_secs(1);
 /// Most query texts remembered for `resolve(&str)`'s fast path.
-const MAX_TEXT_INDEX: usize = 4096;
+const MAX_TEXT_INDEX: usize = 16_384;
 
 type TextIndex = HashMap<Box<str>, Arc<Entry>, foldhash::fast::RandomState>;
 
@@ -71,7 +71,6 @@ pub(crate) struct Inner {
     /// Query text → entry, for `resolve(&str)`: a hit skips parsing and key building.
     /// Read-mostly and copied on write, so reads from every core never contend.
     by_text: ArcSwap<TextIndex>,
-    started: Instant,
     /// Dropped with `Inner`: wakes every refresh task so it can exit at once.
     pub(crate) shutdown: watch::Sender<()>,
     pub(crate) runtime: Arc<Runtime>,
@@ -266,7 +265,6 @@ impl ResolverBuilder {
             settings: ArcSwap::from_pointee(Settings::of(&config)),
             entries: DashMap::new(),
             by_text: ArcSwap::default(),
-            started: Instant::now(),
             shutdown: watch::channel(()).0,
             runtime,
             loader: self.loader,
@@ -450,7 +448,7 @@ impl Inner {
     }
 
     fn now_ms(&self) -> u64 {
-        self.started.elapsed().as_millis() as u64
+        self.runtime.coarse_now_ms()
     }
 
     /// The schemes a query accepts under the config's `allowed-schemes`.
