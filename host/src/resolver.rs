@@ -49,7 +49,7 @@ fn non_empty(service: &str, set: EndpointSet) -> Result<EndpointSet, Error> {
     Ok(set)
 }
 
-/// Least time between two watch calls of one entry.
+/// Least time between the starts of two watch calls of one entry.
 const WATCH_GAP: Duration = Duration::from_millis(100);
 /// Retry back-off after a failed refresh: doubles from the first to the second.
 const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
@@ -711,6 +711,7 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                 };
                 // Watch until the next periodic chain refresh is due.
                 let wait = period.saturating_sub(last_chain.elapsed()).max(MIN_REFRESH);
+                let called = Instant::now();
                 match watch_once(&entry, &provider, &version, wait, &mut wake, &mut watch_backoff).await {
                     Watched::Changed(Some(version)) => {
                         let Some(inner) = inner.upgrade() else { return };
@@ -718,10 +719,11 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                             return;
                         }
                         if last_chain.elapsed() < period {
-                            // Paced, so a provider that answers at once cannot spin. A
+                            // Paced, so a provider that answers at once cannot spin; a
+                            // watch that waited for its change goes straight back. A
                             // reload meanwhile sends us to the (new) chain instead.
                             let reloaded = tokio::select! {
-                                _ = tokio::time::sleep(WATCH_GAP) => false,
+                                _ = tokio::time::sleep(WATCH_GAP.saturating_sub(called.elapsed())) => false,
                                 woken = wake.wait() => match woken {
                                     Woken::Shutdown => return,
                                     Woken::Reload => true,
