@@ -31,10 +31,14 @@ const MAX_GRANTED_FILE: u64 = 16 << 20;
 const MAX_CONCURRENT_CALLS: usize = 32;
 /// Log lines one call may write; the rest are dropped (with one warning).
 pub(crate) const MAX_LOG_LINES_PER_CALL: u32 = 1000;
-/// Calls an instance serves before it is retired. Bounds what a long-lived instance
-/// can accumulate: guest heap fragmentation, and host resources wasmtime-wasi-http 48
-/// never frees (each outgoing request leaks its `request-options` handle).
-const MAX_CALLS_PER_INSTANCE: u32 = 1000;
+/// Outgoing HTTP requests an instance sends before it is retired: wasmtime-wasi-http 48
+/// never frees a request's `request-options` handle, so an instance's resource table
+/// grows with every request.
+const MAX_REQUESTS_PER_INSTANCE: u32 = 1000;
+/// Calls an instance serves before it is retired, whatever it does: bounds guest heap
+/// fragmentation. High, because a fresh instance runs `configure` again, which for a
+/// large settings table costs milliseconds.
+const MAX_CALLS_PER_INSTANCE: u32 = 100_000;
 /// Limits on what crosses the boundary in an answer.
 const MAX_HOST_LEN: usize = 253;
 const MAX_SCHEME_LEN: usize = 32;
@@ -278,7 +282,7 @@ impl Provider {
                 wasi,
                 table: ResourceTable::new(),
                 http: WasiHttpCtx::new(),
-                http_hooks: HttpHooks(self.http.clone()),
+                http_hooks: HttpHooks::new(self.http.clone()),
                 limiter: MemoryLimiter {
                     max_memory: self.limits.max_memory,
                 },
@@ -433,7 +437,9 @@ impl Provider {
     }
 
     fn checkin(&self, instance: Instance) {
-        if instance.calls >= MAX_CALLS_PER_INSTANCE {
+        if instance.calls >= MAX_CALLS_PER_INSTANCE
+            || instance.store.data().http_hooks.requests >= MAX_REQUESTS_PER_INSTANCE
+        {
             return;
         }
         let mut idle = self.idle.lock().expect("pool lock");

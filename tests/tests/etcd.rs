@@ -1,8 +1,12 @@
 //! The etcd provider against a real etcd (Debian's etcd-server on loopback): Kratos
 //! discovery, watch, registration, auth and TLS, grants, and malformed answers.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wasd::{Query, RegistrationState, ServiceInstance};
 use wasd_tests::{EtcdServer, Sandbox, TlsFiles, eventually, run, strings};
@@ -500,6 +504,76 @@ async fn fake_gateway(body: &'static str) -> String {
         }
     });
     url
+}
+
+/// Serve one canned response per request, keeping connections open; count them.
+async fn keep_alive_gateway(body: &'static str) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counter = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // One whole request (head and body) per answer.
+                    let text = String::from_utf8_lossy(&buffer).to_ascii_lowercase();
+                    let complete = text.find("\r\n\r\n").and_then(|head_end| {
+                        let length: usize = text[..head_end]
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        (buffer.len() >= head_end + 4 + length).then_some(head_end + 4 + length)
+                    });
+                    if let Some(end) = complete {
+                        buffer.drain(..end);
+                        let response = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if socket.write_all(response.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    match socket.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (url, connections)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_reuse_kept_alive_connections() {
+    let value = r#"{"id":"a","name":"hello","version":"v1","endpoints":["http://10.0.0.1:8000"]}"#;
+    let body: &'static str = Box::leak(
+        format!(
+            r#"{{"header":{{"revision":"3"}},"kvs":[{{"key":"{}","value":"{}"}}],"count":"1"}}"#,
+            B64.encode("/microservices/hello/a"),
+            B64.encode(value)
+        )
+        .into_boxed_str(),
+    );
+    let (url, connections) = keep_alive_gateway(body).await;
+    let sandbox = Sandbox::new();
+    let resolver = sandbox.resolver(&config(&url, "", "")).await.unwrap();
+    let query = Query::parse("http://hello").unwrap();
+    for _ in 0..20 {
+        let set = resolver.resolve_uncached(&query).await.unwrap();
+        assert_eq!(strings(&set), ["http://10.0.0.1:8000"]);
+    }
+    // One connection, kept alive across calls and instances (the load's `configure`
+    // makes no request).
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -6,12 +6,14 @@
 //! `wasmtime_wasi_http::default_send_request`, which hard-codes the web PKI roots: a
 //! registry inside a company network is usually signed by a private CA.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
 use hyper::body::{Body, Bytes, Frame, Incoming};
+use hyper::client::conn::http1::SendRequest;
 use rustls::pki_types::ServerName;
 use rustls::pki_types::pem::PemObject;
 use tokio::net::TcpStream;
@@ -26,10 +28,13 @@ use crate::provider::ProviderState;
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_BETWEEN_BYTES_TIMEOUT: Duration = Duration::from_secs(600);
+/// Idle keep-alive connections kept per origin, and for how long.
+const MAX_IDLE_PER_ORIGIN: usize = 8;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One granted origin, with the scheme's default port made explicit so that
 /// `http://etcd` and `http://etcd:80` are the same grant.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Origin {
     https: bool,
     host: String,
@@ -73,6 +78,44 @@ pub(crate) struct HttpPolicy {
     provider: Arc<str>,
     origins: Vec<Origin>,
     tls: Arc<rustls::ClientConfig>,
+    pool: Arc<Pool>,
+}
+
+/// Keep-alive connections shared by a provider's instances, per origin. A registry is
+/// asked again on every refresh and lease keep-alive; a new TCP (and TLS) connection
+/// each time costs more than the request itself.
+#[derive(Default)]
+struct Pool {
+    idle: Mutex<HashMap<Origin, Vec<IdleConnection>>>,
+}
+
+/// A connection's sending half, and since when it has been idle.
+type IdleConnection = (SendRequest<WasiBody>, Instant);
+
+impl Pool {
+    /// The most recently used idle connection to `origin` that is still open.
+    fn take(&self, origin: &Origin) -> Option<SendRequest<WasiBody>> {
+        let mut idle = self.idle.lock().expect("pool lock");
+        let list = idle.get_mut(origin)?;
+        while let Some((sender, since)) = list.pop() {
+            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    fn put(&self, origin: Origin, sender: SendRequest<WasiBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().expect("pool lock");
+        let list = idle.entry(origin).or_default();
+        list.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+        if list.len() < MAX_IDLE_PER_ORIGIN {
+            list.push((sender, Instant::now()));
+        }
+    }
 }
 
 /// TLS material for a provider's HTTPS, as read from the files in its config.
@@ -129,12 +172,22 @@ impl HttpPolicy {
             provider,
             origins,
             tls: Arc::new(config),
+            pool: Arc::default(),
         })
     }
 }
 
-/// The per-instance hooks: the policy, plus nothing mutable.
-pub(crate) struct HttpHooks(pub Arc<HttpPolicy>);
+/// The per-instance hooks: the policy, and how many requests the instance has sent.
+pub(crate) struct HttpHooks {
+    policy: Arc<HttpPolicy>,
+    pub requests: u32,
+}
+
+impl HttpHooks {
+    pub fn new(policy: Arc<HttpPolicy>) -> HttpHooks {
+        HttpHooks { policy, requests: 0 }
+    }
+}
 
 impl WasiHttpView for ProviderState {
     fn http(&mut self) -> WasiHttpCtxView<'_> {
@@ -155,7 +208,8 @@ impl WasiHttpHooks for HttpHooks {
         options: Option<RequestOptions>,
         _fut: IoFuture,
     ) -> Box<dyn Future<Output = Result<(http::Response<WasiBody>, IoFuture), HttpError>> + Send> {
-        let policy = self.0.clone();
+        self.requests = self.requests.saturating_add(1);
+        let policy = self.policy.clone();
         Box::new(async move {
             let origin = Origin::of(request.uri()).ok_or(HttpError::HttpRequestUriInvalid)?;
             if !policy.origins.contains(&origin) {
@@ -166,7 +220,9 @@ impl WasiHttpHooks for HttpHooks {
                 );
                 return Err(HttpError::HttpRequestDenied);
             }
-            let (response, io) = send(request, options, origin, policy.tls.clone()).await?;
+            let response = send(request, options, origin, &policy).await?;
+            // The connection runs on its own task (it outlives the response when pooled).
+            let io = async { Ok(()) };
             Ok((response.map(BodyExt::boxed_unsync), Box::new(io) as IoFuture))
         })
     }
@@ -179,14 +235,8 @@ async fn send(
     mut request: http::Request<WasiBody>,
     options: Option<RequestOptions>,
     origin: Origin,
-    tls: Arc<rustls::ClientConfig>,
-) -> Result<
-    (
-        http::Response<TimedBody>,
-        impl Future<Output = Result<(), HttpError>> + Send,
-    ),
-    HttpError,
-> {
+    policy: &HttpPolicy,
+) -> Result<http::Response<PooledBody>, HttpError> {
     let options = options.unwrap_or_default();
     let connect_timeout = options.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
     let first_byte_timeout = options.first_byte_timeout.unwrap_or(DEFAULT_FIRST_BYTE_TIMEOUT);
@@ -194,32 +244,6 @@ async fn send(
         .between_bytes_timeout
         .unwrap_or(DEFAULT_BETWEEN_BYTES_TIMEOUT)
         .max(Duration::from_millis(1));
-
-    let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(origin.address()))
-        .await
-        .map_err(|_| HttpError::ConnectionTimeout)?
-        .map_err(HttpError::Connect)?;
-    let _ = tcp.set_nodelay(true);
-    let stream: Box<dyn Stream> = if origin.https {
-        let name = origin.server_name().map_err(|e| {
-            tracing::debug!("{e}");
-            HttpError::HttpRequestUriInvalid
-        })?;
-        let connector = tokio_rustls::TlsConnector::from(tls);
-        let tls = tokio::time::timeout(connect_timeout, connector.connect(name, tcp))
-            .await
-            .map_err(|_| HttpError::ConnectionTimeout)?
-            .map_err(HttpError::Tls)?;
-        Box::new(tls)
-    } else {
-        Box::new(tcp)
-    };
-    let (mut sender, conn) = tokio::time::timeout(
-        connect_timeout,
-        hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(stream)),
-    )
-    .await
-    .map_err(|_| HttpError::ConnectionTimeout)??;
 
     // Origin-form on the wire: scheme and authority only go to proxies.
     let path = request
@@ -232,27 +256,116 @@ async fn send(
         .build()
         .map_err(|_| HttpError::HttpRequestUriInvalid)?;
 
-    // The connection must be driven while the response is awaited; after that the
-    // caller drives it through the returned future (unless it has already finished:
-    // a finished future must not be polled again).
-    let mut conn = Box::pin(conn);
-    let send = tokio::time::timeout(first_byte_timeout, sender.send_request(request));
-    tokio::pin!(send);
-    let (response, conn_done) = tokio::select! {
-        response = &mut send => (response.map_err(|_| HttpError::ConnectionReadTimeout)??, false),
-        done = &mut conn => {
-            done?;
-            (send.await.map_err(|_| HttpError::ConnectionReadTimeout)??, true)
-        }
+    let respond = |response: http::Response<Incoming>, sender| {
+        response.map(|incoming| PooledBody {
+            body: TimedBody::new(incoming, between_bytes),
+            reuse: Some((policy.pool.clone(), origin.clone(), sender)),
+            done: false,
+        })
     };
-    let response = response.map(|incoming| TimedBody::new(incoming, between_bytes));
-    Ok((response, async move {
-        if conn_done {
-            Ok(())
-        } else {
-            conn.await.map_err(HttpError::from)
+    // A pooled connection first. One the server has closed meanwhile hands the request
+    // back unsent, and it goes out on a new connection.
+    if let Some(mut sender) = policy.pool.take(&origin)
+        && let Ok(Ok(())) = tokio::time::timeout(connect_timeout, sender.ready()).await
+    {
+        match tokio::time::timeout(first_byte_timeout, sender.try_send_request(request)).await {
+            Err(_) => return Err(HttpError::ConnectionReadTimeout),
+            Ok(Ok(response)) => return Ok(respond(response, sender)),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(unsent) => request = unsent,
+                None => return Err(e.into_error().into()),
+            },
         }
-    }))
+    }
+    let mut sender = connect(&origin, policy.tls.clone(), connect_timeout).await?;
+    let response = tokio::time::timeout(first_byte_timeout, sender.send_request(request))
+        .await
+        .map_err(|_| HttpError::ConnectionReadTimeout)??;
+    Ok(respond(response, sender))
+}
+
+/// A new HTTP/1.1 connection (TLS for https), driven by its own task until it closes.
+async fn connect(
+    origin: &Origin,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+) -> Result<SendRequest<WasiBody>, HttpError> {
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect(origin.address()))
+        .await
+        .map_err(|_| HttpError::ConnectionTimeout)?
+        .map_err(HttpError::Connect)?;
+    let _ = tcp.set_nodelay(true);
+    let stream: Box<dyn Stream> = if origin.https {
+        let name = origin.server_name().map_err(|e| {
+            tracing::debug!("{e}");
+            HttpError::HttpRequestUriInvalid
+        })?;
+        let connector = tokio_rustls::TlsConnector::from(tls);
+        let tls = tokio::time::timeout(timeout, connector.connect(name, tcp))
+            .await
+            .map_err(|_| HttpError::ConnectionTimeout)?
+            .map_err(HttpError::Tls)?;
+        Box::new(tls)
+    } else {
+        Box::new(tcp)
+    };
+    let (sender, conn) = tokio::time::timeout(
+        timeout,
+        hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(stream)),
+    )
+    .await
+    .map_err(|_| HttpError::ConnectionTimeout)??;
+    // Ends when the server closes, or when the sender is dropped and the connection is
+    // idle (a body dropped half-read also closes it).
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("HTTP connection ended: {e}");
+        }
+    });
+    Ok(sender)
+}
+
+/// A response body that hands its connection back to the pool once read to the end.
+struct PooledBody {
+    body: TimedBody,
+    reuse: Option<(Arc<Pool>, Origin, SendRequest<WasiBody>)>,
+    done: bool,
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(None) => self.done = true,
+            std::task::Poll::Ready(Some(Err(_))) => self.reuse = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        if (self.done || self.body.is_end_stream())
+            && let Some((pool, origin, sender)) = self.reuse.take()
+        {
+            pool.put(origin, sender);
+        }
+    }
 }
 
 /// A response body that fails when the server goes quiet for longer than the
