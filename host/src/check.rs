@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use crate::chain::{chain_specs, plugin_spec};
 use crate::config::Config;
 use crate::error::Error;
-use crate::provider::Provider;
+use crate::inspect::Surface;
+use crate::provider::{Prepared, Provider};
 use crate::runtime::Runtime;
 
 /// The outcome of loading one provider.
@@ -16,8 +17,13 @@ pub struct CheckReport {
     pub provider: String,
     /// `builtin:config` or the module's path.
     pub source: String,
-    /// `None` when it loaded and accepted its configuration; otherwise why not.
-    pub problem: Option<String>,
+    /// Why it does not load, one line each: a missing export, a WIT version the host
+    /// does not speak, an import the host does not offer, settings it refused...
+    /// Empty when it loaded and accepted its configuration.
+    pub problems: Vec<String>,
+    /// Things that will not work although it loads: a capability it imports that the
+    /// configuration does not grant.
+    pub notes: Vec<String>,
 }
 
 /// Load each provider of `config` (the chain, including plugin-folder modules and
@@ -30,16 +36,29 @@ pub async fn check(config: &Config, modules: &[PathBuf]) -> Result<Vec<CheckRepo
     specs.extend(modules.iter().cloned().map(plugin_spec));
     let mut reports = Vec::with_capacity(specs.len());
     for spec in specs {
-        let problem = match Provider::load(&runtime, &spec).await {
-            Ok(_) => None,
-            Err(Error::Load { reason, .. }) => Some(reason),
-            Err(other) => Some(other.to_string()),
-        };
-        reports.push(CheckReport {
-            provider: spec.name,
+        let mut report = CheckReport {
+            provider: spec.name.clone(),
             source: spec.module.to_string(),
-            problem,
-        });
+            problems: Vec::new(),
+            notes: Vec::new(),
+        };
+        let loaded = async {
+            let prepared = Prepared::read(&spec).await?;
+            let component = Provider::compile(&runtime, &prepared).await?;
+            let surface = Surface::of(&component, &runtime.engine);
+            report.notes = surface.ungranted(&spec.grants);
+            report.problems = surface.problems();
+            if report.problems.is_empty() {
+                Provider::link(&runtime, prepared, component).await?;
+            }
+            Ok::<_, Error>(())
+        };
+        match loaded.await {
+            Ok(()) => {}
+            Err(Error::Load { reason, .. }) => report.problems.push(reason),
+            Err(other) => report.problems.push(other.to_string()),
+        }
+        reports.push(report);
     }
     Ok(reports)
 }

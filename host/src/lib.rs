@@ -53,6 +53,7 @@ mod dns;
 mod endpoint;
 mod error;
 mod imports;
+mod inspect;
 mod provider;
 mod query;
 mod registry;

@@ -227,13 +227,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let mut failed = false;
             for report in &reports {
-                match &report.problem {
-                    None => writeln!(out, "ok     {} ({})", report.provider, report.source)?,
-                    Some(problem) => {
-                        failed = true;
-                        let problem = problem.split_whitespace().collect::<Vec<_>>().join(" ");
-                        writeln!(out, "error  {} ({}): {problem}", report.provider, report.source)?;
-                    }
+                if report.problems.is_empty() {
+                    writeln!(out, "ok     {} ({})", report.provider, report.source)?;
+                }
+                for problem in &report.problems {
+                    failed = true;
+                    let problem = problem.split_whitespace().collect::<Vec<_>>().join(" ");
+                    writeln!(out, "error  {} ({}): {problem}", report.provider, report.source)?;
+                }
+                for note in &report.notes {
+                    writeln!(out, "note   {}: {note}", report.provider)?;
                 }
             }
             Ok(if failed {

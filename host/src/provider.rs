@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{InstancePre, ResourceTable};
+use wasmtime::component::{Component, InstancePre, ResourceTable};
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::WasiHttpCtx;
@@ -18,6 +18,7 @@ use crate::dns::DnsClient;
 use crate::endpoint::Endpoint;
 use crate::error::{Error, ProviderError, ProviderErrorKind};
 use crate::imports::http::{HttpHooks, HttpPolicy, TlsFiles};
+use crate::inspect::{RESOLVER_EXPORT, Surface};
 use crate::runtime::{EPOCH_TICK, Runtime};
 use crate::sandbox::{Health, LimitExceeded, MemoryLimiter, StderrTail, cap_text};
 use sha2::{Digest, Sha256};
@@ -204,25 +205,48 @@ impl Provider {
 
     /// Compile, link, instantiate and configure what [`Prepared::read`] read.
     pub async fn load_prepared(runtime: &Arc<Runtime>, prepared: Prepared) -> Result<Provider, Error> {
+        let component = Provider::compile(runtime, &prepared).await?;
+        Provider::link(runtime, prepared, component).await
+    }
+
+    /// Compile (or load precompiled) what [`Prepared::read`] read.
+    pub async fn compile(runtime: &Arc<Runtime>, prepared: &Prepared) -> Result<Component, Error> {
+        runtime
+            .compile(prepared.bytes.clone(), prepared.digest)
+            .await
+            .map_err(|e| prepared.spec.load_error(format!("not a loadable component: {e}")))
+    }
+
+    /// Link, instantiate and configure a compiled component.
+    pub async fn link(
+        runtime: &Arc<Runtime>,
+        prepared: Prepared,
+        component: Component,
+    ) -> Result<Provider, Error> {
         let Prepared {
             spec,
-            bytes,
-            digest,
             files,
             tls,
             fingerprint,
+            ..
         } = prepared;
         let load_error = |reason: String| spec.load_error(reason);
-        let component = runtime
-            .compile(bytes, digest)
-            .await
-            .map_err(|e| load_error(format!("not a loadable component: {e}")))?;
+        // The component's own imports and exports explain a failure better than the
+        // linker's first complaint.
+        let explained = |fallback: String| {
+            let problems = Surface::of(&component, &runtime.engine).problems();
+            if problems.is_empty() {
+                fallback
+            } else {
+                problems.join("; ")
+            }
+        };
         let pre = runtime
             .linker
             .instantiate_pre(&component)
-            .map_err(|e| load_error(format!("cannot link: {e:#}")))?;
+            .map_err(|e| load_error(explained(format!("cannot link: {e:#}"))))?;
         let resolver = ResolverIndices::new(&pre)
-            .map_err(|e| load_error(format!("does not export wasd:provider/resolver@0.1.0: {e:#}")))?;
+            .map_err(|e| load_error(explained(format!("does not export {RESOLVER_EXPORT}: {e:#}"))))?;
         let registrar = RegistrarIndices::new(&pre).ok();
         // Only granted variables; one that is not UTF-8 cannot cross into WASI.
         let env = std::env::vars_os()

@@ -138,7 +138,7 @@ async fn a_module_that_fails_to_load_leaves_the_last_good_one_serving() {
         ),
         (
             wasm(fixtures::WRONG_VERSION),
-            "does not export wasd:provider/resolver@0.1.0",
+            "exports wasd:provider/resolver@9.0.0, a WIT version this host does not support",
         ),
     ] {
         write_then_rename(&plugin, &bytes);
@@ -160,7 +160,8 @@ async fn a_module_that_fails_to_load_leaves_the_last_good_one_serving() {
         .env("WASD_CONFIG", sandbox.write("wasd.toml", PLUGINS_ONLY)));
     assert_eq!(out.code, 1, "{}", out.stdout);
     assert!(
-        out.stdout.contains("error  fixed") && out.stdout.contains("does not export"),
+        out.stdout.contains("error  fixed")
+            && out.stdout.contains("a WIT version this host does not support"),
         "{}",
         out.stdout
     );
