@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 
 use tempfile::TempDir;
 
+pub mod conformance;
 mod dns;
 mod etcd;
 pub use dns::DnsServer;
@@ -151,4 +152,22 @@ pub async fn eventually(within: std::time::Duration, what: &str, mut done: impl 
         assert!(tokio::time::Instant::now() < deadline, "{what}");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// An example provider from `examples/providers/` (`rust`, `python` or `javascript`),
+/// built by `scripts/build-example-providers` (which installs componentize-py and jco
+/// locally on first use and rebuilds only what changed).
+pub fn example_provider(language: &str) -> PathBuf {
+    let root = workspace_root();
+    let out = Command::new(root.join("scripts/build-example-providers"))
+        .arg(language)
+        .output()
+        .expect("running scripts/build-example-providers");
+    assert!(
+        out.status.success(),
+        "building the {language} example provider failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    root.join(format!("target/example-providers/{language}.wasm"))
 }
