@@ -77,13 +77,14 @@ impl Surface {
         let mut notes = Vec::new();
         if imports("wasi:http/outgoing-handler") && grants.http.is_empty() {
             notes.push(
-                "imports wasi:http/outgoing-handler but grants.http is empty: every request will be refused"
+                "imports wasi:http/outgoing-handler but grants.http is empty: any request it makes will be refused"
                     .to_owned(),
             );
         }
         if imports("wasd:provider/dns") && grants.dns.is_empty() {
             notes.push(
-                "imports wasd:provider/dns but grants.dns is empty: every lookup will be denied".to_owned(),
+                "imports wasd:provider/dns but grants.dns is empty: any lookup it makes will be denied"
+                    .to_owned(),
             );
         }
         notes
