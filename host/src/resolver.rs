@@ -22,7 +22,7 @@ use tokio::sync::{OnceCell, watch};
 use crate::bindings::Query as WitQuery;
 use crate::chain::{ChainAnswer, ProviderChain, select};
 use crate::config::Config;
-use crate::endpoint::EndpointSet;
+use crate::endpoint::{EndpointSet, SetInner};
 use crate::error::{ConfigError, Error, ProviderErrorKind};
 use crate::provider::Provider;
 use crate::query::{Query, effective_schemes};
@@ -36,7 +36,9 @@ const MIN_REFRESH: Duration = Duration::from_secs(1);
 /// Most query texts remembered for `resolve(&str)`'s fast path.
 const MAX_TEXT_INDEX: usize = 16_384;
 
-type TextIndex = HashMap<Box<str>, Arc<Entry>, foldhash::fast::RandomState>;
+// Shared keys: each new text copies the map (copy-on-write), which then costs two
+// reference counts per text rather than an allocation.
+type TextIndex = HashMap<Arc<str>, Arc<Entry>, foldhash::fast::RandomState>;
 
 /// A resolve's answer: an empty set (the service is gone) is `NoEndpoints`.
 fn non_empty(service: &str, set: EndpointSet) -> Result<EndpointSet, Error> {
@@ -115,7 +117,7 @@ struct Entry {
     /// `None` until the first answer; an empty set once the service has disappeared.
     state: watch::Sender<Option<EndpointSet>>,
     /// The same set as `state`, for the read path: an `ArcSwap` load takes no lock.
-    current: ArcSwapOption<EndpointSet>,
+    current: ArcSwapOption<SetInner>,
     /// Cleared when the entry leaves the cache (idle), so `by_text` never serves it.
     live: AtomicBool,
     init: OnceCell<()>,
@@ -133,7 +135,7 @@ impl Entry {
             if current.as_ref() == Some(&set) {
                 return false;
             }
-            self.current.store(Some(Arc::new(set.clone())));
+            self.current.store(Some(set.shared()));
             *current = Some(set);
             true
         });
@@ -332,7 +334,7 @@ impl Resolver {
             && let Some(set) = &*entry.current.load()
         {
             self.inner.touch(entry);
-            return non_empty(&entry.key.service, EndpointSet::clone(set));
+            return non_empty(&entry.key.service, EndpointSet::from_shared(Arc::clone(set)));
         }
         let parsed = Query::parse(query)?;
         let entry = self.inner.entry(&parsed)?;
@@ -447,6 +449,7 @@ impl Inner {
         self.by_text.store(Arc::default());
     }
 
+    /// For marking entries used, on every cached resolve: the coarse clock.
     fn now_ms(&self) -> u64 {
         self.runtime.coarse_now_ms()
     }
@@ -523,6 +526,10 @@ impl Inner {
     fn unindex(&self, entry: &Arc<Entry>) {
         entry.live.store(false, Ordering::Release);
         self.by_text.rcu(|index| {
+            // Most expiring entries were never indexed (parsed queries, watches).
+            if !index.values().any(|e| Arc::ptr_eq(e, entry)) {
+                return Arc::clone(index);
+            }
             let mut copy = HashMap::clone(index);
             copy.retain(|_, e| !Arc::ptr_eq(e, entry));
             Arc::new(copy)
@@ -534,7 +541,7 @@ impl Inner {
     /// empty set instead of failing.
     async fn ready(self: &Arc<Self>, entry: &Arc<Entry>, keep_empty: bool) -> Result<EndpointSet, Error> {
         if let Some(set) = &*entry.current.load() {
-            return Ok(EndpointSet::clone(set));
+            return Ok(EndpointSet::from_shared(Arc::clone(set)));
         }
         let init = entry
             .init
@@ -782,7 +789,9 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
 /// Drop the entry if nobody has used or watched it for the idle timeout.
 fn expire_if_idle(inner: &Inner, entry: &Arc<Entry>) -> bool {
     let idle = |inner: &Inner| {
+        // The exact clock: a lagging one would keep an idle entry one refresh longer.
         let idle_ms = inner
+            .runtime
             .now_ms()
             .saturating_sub(entry.last_used_ms.load(Ordering::Relaxed));
         entry.state.receiver_count() == 0

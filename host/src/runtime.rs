@@ -50,9 +50,16 @@ impl Runtime {
 
     /// Milliseconds since the runtime started, as of the last epoch tick: a clock read
     /// with one relaxed load, for bookkeeping on the cached-resolve path (`Instant::now`
-    /// costs a quarter of a cached resolve). At most one tick (10 ms) behind.
+    /// costs a quarter of a cached resolve). Behind by a tick (10 ms), more when the
+    /// ticker thread is starved: never ahead of [`Runtime::now_ms`].
     pub fn coarse_now_ms(&self) -> u64 {
         self.ticker.now_ms.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds since the runtime started, exactly: the same clock as
+    /// [`Runtime::coarse_now_ms`].
+    pub fn now_ms(&self) -> u64 {
+        self.ticker.started.elapsed().as_millis() as u64
     }
 
     /// Compile a component, or load it precompiled from the cache. Compiling takes tens
@@ -136,6 +143,7 @@ fn rand_suffix() -> u64 {
 struct EpochTicker {
     stop: Arc<AtomicBool>,
     now_ms: Arc<AtomicU64>,
+    started: Instant,
 }
 
 impl EpochTicker {
@@ -154,7 +162,11 @@ impl EpochTicker {
                 }
             })
             .expect("spawning the epoch thread");
-        EpochTicker { stop, now_ms }
+        EpochTicker {
+            stop,
+            now_ms,
+            started,
+        }
     }
 }
 
