@@ -51,8 +51,10 @@ fn non_empty(service: &str, set: EndpointSet) -> Result<EndpointSet, Error> {
     Ok(set)
 }
 
-/// Least time between the starts of two watch calls of one entry.
+/// Least time between the starts of two watch calls of one entry, once more than
+/// `WATCH_BURST` calls in a row have returned sooner.
 const WATCH_GAP: Duration = Duration::from_millis(100);
+const WATCH_BURST: u32 = 10;
 /// Retry back-off after a failed refresh: doubles from the first to the second.
 const BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 
@@ -702,6 +704,7 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
     // (etcd answers ranges but a proxy cuts its streams) must not reset it.
     let mut watch_backoff = BACKOFF.0;
     let mut last_chain = Instant::now();
+    let mut quick_returns = 0;
     loop {
         match next {
             Next::Sleep(delay) => {
@@ -726,16 +729,28 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                             return;
                         }
                         if last_chain.elapsed() < period {
-                            // Paced, so a provider that answers at once cannot spin; a
-                            // watch that waited for its change goes straight back. A
-                            // reload meanwhile sends us to the (new) chain instead.
-                            let reloaded = tokio::select! {
-                                _ = tokio::time::sleep(WATCH_GAP.saturating_sub(called.elapsed())) => false,
-                                woken = wake.wait() => match woken {
-                                    Woken::Shutdown => return,
-                                    Woken::Reload => true,
-                                },
+                            // A burst of changes goes straight through; past
+                            // WATCH_BURST quick returns in a row, calls are paced, so a
+                            // provider that answers at once cannot spin. A reload
+                            // meanwhile sends us to the (new) chain instead.
+                            quick_returns = if called.elapsed() < WATCH_GAP {
+                                quick_returns + 1
+                            } else {
+                                0
                             };
+                            let pause = if quick_returns > WATCH_BURST {
+                                WATCH_GAP.saturating_sub(called.elapsed())
+                            } else {
+                                Duration::ZERO
+                            };
+                            let reloaded = !pause.is_zero()
+                                && tokio::select! {
+                                    _ = tokio::time::sleep(pause) => false,
+                                    woken = wake.wait() => match woken {
+                                        Woken::Shutdown => return,
+                                        Woken::Reload => true,
+                                    },
+                                };
                             if !reloaded {
                                 next = Next::Watch { provider, version };
                                 continue;

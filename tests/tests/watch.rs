@@ -134,3 +134,27 @@ settings = {{ service = "seq", tag_calls = true, answers = [{{ endpoints = ["htt
     tokio::time::sleep(Duration::from_millis(3500)).await;
     assert_eq!(call(resolver.resolve("http://seq").await.unwrap()), "1");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_whose_watch_answers_at_once_is_paced() {
+    let sandbox = Sandbox::new();
+    let toml = format!(
+        r#"
+pass-through = false
+[[provider]]
+module = "{}"
+settings = {{ service = "seq", tag_calls = true, watch_at_once = true, answers = [{{ endpoints = ["http://a:1"] }}] }}
+"#,
+        wasd_tests::fixtures::SEQUENCE
+    );
+    let resolver = sandbox.resolver(&toml).await.unwrap();
+    let mut watch = resolver.watch("http://seq").await.unwrap();
+    // Every watch call returns a changed answer (a new `call` tag) at once: a burst
+    // goes straight through, then calls are paced to one per 100 ms.
+    let mut changes = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::timeout_at(deadline, watch.changed()).await.is_ok() {
+        changes += 1;
+    }
+    assert!((11..=40).contains(&changes), "{changes} changes in 2 s");
+}

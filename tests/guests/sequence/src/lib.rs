@@ -1,6 +1,9 @@
 //! A scripted provider: call N of `resolve` returns answer N of its settings (the last
 //! one repeats), so tests can drive refreshes, changes and failures.
 //!
+//! `"service": "*"` answers every service; `"watch_at_once": true` makes a push provider
+//! whose `watch` answers at once with the next call's answer.
+//!
 //! ```json
 //! {"service": "seq", "tag_calls": false,
 //!  "answers": [{"endpoints": ["http://a:1"], "ttl_ms": 1000}, {"error": "unavailable"}]}
@@ -18,6 +21,10 @@ struct Settings {
     answers: Vec<Answer>,
     #[serde(default)]
     tag_calls: bool,
+    /// Version every answer and answer `watch` at once with the next one: a provider
+    /// that would spin if the host let it.
+    #[serde(default)]
+    watch_at_once: bool,
 }
 
 #[derive(Deserialize)]
@@ -48,7 +55,7 @@ impl Provider for Sequence {
     }
 
     fn resolve(&self, query: Query) -> Result<Resolution, Error> {
-        if query.service != self.settings.service {
+        if self.settings.service != "*" && query.service != self.settings.service {
             return Ok(Resolution::empty());
         }
         let call = self.calls.get();
@@ -72,7 +79,18 @@ impl Provider for Sequence {
         }
         let mut resolution = Resolution::new(endpoints);
         resolution.ttl_ms = answer.ttl_ms;
+        if self.settings.watch_at_once {
+            resolution.version = Some(call.to_string());
+        }
         Ok(resolution)
+    }
+
+    fn watch(&self, query: Query, version: String, timeout_ms: u64) -> Result<Option<Resolution>, Error> {
+        if !self.settings.watch_at_once {
+            return Err(Error::Unsupported("scripted polling provider".into()));
+        }
+        let _ = (version, timeout_ms);
+        self.resolve(query).map(Some)
     }
 }
 
