@@ -31,6 +31,12 @@ const DEFAULT_BETWEEN_BYTES_TIMEOUT: Duration = Duration::from_secs(600);
 /// Idle keep-alive connections kept per origin, and for how long.
 const MAX_IDLE_PER_ORIGIN: usize = 8;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a pooled connection may take to be ready before a new one is opened.
+const POOLED_READY_TIMEOUT: Duration = Duration::from_millis(100);
+/// Requests with a body up to this size are buffered when they go out on a pooled
+/// connection, so they can be sent again on a new one if the server closed the pooled
+/// one as the request went out (the keep-alive race).
+const MAX_REPLAY_BODY: u64 = 64 << 10;
 
 /// One granted origin, with the scheme's default port made explicit so that
 /// `http://etcd` and `http://etcd:80` are the same grant.
@@ -105,15 +111,29 @@ impl Pool {
         None
     }
 
-    fn put(&self, origin: Origin, sender: SendRequest<WasiBody>) {
+    fn put(self: &Arc<Self>, origin: Origin, sender: SendRequest<WasiBody>) {
         if sender.is_closed() {
             return;
         }
         let mut idle = self.idle.lock().expect("pool lock");
-        let list = idle.entry(origin).or_default();
+        let list = idle.entry(origin.clone()).or_default();
         list.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
-        if list.len() < MAX_IDLE_PER_ORIGIN {
-            list.push((sender, Instant::now()));
+        if list.len() >= MAX_IDLE_PER_ORIGIN {
+            return;
+        }
+        list.push((sender, Instant::now()));
+        // Close it when its idle time is up, if nobody took it by then.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let pool = Arc::downgrade(self);
+            runtime.spawn(async move {
+                tokio::time::sleep(IDLE_TIMEOUT).await;
+                if let Some(pool) = pool.upgrade() {
+                    let mut idle = pool.idle.lock().expect("pool lock");
+                    if let Some(list) = idle.get_mut(&origin) {
+                        list.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+                    }
+                }
+            });
         }
     }
 }
@@ -208,6 +228,8 @@ impl WasiHttpHooks for HttpHooks {
         options: Option<RequestOptions>,
         _fut: IoFuture,
     ) -> Box<dyn Future<Output = Result<(http::Response<WasiBody>, IoFuture), HttpError>> + Send> {
+        // Counted whether or not it is allowed: the handle wasmtime-wasi-http keeps is
+        // per request the guest makes.
         self.requests = self.requests.saturating_add(1);
         let policy = self.policy.clone();
         Box::new(async move {
@@ -263,17 +285,28 @@ async fn send(
             done: false,
         })
     };
-    // A pooled connection first. One the server has closed meanwhile hands the request
-    // back unsent, and it goes out on a new connection.
+    // A pooled connection first. If it fails before any answer, the request goes out
+    // again on a new connection: handed back unsent by hyper, or rebuilt from its
+    // buffered body.
     if let Some(mut sender) = policy.pool.take(&origin)
-        && let Ok(Ok(())) = tokio::time::timeout(connect_timeout, sender.ready()).await
+        && let Ok(Ok(())) = tokio::time::timeout(POOLED_READY_TIMEOUT, sender.ready()).await
     {
-        match tokio::time::timeout(first_byte_timeout, sender.try_send_request(request)).await {
+        let (attempt, replay) = if replayable(&request) {
+            let buffered = buffer(request, first_byte_timeout).await?;
+            (buffered.request(), Some(buffered))
+        } else {
+            (request, None)
+        };
+        match tokio::time::timeout(first_byte_timeout, sender.try_send_request(attempt)).await {
             Err(_) => return Err(HttpError::ConnectionReadTimeout),
             Ok(Ok(response)) => return Ok(respond(response, sender)),
-            Ok(Err(mut e)) => match e.take_message() {
-                Some(unsent) => request = unsent,
-                None => return Err(e.into_error().into()),
+            Ok(Err(mut e)) => match (e.take_message(), &replay) {
+                (Some(unsent), _) => request = unsent,
+                (None, Some(buffered)) => {
+                    tracing::debug!("a pooled connection failed ({}); sending again", e.error());
+                    request = buffered.request();
+                }
+                (None, None) => return Err(e.into_error().into()),
             },
         }
     }
@@ -282,6 +315,55 @@ async fn send(
         .await
         .map_err(|_| HttpError::ConnectionReadTimeout)??;
     Ok(respond(response, sender))
+}
+
+/// A request with no body or a declared one small enough to buffer.
+fn replayable(request: &http::Request<WasiBody>) -> bool {
+    let declared = request
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    request.body().is_end_stream() || declared.is_some_and(|n| n <= MAX_REPLAY_BODY)
+}
+
+/// A request whose body has been read, to send more than once.
+struct Buffered {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+impl Buffered {
+    fn request(&self) -> http::Request<WasiBody> {
+        let mut request = http::Request::new(
+            http_body_util::Full::new(self.body.clone())
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+/// Read the whole body (the guest writes it before it waits for the answer).
+async fn buffer(request: http::Request<WasiBody>, timeout: Duration) -> Result<Buffered, HttpError> {
+    let (parts, body) = request.into_parts();
+    let body = tokio::time::timeout(timeout, body.collect())
+        .await
+        .map_err(|_| HttpError::ConnectionReadTimeout)??
+        .to_bytes();
+    Ok(Buffered {
+        method: parts.method,
+        uri: parts.uri,
+        version: parts.version,
+        headers: parts.headers,
+        body,
+    })
 }
 
 /// A new HTTP/1.1 connection (TLS for https), driven by its own task until it closes.
