@@ -12,6 +12,7 @@ use crate::runtime::Runtime;
 
 /// The outcome of loading one provider.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct CheckReport {
     /// The provider's name.
     pub provider: String,
@@ -47,9 +48,16 @@ pub async fn check(config: &Config, modules: &[PathBuf]) -> Result<Vec<CheckRepo
             let component = Provider::compile(&runtime, &prepared).await?;
             let surface = Surface::of(&component, &runtime.engine);
             report.notes = surface.ungranted(&spec.grants);
-            report.problems = surface.problems();
-            if report.problems.is_empty() {
-                Provider::link(&runtime, prepared, component).await?;
+            // Always linked for real; the component's type only explains a failure, one
+            // line per problem, when it accounts for it.
+            if let Err(e) = Provider::link(&runtime, prepared, component).await {
+                let problems = surface.problems();
+                match &e {
+                    Error::Load { reason, .. } if !problems.is_empty() && *reason == problems.join("; ") => {
+                        report.problems = problems;
+                    }
+                    _ => return Err(e),
+                }
             }
             Ok::<_, Error>(())
         };

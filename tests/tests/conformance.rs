@@ -20,7 +20,10 @@ async fn passes(language: &str) {
     assert!(report.passed(), "{report}");
     assert_eq!(report.checks.len(), 8, "{report}");
     // The generic checks ran on real answers: the table's `basket`.
-    assert!(report.to_string().contains("3 of 8 with endpoints"), "{report}");
+    assert!(
+        report.to_string().contains("3 of 8 with endpoints, 0 declined"),
+        "{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -75,7 +78,10 @@ async fn a_simple_rust_provider_passes_the_generic_checks() {
     };
     let report = suite.run(fixtures::FIXED_A.as_ref()).await;
     assert!(report.passed(), "{report}");
-    assert!(report.to_string().contains("1 of 9 with endpoints"), "{report}");
+    assert!(
+        report.to_string().contains("1 of 9 with endpoints, 0 declined"),
+        "{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -104,6 +110,37 @@ async fn a_provider_misusing_internal_fails() {
         report
             .failures()
             .contains(&"answers the standard queries without faulting"),
+        "{report}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_provider_changing_its_answer_or_declining_everything_fails() {
+    // Call 0 answers a, every later call b: the second round differs from the first.
+    let changing = Suite {
+        settings: Some(
+            r#"service = "basket", answers = [{ endpoints = ["http://a:1"] }, { endpoints = ["http://b:1"] }]"#.into(),
+        ),
+        ..Suite::default()
+    };
+    let report = changing.run(fixtures::SEQUENCE.as_ref()).await;
+    assert!(
+        report.failures().contains(&"answers the same query the same way"),
+        "{report}"
+    );
+    // `unavailable` to everything, the unknown service included.
+    let declining = Suite {
+        settings: Some(r#"service = "*", answers = [{ error = "unavailable" }]"#.into()),
+        ..Suite::default()
+    };
+    let report = declining.run(fixtures::SEQUENCE.as_ref()).await;
+    let failures = report.failures();
+    assert!(
+        failures.contains(&"answers the standard queries without faulting"),
+        "{report}"
+    );
+    assert!(
+        failures.contains(&"lets the chain go on for a service it does not know"),
         "{report}"
     );
 }
