@@ -44,11 +44,14 @@
 //! Answers are cached; a cached resolve does not enter WebAssembly.
 #![deny(missing_docs)]
 
+mod balance;
 mod bindings;
 mod builtin;
 mod chain;
 mod check;
 mod config;
+#[cfg(feature = "tower")]
+mod discover;
 mod dns;
 mod endpoint;
 mod error;
@@ -62,11 +65,14 @@ mod resolver;
 mod runtime;
 mod sandbox;
 
+pub use balance::{Balancer, BalancerBuilder, DEFAULT_EJECTION, Picked, Strategy};
 pub use check::{CheckReport, check};
 pub use config::{
     Config, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_MEMORY, DEFAULT_REFRESH_PERIOD,
     DEFAULT_TIMEOUT,
 };
+#[cfg(feature = "tower")]
+pub use discover::Discover;
 pub use endpoint::{Endpoint, EndpointSet};
 pub use error::{ConfigError, Error, ProviderError, ProviderErrorKind};
 pub use query::Query;

@@ -1,0 +1,343 @@
+//! Client-side load balancing over a watched query: pick one endpoint per request.
+//!
+//! A [`Balancer`] follows [`Resolver::watch`] in the background and picks from the
+//! current endpoints with a [`Strategy`]: round-robin (Microsoft's only one), random,
+//! power of two choices on outstanding requests, or pick-first. Filters (metadata, the
+//! instance version, any predicate) apply to every set, Kratos's `filter.Version("v2")`.
+//! An endpoint that failed (a refused connection, say) is left out for a while, unless
+//! every endpoint has failed. Like Kratos, a balancer never drops to an empty set: when a
+//! new set has no endpoint that passes the filters, it keeps the last one that had.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+
+use crate::endpoint::{Endpoint, EndpointSet};
+use crate::error::Error;
+use crate::query::Query;
+use crate::resolver::Resolver;
+
+/// How a [`Balancer`] chooses among the endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Strategy {
+    /// Each endpoint in turn.
+    #[default]
+    RoundRobin,
+    /// Uniformly at random.
+    Random,
+    /// Two endpoints at random, the one with fewer requests outstanding (those whose
+    /// [`Picked`] guard is alive).
+    PowerOfTwoChoices,
+    /// The first endpoint in the provider's order (priority order for DNS SRV); the
+    /// next while it is marked failed.
+    PickFirst,
+}
+
+/// How long an endpoint marked failed is left out, at first; doubling on each failure
+/// in a row up to [`MAX_EJECTION`].
+pub const DEFAULT_EJECTION: Duration = Duration::from_secs(1);
+const MAX_EJECTION: Duration = Duration::from_secs(30);
+
+type Predicate = Arc<dyn Fn(&Endpoint) -> bool + Send + Sync>;
+
+/// Builds a [`Balancer`]; from [`Resolver::balancer_builder`].
+#[must_use]
+pub struct BalancerBuilder {
+    resolver: Resolver,
+    query: String,
+    strategy: Strategy,
+    filters: Vec<Predicate>,
+    ejection: Duration,
+}
+
+impl BalancerBuilder {
+    /// The picking strategy (default: round-robin).
+    pub fn strategy(mut self, strategy: Strategy) -> Self {
+        self.strategy = strategy;
+        self
+    }
+
+    /// Only endpoints whose metadata has `key` = `value`.
+    pub fn metadata(self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        let (key, value) = (key.into(), value.into());
+        self.filter(move |e| e.metadata_value(&key) == Some(value.as_str()))
+    }
+
+    /// Only endpoints of instances of this version (the `version` metadata, as the etcd
+    /// provider sets it): Kratos's `filter.Version`.
+    pub fn version(self, version: impl Into<String>) -> Self {
+        self.metadata("version", version)
+    }
+
+    /// Only endpoints for which `keep` holds. Filters add up.
+    pub fn filter(mut self, keep: impl Fn(&Endpoint) -> bool + Send + Sync + 'static) -> Self {
+        self.filters.push(Arc::new(keep));
+        self
+    }
+
+    /// How long an endpoint marked failed is left out at first (default 1 s).
+    pub fn ejection(mut self, first: Duration) -> Self {
+        self.ejection = first;
+        self
+    }
+
+    /// Resolve the query (failing as [`Resolver::resolve`] does when nothing answers)
+    /// and start following it.
+    pub async fn build(self) -> Result<Balancer, Error> {
+        let query = Query::parse(&self.query)?;
+        let mut watch = self.resolver.watch_query(&query).await?;
+        let shared = Arc::new(Shared {
+            strategy: self.strategy,
+            filters: self.filters,
+            ejection: self.ejection,
+            next: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+        });
+        let first = watch.current();
+        if !shared.update(&first) {
+            return Err(Error::NoEndpoints {
+                service: query.service().to_owned(),
+                failures: Vec::new(),
+            });
+        }
+        let follower = Arc::downgrade(&shared);
+        let task = tokio::spawn(async move {
+            while let Some(set) = watch.changed().await {
+                let Some(shared) = follower.upgrade() else { return };
+                shared.update(&set);
+            }
+        });
+        Ok(Balancer {
+            shared,
+            _task: Arc::new(AbortOnDrop(task)),
+        })
+    }
+}
+
+/// Picks endpoints of one query, following its changes. Cheap to clone; the clones
+/// share the endpoints, counters and failure marks.
+#[derive(Clone)]
+pub struct Balancer {
+    shared: Arc<Shared>,
+    _task: Arc<AbortOnDrop>,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct Shared {
+    strategy: Strategy,
+    filters: Vec<Predicate>,
+    ejection: Duration,
+    /// The round-robin position.
+    next: AtomicUsize,
+    /// Failure marks are milliseconds since this instant.
+    epoch: Instant,
+    snapshot: ArcSwap<Snapshot>,
+}
+
+/// The endpoints that pass the filters, each with its counters.
+#[derive(Default)]
+struct Snapshot {
+    endpoints: Vec<Arc<Slot>>,
+}
+
+/// One endpoint and what the balancer knows of it; kept across sets while the endpoint
+/// stays, so counters and failure marks survive changes.
+struct Slot {
+    endpoint: Endpoint,
+    outstanding: AtomicUsize,
+    /// Left out until this time (ms since `Shared::epoch`); 0 = not failed.
+    ejected_until: AtomicU64,
+    failures_in_a_row: AtomicU64,
+}
+
+impl Shared {
+    /// Take a new set; false (keeping the old one) when no endpoint passes the filters.
+    fn update(&self, set: &EndpointSet) -> bool {
+        let old = self.snapshot.load();
+        let mut kept: HashMap<&Endpoint, &Arc<Slot>> =
+            old.endpoints.iter().map(|s| (&s.endpoint, s)).collect();
+        let endpoints: Vec<Arc<Slot>> = set
+            .iter()
+            .filter(|e| self.filters.iter().all(|keep| keep(e)))
+            .map(|e| match kept.remove(e) {
+                Some(slot) => slot.clone(),
+                None => Arc::new(Slot {
+                    endpoint: e.clone(),
+                    outstanding: AtomicUsize::new(0),
+                    ejected_until: AtomicU64::new(0),
+                    failures_in_a_row: AtomicU64::new(0),
+                }),
+            })
+            .collect();
+        if endpoints.is_empty() {
+            if !old.endpoints.is_empty() {
+                tracing::warn!(
+                    "no endpoint passes the balancer's filters in the new set; keeping the {} it had",
+                    old.endpoints.len()
+                );
+            }
+            return false;
+        }
+        self.snapshot.store(Arc::new(Snapshot { endpoints }));
+        true
+    }
+
+    fn now_ms(&self) -> u64 {
+        // Never 0, which means "not ejected".
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+}
+
+impl Balancer {
+    /// Pick an endpoint for one request. Hold the returned guard for as long as the
+    /// request is outstanding (power of two choices counts them), and call
+    /// [`Picked::failed`] if the endpoint could not be reached.
+    pub fn pick(&self) -> Picked {
+        let snapshot = self.shared.snapshot.load_full();
+        let now = self.shared.now_ms();
+        let live: Vec<usize> = (0..snapshot.endpoints.len())
+            .filter(|&i| snapshot.endpoints[i].ejected_until.load(Ordering::Relaxed) <= now)
+            .collect();
+        // Every endpoint failed lately: try them anyway rather than fail the request.
+        let candidates: Vec<usize> = if live.is_empty() {
+            (0..snapshot.endpoints.len()).collect()
+        } else {
+            live
+        };
+        let n = candidates.len();
+        let chosen = match self.shared.strategy {
+            Strategy::RoundRobin => candidates[self.shared.next.fetch_add(1, Ordering::Relaxed) % n],
+            Strategy::Random => candidates[fastrand::usize(..n)],
+            Strategy::PickFirst => candidates[0],
+            Strategy::PowerOfTwoChoices => {
+                if n == 1 {
+                    candidates[0]
+                } else {
+                    let a = fastrand::usize(..n);
+                    let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+                    let load = |i: usize| {
+                        snapshot.endpoints[candidates[i]]
+                            .outstanding
+                            .load(Ordering::Relaxed)
+                    };
+                    candidates[if load(b) < load(a) { b } else { a }]
+                }
+            }
+        };
+        let slot = snapshot.endpoints[chosen].clone();
+        slot.outstanding.fetch_add(1, Ordering::Relaxed);
+        Picked {
+            slot,
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Every endpoint the balancer picks from now, in the provider's order, with the
+    /// ones marked failed last: the order to try them in when one fails.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        let snapshot = self.shared.snapshot.load();
+        let now = self.shared.now_ms();
+        let (live, failed): (Vec<&Arc<Slot>>, Vec<&Arc<Slot>>) = snapshot
+            .endpoints
+            .iter()
+            .partition(|s| s.ejected_until.load(Ordering::Relaxed) <= now);
+        live.into_iter()
+            .chain(failed)
+            .map(|s| s.endpoint.clone())
+            .collect()
+    }
+
+    /// The picking strategy.
+    pub fn strategy(&self) -> Strategy {
+        self.shared.strategy
+    }
+}
+
+/// One picked endpoint; counts as an outstanding request until dropped.
+pub struct Picked {
+    slot: Arc<Slot>,
+    shared: Arc<Shared>,
+}
+
+impl Picked {
+    /// The endpoint to send to.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.slot.endpoint
+    }
+
+    /// The endpoint could not be reached: leave it out of picks for a while (1 s,
+    /// doubling with each failure in a row, up to 30 s).
+    pub fn failed(&self) {
+        let in_a_row = self
+            .slot
+            .failures_in_a_row
+            .fetch_add(1, Ordering::Relaxed)
+            .min(16) as u32;
+        let ejection = self
+            .shared
+            .ejection
+            .saturating_mul(1 << in_a_row)
+            .min(MAX_EJECTION);
+        let until = self.shared.now_ms() + ejection.as_millis() as u64;
+        self.slot.ejected_until.store(until, Ordering::Relaxed);
+    }
+
+    /// The endpoint answered: its failure count starts again.
+    pub fn succeeded(&self) {
+        self.slot.failures_in_a_row.store(0, Ordering::Relaxed);
+        self.slot.ejected_until.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Picked {
+    fn drop(&mut self) {
+        self.slot.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for Picked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Picked")
+            .field("endpoint", &self.slot.endpoint)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Balancer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balancer")
+            .field("strategy", &self.shared.strategy)
+            .field("endpoints", &self.endpoints())
+            .finish()
+    }
+}
+
+impl Resolver {
+    /// A round-robin [`Balancer`] over a query's endpoints, following its changes.
+    pub async fn balancer(&self, query: &str) -> Result<Balancer, Error> {
+        self.balancer_builder(query).build().await
+    }
+
+    /// A [`Balancer`] with a strategy, filters and ejection time of your choice.
+    pub fn balancer_builder(&self, query: impl Into<String>) -> BalancerBuilder {
+        BalancerBuilder {
+            resolver: self.clone(),
+            query: query.into(),
+            strategy: Strategy::default(),
+            filters: Vec::new(),
+            ejection: DEFAULT_EJECTION,
+        }
+    }
+}
