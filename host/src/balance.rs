@@ -205,38 +205,42 @@ impl Balancer {
     /// request is outstanding (power of two choices counts them), and call
     /// [`Picked::failed`] if the endpoint could not be reached.
     pub fn pick(&self) -> Picked {
-        let snapshot = self.shared.snapshot.load_full();
+        let snapshot = self.shared.snapshot.load();
+        let slots = &snapshot.endpoints;
         let now = self.shared.now_ms();
-        let live: Vec<usize> = (0..snapshot.endpoints.len())
-            .filter(|&i| snapshot.endpoints[i].ejected_until.load(Ordering::Relaxed) <= now)
-            .collect();
-        // Every endpoint failed lately: try them anyway rather than fail the request.
-        let candidates: Vec<usize> = if live.is_empty() {
-            (0..snapshot.endpoints.len()).collect()
+        let live = |slot: &Arc<Slot>| slot.ejected_until.load(Ordering::Relaxed) <= now;
+        let live_count = slots.iter().filter(|s| live(s)).count();
+        // The k-th candidate: the live endpoints, or all of them when every one failed
+        // lately (trying them anyway beats failing the request). No allocation per pick.
+        let (n, nth) = if live_count == 0 {
+            (slots.len(), None)
         } else {
-            live
+            (live_count, Some(live))
         };
-        let n = candidates.len();
+        let candidate = |k: usize| match nth {
+            None => k,
+            Some(live) => slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| live(s))
+                .nth(k)
+                .map_or(0, |(i, _)| i),
+        };
         let chosen = match self.shared.strategy {
-            Strategy::RoundRobin => candidates[self.shared.next.fetch_add(1, Ordering::Relaxed) % n],
-            Strategy::Random => candidates[fastrand::usize(..n)],
-            Strategy::PickFirst => candidates[0],
+            Strategy::RoundRobin => candidate(self.shared.next.fetch_add(1, Ordering::Relaxed) % n),
+            Strategy::Random => candidate(fastrand::usize(..n)),
+            Strategy::PickFirst => candidate(0),
+            Strategy::PowerOfTwoChoices if n == 1 => candidate(0),
             Strategy::PowerOfTwoChoices => {
-                if n == 1 {
-                    candidates[0]
-                } else {
-                    let a = fastrand::usize(..n);
-                    let b = (a + 1 + fastrand::usize(..n - 1)) % n;
-                    let load = |i: usize| {
-                        snapshot.endpoints[candidates[i]]
-                            .outstanding
-                            .load(Ordering::Relaxed)
-                    };
-                    candidates[if load(b) < load(a) { b } else { a }]
-                }
+                // Two different candidates at random; the less busy one.
+                let first = fastrand::usize(..n);
+                let second = (first + 1 + fastrand::usize(..n - 1)) % n;
+                let (a, b) = (candidate(first), candidate(second));
+                let load = |i: usize| slots[i].outstanding.load(Ordering::Relaxed);
+                if load(b) < load(a) { b } else { a }
             }
         };
-        let slot = snapshot.endpoints[chosen].clone();
+        let slot = slots[chosen].clone();
         slot.outstanding.fetch_add(1, Ordering::Relaxed);
         Picked {
             slot,

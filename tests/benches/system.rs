@@ -31,7 +31,7 @@ use hickory_resolver::proto::rr::RData;
 use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 use wasd::Query;
-use wasd_tests::{DnsServer, EtcdServer, Sandbox, fixtures, workspace_root};
+use wasd_tests::{DnsServer, EtcdServer, Sandbox, fixtures};
 
 fn runtime() -> Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -491,7 +491,7 @@ struct ProcessSetup {
 
 impl ProcessSetup {
     fn start() -> ProcessSetup {
-        let bin = release_binary();
+        let bin = wasd_tests::build_wasd(true);
         let dns = DnsServer::start(30, DNS_RECORDS);
         let etcd = EtcdServer::start();
         etcd.put_instance("hello", "a", "v1", &["http://10.0.0.1:8000"], None);
@@ -561,28 +561,6 @@ grants = {{ http = ["{url}"] }}
             .stderr(std::process::Stdio::null());
         cmd
     }
-}
-
-/// The release `wasd` binary, built (or found up to date) first.
-fn release_binary() -> std::path::PathBuf {
-    let root = workspace_root();
-    let status = std::process::Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "wasd",
-            "--bin",
-            "wasd",
-            "--manifest-path",
-        ])
-        .arg(root.join("Cargo.toml"))
-        .status()
-        .unwrap();
-    assert!(status.success(), "building the release wasd binary failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), Into::into);
-    target.join("release/wasd")
 }
 
 criterion_group!(benches, dns, etcd, reload, scale, process);

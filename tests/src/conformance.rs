@@ -258,10 +258,12 @@ impl Suite {
     }
 }
 
-/// A config of just this provider (no pass-through: an empty answer stays visible).
+/// A config of just this provider (no pass-through: an empty answer stays visible),
+/// sharing the tests' precompiled-component cache.
 fn config(module: &Path, settings: &str, grants: &str) -> String {
     format!(
-        "pass-through = false\n[[provider]]\nname = \"subject\"\nmodule = {}\nsettings = {{ {settings} }}\ngrants = {{ {grants} }}\n",
+        "pass-through = false\ncache-dir = {}\n[[provider]]\nname = \"subject\"\nmodule = {}\nsettings = {{ {settings} }}\ngrants = {{ {grants} }}\n",
+        toml_string(&crate::cache_dir().display().to_string()),
         toml_string(&module.display().to_string())
     )
 }

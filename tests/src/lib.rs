@@ -36,29 +36,29 @@ pub fn cache_dir() -> PathBuf {
 /// never run a stale binary.
 pub fn wasd_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = workspace_root();
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "wasd",
-                "--bin",
-                "wasd",
-                "--manifest-path",
-            ])
-            .arg(root.join("Cargo.toml"))
-            .status()
-            .expect("running cargo build for the wasd binary");
-        assert!(status.success(), "building the wasd binary failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target"));
-        target
-            .join("debug")
-            .join(format!("wasd{}", std::env::consts::EXE_SUFFIX))
-    })
+    BIN.get_or_init(|| build_wasd(false))
+}
+
+/// Build the `wasd` binary (debug, or release for benchmarks) and return its path.
+pub fn build_wasd(release: bool) -> PathBuf {
+    let root = workspace_root();
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.args(["build", "--quiet", "-p", "wasd", "--bin", "wasd"]);
+    if release {
+        cargo.arg("--release");
+    }
+    let status = cargo
+        .arg("--manifest-path")
+        .arg(root.join("Cargo.toml"))
+        .status()
+        .expect("running cargo build for the wasd binary");
+    assert!(status.success(), "building the wasd binary failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    target
+        .join(if release { "release" } else { "debug" })
+        .join(format!("wasd{}", std::env::consts::EXE_SUFFIX))
 }
 
 /// A temporary folder to hold a test's config files.
