@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
@@ -19,6 +19,7 @@ use crate::endpoint::{Endpoint, EndpointSet};
 use crate::error::Error;
 use crate::query::Query;
 use crate::resolver::Resolver;
+use crate::runtime::Runtime;
 
 /// How a [`Balancer`] chooses among the endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -95,7 +96,7 @@ impl BalancerBuilder {
             filters: self.filters,
             ejection: self.ejection,
             next: AtomicUsize::new(0),
-            epoch: Instant::now(),
+            runtime: self.resolver.runtime().clone(),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
         });
         let first = watch.current();
@@ -141,8 +142,8 @@ struct Shared {
     ejection: Duration,
     /// The round-robin position.
     next: AtomicUsize,
-    /// Failure marks are milliseconds since this instant.
-    epoch: Instant,
+    /// Its coarse clock times failure marks (a load per pick, not a clock read).
+    runtime: Arc<Runtime>,
     snapshot: ArcSwap<Snapshot>,
 }
 
@@ -157,7 +158,7 @@ struct Snapshot {
 struct Slot {
     endpoint: Endpoint,
     outstanding: AtomicUsize,
-    /// Left out until this time (ms since `Shared::epoch`); 0 = not failed.
+    /// Left out until this time (the runtime's milliseconds); 0 = not failed.
     ejected_until: AtomicU64,
     failures_in_a_row: AtomicU64,
 }
@@ -196,7 +197,7 @@ impl Shared {
 
     fn now_ms(&self) -> u64 {
         // Never 0, which means "not ejected".
-        self.epoch.elapsed().as_millis() as u64 + 1
+        self.runtime.coarse_now_ms() + 1
     }
 }
 

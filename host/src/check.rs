@@ -46,18 +46,10 @@ pub async fn check(config: &Config, modules: &[PathBuf]) -> Result<Vec<CheckRepo
         let loaded = async {
             let prepared = Prepared::read(&spec).await?;
             let component = Provider::compile(&runtime, &prepared).await?;
-            let surface = Surface::of(&component, &runtime.engine);
-            report.notes = surface.ungranted(&spec.grants);
-            // Always linked for real; the component's type only explains a failure, one
-            // line per problem, when it accounts for it.
-            if let Err(e) = Provider::link(&runtime, prepared, component).await {
-                let problems = surface.problems();
-                match &e {
-                    Error::Load { reason, .. } if !problems.is_empty() && *reason == problems.join("; ") => {
-                        report.problems = problems;
-                    }
-                    _ => return Err(e),
-                }
+            report.notes = Surface::of(&component, &runtime.engine).ungranted(&spec.grants);
+            match Provider::link_exports(&runtime, &component) {
+                Err(problems) => report.problems = problems,
+                Ok(linked) => drop(Provider::start(&runtime, prepared, linked).await?),
             }
             Ok::<_, Error>(())
         };

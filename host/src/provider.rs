@@ -196,6 +196,13 @@ impl Prepared {
     }
 }
 
+/// A component linked against the host's imports, its exports found.
+pub(crate) struct Linked {
+    pre: InstancePre<ProviderState>,
+    resolver: ResolverIndices,
+    registrar: Option<RegistrarIndices>,
+}
+
 impl Provider {
     /// Read, compile, link, instantiate and configure: a provider that loads has
     /// answered `configure` once, so bad settings fail here and not on the first query.
@@ -223,6 +230,43 @@ impl Provider {
         prepared: Prepared,
         component: Component,
     ) -> Result<Provider, Error> {
+        let linked = Provider::link_exports(runtime, &component)
+            .map_err(|problems| prepared.spec.load_error(problems.join("; ")))?;
+        Provider::start(runtime, prepared, linked).await
+    }
+
+    /// Link a component against the host's imports and find its exports; on failure,
+    /// what is wrong, one line each. The component's own imports and exports explain
+    /// a failure better than the linker's first complaint, when they account for it.
+    pub fn link_exports(runtime: &Runtime, component: &Component) -> Result<Linked, Vec<String>> {
+        let explained = |fallback: String| {
+            let problems = Surface::of(component, &runtime.engine).problems();
+            if problems.is_empty() {
+                vec![fallback]
+            } else {
+                problems
+            }
+        };
+        let pre = runtime
+            .linker
+            .instantiate_pre(component)
+            .map_err(|e| explained(format!("cannot link: {e:#}")))?;
+        let resolver = ResolverIndices::new(&pre)
+            .map_err(|e| explained(format!("does not export {RESOLVER_EXPORT}: {e:#}")))?;
+        let registrar = RegistrarIndices::new(&pre).ok();
+        Ok(Linked {
+            pre,
+            resolver,
+            registrar,
+        })
+    }
+
+    /// Instantiate and configure a linked component: a provider ready to serve.
+    pub async fn start(
+        runtime: &Arc<Runtime>,
+        prepared: Prepared,
+        linked: Linked,
+    ) -> Result<Provider, Error> {
         let Prepared {
             spec,
             files,
@@ -230,24 +274,12 @@ impl Provider {
             fingerprint,
             ..
         } = prepared;
+        let Linked {
+            pre,
+            resolver,
+            registrar,
+        } = linked;
         let load_error = |reason: String| spec.load_error(reason);
-        // The component's own imports and exports explain a failure better than the
-        // linker's first complaint.
-        let explained = |fallback: String| {
-            let problems = Surface::of(&component, &runtime.engine).problems();
-            if problems.is_empty() {
-                fallback
-            } else {
-                problems.join("; ")
-            }
-        };
-        let pre = runtime
-            .linker
-            .instantiate_pre(&component)
-            .map_err(|e| load_error(explained(format!("cannot link: {e:#}"))))?;
-        let resolver = ResolverIndices::new(&pre)
-            .map_err(|e| load_error(explained(format!("does not export {RESOLVER_EXPORT}: {e:#}"))))?;
-        let registrar = RegistrarIndices::new(&pre).ok();
         // Only granted variables; one that is not UTF-8 cannot cross into WASI.
         let env = std::env::vars_os()
             .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))

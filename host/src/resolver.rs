@@ -299,6 +299,11 @@ impl Resolver {
         self.inner.chain.load().names().map(str::to_owned).collect()
     }
 
+    /// The wasmtime runtime, for modules that share its clock.
+    pub(crate) fn runtime(&self) -> &Arc<Runtime> {
+        &self.inner.runtime
+    }
+
     /// Reload now, as a change to a watched file does: read the config and every
     /// provider's module and files, load what changed (off the resolve path), and swap
     /// the new chain in. What fails to load keeps its previous version serving.
@@ -451,11 +456,6 @@ impl Inner {
         self.by_text.store(Arc::default());
     }
 
-    /// For marking entries used, on every cached resolve: the coarse clock.
-    fn now_ms(&self) -> u64 {
-        self.runtime.coarse_now_ms()
-    }
-
     /// The schemes a query accepts under the config's `allowed-schemes`.
     fn schemes_for(&self, query: &Query) -> Result<Vec<String>, Error> {
         let settings = self.settings.load();
@@ -504,7 +504,8 @@ impl Inner {
     /// Mark an entry used. Written only when the second changes, so resolving the same
     /// query on every core does not bounce its cache line.
     fn touch(&self, entry: &Entry) {
-        let now = self.now_ms();
+        // The coarse clock: this runs on every cached resolve.
+        let now = self.runtime.coarse_now_ms();
         if now.saturating_sub(entry.last_used_ms.load(Ordering::Relaxed)) >= 1000 {
             entry.last_used_ms.store(now, Ordering::Relaxed);
         }

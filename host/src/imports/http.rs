@@ -98,14 +98,19 @@ struct Pool {
 /// A connection's sending half, and since when it has been idle.
 type IdleConnection = (SendRequest<WasiBody>, Instant);
 
+/// Still open, and idle for less than the idle timeout.
+fn usable((sender, since): &IdleConnection) -> bool {
+    !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT
+}
+
 impl Pool {
     /// The most recently used idle connection to `origin` that is still open.
     fn take(&self, origin: &Origin) -> Option<SendRequest<WasiBody>> {
         let mut idle = self.idle.lock().expect("pool lock");
         let list = idle.get_mut(origin)?;
-        while let Some((sender, since)) = list.pop() {
-            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
-                return Some(sender);
+        while let Some(idle) = list.pop() {
+            if usable(&idle) {
+                return Some(idle.0);
             }
         }
         None
@@ -117,7 +122,7 @@ impl Pool {
         }
         let mut idle = self.idle.lock().expect("pool lock");
         let list = idle.entry(origin.clone()).or_default();
-        list.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+        list.retain(usable);
         if list.len() >= MAX_IDLE_PER_ORIGIN {
             return;
         }
@@ -130,7 +135,7 @@ impl Pool {
                 if let Some(pool) = pool.upgrade() {
                     let mut idle = pool.idle.lock().expect("pool lock");
                     if let Some(list) = idle.get_mut(&origin) {
-                        list.retain(|(s, since)| !s.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+                        list.retain(usable);
                     }
                 }
             });
