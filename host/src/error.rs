@@ -36,6 +36,18 @@ pub enum Error {
         failures: Vec<ProviderError>,
     },
 
+    /// A client cannot use the endpoint it was given (an HTTP request to a `grpc`
+    /// endpoint, a host a URL cannot carry).
+    #[error("endpoint {endpoint} of '{query}' is not usable here: {reason}")]
+    UnusableEndpoint {
+        /// The query the endpoint answered.
+        query: String,
+        /// The endpoint.
+        endpoint: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+
     /// The host configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),

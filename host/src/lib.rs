@@ -55,6 +55,10 @@ mod discover;
 mod dns;
 mod endpoint;
 mod error;
+#[cfg(feature = "tonic")]
+pub mod grpc;
+#[cfg(feature = "reqwest")]
+pub mod http;
 mod imports;
 mod inspect;
 mod provider;

@@ -25,6 +25,11 @@ pub struct TlsFiles {
 
 impl TlsFiles {
     pub fn generate() -> TlsFiles {
+        TlsFiles::generate_for(&[])
+    }
+
+    /// As [`TlsFiles::generate`], the server certificate also valid for `names`.
+    pub fn generate_for(names: &[&str]) -> TlsFiles {
         let dir = tempfile::tempdir().unwrap();
         let p = |name: &str| dir.path().join(name);
         let openssl = |args: &[&str]| {
@@ -54,10 +59,13 @@ impl TlsFiles {
         csr.extend(ec);
         csr.extend(["-keyout", "server.key", "-out", "server.csr"]);
         openssl(&csr);
+        let alt: String = names.iter().map(|n| format!(",DNS:{n}")).collect();
         std::fs::write(
             p("ext.cnf"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-             keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+            format!(
+                "subjectAltName=IP:127.0.0.1,DNS:localhost{alt}\nbasicConstraints=CA:FALSE\n\
+                 keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+            ),
         )
         .unwrap();
         openssl(&[

@@ -1,5 +1,6 @@
 //! Support for the integration tests: fixture paths, temporary config folders, the
-//! `wasd` binary, and (for the DNS and etcd suites) real servers on loopback.
+//! `wasd` binary, and real servers on loopback: dnsmasq, etcd, and the HTTP and gRPC
+//! instances the client integrations call.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -10,6 +11,7 @@ use tempfile::TempDir;
 pub mod conformance;
 mod dns;
 mod etcd;
+pub mod servers;
 pub use dns::DnsServer;
 pub use etcd::{EtcdServer, TlsFiles};
 

@@ -1,0 +1,193 @@
+//! Real servers for the client integrations: axum HTTP instances, a TLS server that
+//! reports the name the client asked for, and tonic gRPC instances serving the standard
+//! health service. All on 127.0.0.1 with ports from the OS; each counts what it served.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use axum::extract::Request;
+use rustls_pki_types::pem::PemObject;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// Instances of one service, each answering every request with its name.
+pub struct Instances {
+    instances: Vec<Instance>,
+}
+
+struct Instance {
+    name: String,
+    address: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Instances {
+    /// `count` axum servers named `{service}-1`, `{service}-2`, ...; each answers
+    /// `{name} {path}`.
+    pub async fn http(service: &str, count: usize) -> Instances {
+        let mut instances = Vec::new();
+        for i in 1..=count {
+            let name = format!("{service}-{i}");
+            let hits = Arc::new(AtomicUsize::new(0));
+            let (answer, counter) = (name.clone(), hits.clone());
+            let app = axum::Router::new().fallback(move |request: Request| {
+                counter.fetch_add(1, Ordering::Relaxed);
+                let answer = format!("{answer} {}", request.uri().path());
+                async move { answer }
+            });
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let task = tokio::spawn(async move {
+                axum::serve(listener, app).await.unwrap();
+            });
+            instances.push(Instance {
+                name,
+                address,
+                hits,
+                task,
+            });
+        }
+        Instances { instances }
+    }
+
+    /// `count` tonic servers named `{service}-1`, ... serving `grpc.health.v1.Health`
+    /// (every service SERVING), each putting its name in the `x-instance` response header.
+    pub async fn grpc(service: &str, count: usize) -> Instances {
+        let mut instances = Vec::new();
+        for i in 1..=count {
+            let name = format!("{service}-{i}");
+            let hits = Arc::new(AtomicUsize::new(0));
+            let (reporter, health) = tonic_health::server::health_reporter();
+            reporter
+                .set_service_status("", tonic_health::ServingStatus::Serving)
+                .await;
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let (header, counter) = (http::HeaderValue::try_from(name.as_str()).unwrap(), hits.clone());
+            let tag = tower::util::MapResponseLayer::new(move |mut response: http::Response<_>| {
+                counter.fetch_add(1, Ordering::Relaxed);
+                response.headers_mut().insert("x-instance", header.clone());
+                response
+            });
+            let incoming = tonic::transport::server::TcpIncoming::from(listener);
+            let task = tokio::spawn(async move {
+                let _reporter = reporter;
+                tonic::transport::Server::builder()
+                    .layer(tag)
+                    .add_service(health)
+                    .serve_with_incoming(incoming)
+                    .await
+                    .unwrap();
+            });
+            instances.push(Instance {
+                name,
+                address,
+                hits,
+                task,
+            });
+        }
+        Instances { instances }
+    }
+
+    /// `http://127.0.0.1:PORT` of each instance (`scheme` instead of http).
+    pub fn urls(&self, scheme: &str) -> Vec<String> {
+        self.instances
+            .iter()
+            .map(|i| format!("{scheme}://{}", i.address))
+            .collect()
+    }
+
+    /// The instances' names, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.instances.iter().map(|i| i.name.clone()).collect()
+    }
+
+    /// Requests each instance served, by name.
+    pub fn hits(&self) -> Vec<(String, usize)> {
+        self.instances
+            .iter()
+            .map(|i| (i.name.clone(), i.hits.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Forget what was served so far.
+    pub fn reset(&self) {
+        for i in &self.instances {
+            i.hits.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Instances {
+    fn drop(&mut self) {
+        for i in &self.instances {
+            i.task.abort();
+        }
+    }
+}
+
+/// A TLS server for `names` (certificate from [`crate::TlsFiles::generate_for`]) that
+/// answers `sni=NAME host=HOST`: the server name the client sent and its Host header.
+pub struct TlsServer {
+    /// Where it listens.
+    pub address: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl TlsServer {
+    pub async fn start(tls: &crate::TlsFiles) -> TlsServer {
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(&tls.cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&tls.key).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let sni = stream.get_ref().1.server_name().unwrap_or("-").to_owned();
+                    let service =
+                        hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                            let host = request
+                                .headers()
+                                .get(http::header::HOST)
+                                .and_then(|h| h.to_str().ok())
+                                .unwrap_or("-")
+                                .to_owned();
+                            let body = format!("sni={sni} host={host}");
+                            async move { Ok::<_, std::convert::Infallible>(http::Response::new(body)) }
+                        });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                });
+            }
+        });
+        TlsServer { address, task }
+    }
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
