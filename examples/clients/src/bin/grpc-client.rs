@@ -1,0 +1,76 @@
+//! A gRPC client that dials `discovery:///greeter`, as a Kratos client does: three tonic
+//! instances serving the standard health service, found in an appsettings.json (or
+//! registered in etcd with `--etcd URL`), calls balanced over them by tonic's channel,
+//! then one instance taken out of discovery.
+//!
+//! ```sh
+//! cargo run -p wasd-examples --bin grpc-client
+//! ```
+
+use clap::Parser;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use wasd_examples::{Discovery, grpc_instance, tally};
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    discovery: Discovery,
+    /// Instances to start.
+    #[arg(long, default_value_t = 3)]
+    instances: usize,
+    /// Calls before and after an instance leaves.
+    #[arg(long, default_value_t = 12)]
+    calls: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut urls = Vec::new();
+    for i in 1..=args.instances {
+        urls.push(format!("grpc://{}", grpc_instance(format!("greeter-{i}")).await?));
+    }
+    let mut discovered = args.discovery.start("greeter", "grpc", &urls).await?;
+
+    let channel = discovered.resolver.grpc_channel("discovery:///greeter").await?;
+    let mut client = HealthClient::new(channel);
+
+    let answers = calls(&mut client, args.calls).await?;
+    println!("answered: {}", tally(&answers));
+
+    let leaving = urls.last().expect("at least one instance");
+    discovered.remove(leaving, "grpc://greeter").await?;
+    println!("removed {leaving} from discovery");
+    // The channel hears of it on its own task, right after.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let answers = calls(&mut client, args.calls).await?;
+    println!("answered: {}", tally(&answers));
+
+    discovered.stop().await
+}
+
+/// `n` health checks; the name of the instance that answered each.
+async fn calls(
+    client: &mut HealthClient<tonic::transport::Channel>,
+    n: usize,
+) -> anyhow::Result<Vec<String>> {
+    let mut answered = Vec::new();
+    for _ in 0..n {
+        let response = client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?;
+        let instance = response
+            .metadata()
+            .get("x-instance")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("?")
+            .to_owned();
+        let status = response.into_inner().status();
+        println!("Check discovery:///greeter -> {instance}: {status:?}");
+        answered.push(instance);
+    }
+    Ok(answered)
+}
