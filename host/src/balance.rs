@@ -39,7 +39,7 @@ pub enum Strategy {
 }
 
 /// How long an endpoint marked failed is left out, at first; doubling on each failure
-/// in a row up to [`MAX_EJECTION`].
+/// in a row up to 30 s.
 pub const DEFAULT_EJECTION: Duration = Duration::from_secs(1);
 const MAX_EJECTION: Duration = Duration::from_secs(30);
 

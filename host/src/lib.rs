@@ -42,6 +42,10 @@
 //! endpoints wins, pass-through runs last, `https+http://` prefers https endpoints and
 //! falls back to http (never mixing them), `_name.service` asks for a named endpoint.
 //! Answers are cached; a cached resolve does not enter WebAssembly.
+//!
+//! Cargo features: `cli` (default) builds the `wasd` binary; `reqwest` adds
+//! [`http`] (clients calling `https+http://catalog/...`); `tonic` adds [`grpc`]
+//! (channels dialing `discovery:///name`); `tower` adds [`Resolver::discover`].
 #![deny(missing_docs)]
 
 mod balance;
