@@ -1,7 +1,8 @@
 //! Client-side load balancing over a watched query: pick one endpoint per request.
 //!
-//! A [`Balancer`] follows [`Resolver::watch`] in the background and picks from the
-//! current endpoints with a [`Strategy`]: round-robin (Microsoft's only one), random,
+//! A [`Balancer`] holds a [`Resolver::watch`] of its query and picks from the current
+//! endpoints with a [`Strategy`]; each pick first looks whether the query's set changed
+//! (one lock-free load), so a change applies from the next pick on. Strategies: round-robin (Microsoft's only one), random,
 //! power of two choices on outstanding requests, or pick-first. Filters (metadata, the
 //! instance version, any predicate) apply to every set, Kratos's `filter.Version("v2")`.
 //! An endpoint that failed (a refused connection, say) is left out for a while, unless
@@ -13,12 +14,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
-use crate::endpoint::{Endpoint, EndpointSet};
+use crate::endpoint::{Endpoint, EndpointSet, SetInner};
 use crate::error::Error;
 use crate::query::Query;
-use crate::resolver::Resolver;
+use crate::resolver::{Resolver, Watch};
 use crate::runtime::Runtime;
 
 /// How a [`Balancer`] chooses among the endpoints.
@@ -90,7 +91,8 @@ impl BalancerBuilder {
     /// and start following it.
     pub async fn build(self) -> Result<Balancer, Error> {
         let query = Query::parse(&self.query)?;
-        let mut watch = self.resolver.watch_query(&query).await?;
+        let watch = self.resolver.watch_query(&query).await?;
+        let first = watch.latest().clone();
         let shared = Arc::new(Shared {
             strategy: self.strategy,
             filters: self.filters,
@@ -98,25 +100,17 @@ impl BalancerBuilder {
             next: AtomicUsize::new(0),
             runtime: self.resolver.runtime().clone(),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            seen: ArcSwapOption::new(first.clone()),
+            watch,
         });
-        let first = watch.current();
-        if !shared.update(&first) {
+        let applied = first.is_some_and(|set| shared.update(&EndpointSet::from_shared(set)));
+        if !applied {
             return Err(Error::NoEndpoints {
                 service: query.service().to_owned(),
                 failures: Vec::new(),
             });
         }
-        let follower = Arc::downgrade(&shared);
-        let task = tokio::spawn(async move {
-            while let Some(set) = watch.changed().await {
-                let Some(shared) = follower.upgrade() else { return };
-                shared.update(&set);
-            }
-        });
-        Ok(Balancer {
-            shared,
-            _task: Arc::new(AbortOnDrop(task)),
-        })
+        Ok(Balancer { shared })
     }
 }
 
@@ -125,15 +119,6 @@ impl BalancerBuilder {
 #[derive(Clone)]
 pub struct Balancer {
     shared: Arc<Shared>,
-    _task: Arc<AbortOnDrop>,
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 struct Shared {
@@ -145,6 +130,11 @@ struct Shared {
     /// Its coarse clock times failure marks (a load per pick, not a clock read).
     runtime: Arc<Runtime>,
     snapshot: ArcSwap<Snapshot>,
+    /// The query's set `snapshot` was made from (or skipped): held, so that its address
+    /// cannot be reused by a later set and mistaken for it.
+    seen: ArcSwapOption<SetInner>,
+    /// Keeps the query watched (refreshed, pushed by watching providers).
+    watch: Watch,
 }
 
 /// The endpoints that pass the filters, each with its counters.
@@ -165,6 +155,30 @@ struct Slot {
 
 impl Shared {
     /// Take a new set; false (keeping the old one) when no endpoint passes the filters.
+    /// Take up the query's current set if it is not the one last seen.
+    fn follow(&self) {
+        let latest = self.watch.latest();
+        let seen = self.seen.load();
+        let same = match (&*latest, &*seen) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        let latest = (*latest).clone();
+        // Whoever swaps first rebuilds; a racing pick goes on with the snapshot it has.
+        let previous = self.seen.swap(latest.clone());
+        let raced = match (&previous, &latest) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
+        if !raced && let Some(set) = latest {
+            self.update(&EndpointSet::from_shared(set));
+        }
+    }
+
     fn update(&self, set: &EndpointSet) -> bool {
         let old = self.snapshot.load();
         let mut kept: HashMap<&Endpoint, &Arc<Slot>> =
@@ -206,6 +220,7 @@ impl Balancer {
     /// request is outstanding (power of two choices counts them), and call
     /// [`Picked::failed`] if the endpoint could not be reached.
     pub fn pick(&self) -> Picked {
+        self.shared.follow();
         let snapshot = self.shared.snapshot.load();
         let slots = &snapshot.endpoints;
         let now = self.shared.now_ms();
@@ -252,6 +267,7 @@ impl Balancer {
     /// Every endpoint the balancer picks from now, in the provider's order, with the
     /// ones marked failed last: the order to try them in when one fails.
     pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.shared.follow();
         let snapshot = self.shared.snapshot.load();
         let now = self.shared.now_ms();
         let (live, failed): (Vec<&Arc<Slot>>, Vec<&Arc<Slot>>) = snapshot

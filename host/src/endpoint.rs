@@ -46,6 +46,24 @@ impl Endpoint {
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
     }
+
+    /// The name to verify TLS against and send as `Host` when the host is an address:
+    /// the `host-name` metadata (an SRV target, say), without a trailing dot.
+    pub fn host_name(&self) -> Option<&str> {
+        self.metadata_value("host-name")
+            .map(|name| name.trim_end_matches('.'))
+            .filter(|name| !name.is_empty() && *name != self.host)
+    }
+
+    /// This endpoint cannot be used by a client, for `reason`.
+    #[cfg(any(feature = "reqwest", feature = "tonic"))]
+    pub(crate) fn unusable(&self, query: &crate::Query, reason: String) -> crate::Error {
+        crate::Error::UnusableEndpoint {
+            query: query.to_string(),
+            endpoint: self.to_string(),
+            reason,
+        }
+    }
 }
 
 /// `scheme://host:port/path` when the scheme is known, `host:port` otherwise.

@@ -44,14 +44,27 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 type Configure = Arc<dyn Fn(&Endpoint, TonicEndpoint) -> TonicEndpoint + Send + Sync>;
 
 /// Options of a discovered gRPC channel; see [`Resolver::grpc_channel`].
+#[must_use]
 pub struct ChannelBuilder {
     resolver: Resolver,
     target: String,
+    filters: Vec<(String, String)>,
     configure: Option<Configure>,
     health_interval: Duration,
 }
 
 impl ChannelBuilder {
+    /// Only endpoints whose metadata has `key` = `value`.
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.filters.push((key.into(), value.into()));
+        self
+    }
+
+    /// Only endpoints of this instance version (Kratos's `filter.Version`).
+    pub fn version(self, version: impl Into<String>) -> Self {
+        self.metadata("version", version)
+    }
+
     /// Adjust each endpoint's connection settings: timeouts, keep-alive, and TLS (enable
     /// one of tonic's `tls-*` features yourself and call `tls_config`; the wasd endpoint
     /// carries the `host-name` to verify).
@@ -74,7 +87,10 @@ impl ChannelBuilder {
     /// check which endpoints accept connections, and return a channel that follows the
     /// target. Connections are made by tonic, per endpoint, on first use.
     pub async fn build(self) -> Result<Channel, Error> {
-        let query = target_query(&self.target)?;
+        let mut query = target_query(&self.target)?;
+        for (key, value) in self.filters {
+            query = query.with_filter(key, value);
+        }
         let watch = self.resolver.watch_query(&query).await?;
         let first = watch.current();
         if first.is_empty() {
@@ -83,7 +99,10 @@ impl ChannelBuilder {
                 failures: Vec::new(),
             });
         }
-        let (channel, sender) = Channel::balance_channel::<Endpoint>(CHANGE_BUFFER);
+        // The channel reads changes only when a call comes, and none can come before
+        // this returns: room for all the first ones.
+        let capacity = CHANGE_BUFFER.max(2 * first.len());
+        let (channel, sender) = Channel::balance_channel::<Endpoint>(capacity);
         let mut feeder = Feeder {
             query,
             configure: self.configure,
@@ -96,7 +115,10 @@ impl ChannelBuilder {
         };
         // The first endpoints are checked before the channel is handed out, so that no
         // first call goes to a dead one.
-        feeder.apply(&first).await;
+        if let Some(e) = feeder.apply(&first).await {
+            // None usable: a channel with nothing in it would hold every call.
+            return Err(e);
+        }
         tokio::spawn(feeder.run(watch));
         Ok(channel)
     }
@@ -124,7 +146,9 @@ impl Feeder {
         loop {
             tokio::select! {
                 set = watch.changed() => match set {
-                    Some(set) => self.apply(&set).await,
+                    Some(set) => {
+                        self.apply(&set).await;
+                    }
                     None => return,
                 },
                 () = tokio::time::sleep_until(next_check) => {
@@ -144,21 +168,22 @@ impl Feeder {
         }
     }
 
-    /// Follow a new set: gone endpoints leave, new ones are checked and enter.
-    async fn apply(&mut self, set: &EndpointSet) {
+    /// Follow a new set: gone endpoints leave, new ones are checked and enter. A set
+    /// with no usable endpoint changes nothing, and gives the first one's error.
+    async fn apply(&mut self, set: &EndpointSet) -> Option<Error> {
         if set.is_empty() {
             tracing::warn!(
                 query = %self.query,
                 "no endpoints now; the channel keeps the {} it has",
                 self.live.len() + self.fallback.len()
             );
-            return;
+            return None;
         }
-        let new: HashSet<&Endpoint> = set.iter().collect();
-        let gone: Vec<Endpoint> = self.wanted.keys().filter(|e| !new.contains(e)).cloned().collect();
-        let mut added = Vec::new();
+        let mut usable = HashMap::new();
+        let mut unusable = None;
         for endpoint in set.iter() {
-            if self.wanted.contains_key(endpoint) {
+            if let Some(tonic) = self.wanted.get(endpoint) {
+                usable.insert(endpoint, tonic.clone());
                 continue;
             }
             match tonic_endpoint(endpoint, &self.query) {
@@ -167,10 +192,29 @@ impl Feeder {
                         Some(configure) => configure(endpoint, tonic),
                         None => tonic,
                     };
-                    self.wanted.insert(endpoint.clone(), tonic);
-                    added.push(endpoint.clone());
+                    usable.insert(endpoint, tonic);
                 }
-                Err(e) => tracing::warn!("{e}; left out of the channel"),
+                Err(e) => {
+                    tracing::warn!("{e}; left out of the channel");
+                    unusable.get_or_insert(e);
+                }
+            }
+        }
+        if usable.is_empty() {
+            // As an empty set: keep what the channel has.
+            return unusable;
+        }
+        let gone: Vec<Endpoint> = self
+            .wanted
+            .keys()
+            .filter(|e| !usable.contains_key(e))
+            .cloned()
+            .collect();
+        let mut added = Vec::new();
+        for (endpoint, tonic) in usable {
+            if !self.wanted.contains_key(endpoint) {
+                self.wanted.insert(endpoint.clone(), tonic);
+                added.push(endpoint.clone());
             }
         }
         self.check(added).await;
@@ -183,6 +227,7 @@ impl Feeder {
             }
         }
         self.keep_one_in().await;
+        None
     }
 
     /// Check `endpoints` at once and move each in or out of the channel.
@@ -289,45 +334,38 @@ fn target_query(target: &str) -> Result<Query, Error> {
     }
 }
 
-/// How tonic reaches one endpoint: `grpc` and `http` are h2c, `grpcs` and `https` TLS.
-/// An address with a `host-name` is called by that name (`:authority`).
+/// How tonic reaches one endpoint: `grpc` and `http` are h2c, `grpcs` and `https` TLS
+/// (when tonic has a TLS feature on). An address with a `host-name` is called by that
+/// name (`:authority`).
 fn tonic_endpoint(endpoint: &Endpoint, query: &Query) -> Result<TonicEndpoint, Error> {
     let scheme = match endpoint.scheme() {
         Some("grpc" | "http") | None => "http",
         Some("grpcs" | "https") => "https",
         Some(other) => {
-            return Err(Error::UnusableEndpoint {
-                query: query.to_string(),
-                endpoint: endpoint.to_string(),
-                reason: format!("a gRPC channel needs a grpc, grpcs, http or https endpoint, not {other}"),
-            });
+            return Err(endpoint.unusable(
+                query,
+                format!("a gRPC channel needs a grpc, grpcs, http or https endpoint, not {other}"),
+            ));
         }
     };
-    let authority = |host: &str| {
-        let host = if host.contains(':') {
-            format!("[{host}]")
-        } else {
-            host.to_owned()
-        };
-        match endpoint.port() {
-            Some(port) => format!("{scheme}://{host}:{port}"),
-            None => format!("{scheme}://{host}"),
-        }
+    // Endpoint's Display brackets IPv6 hosts; without the scheme and path, it is the
+    // authority.
+    let authority = |host: &str| Endpoint {
+        scheme: None,
+        host: host.to_owned(),
+        port: endpoint.port(),
+        path: None,
+        metadata: Vec::new(),
     };
-    let unusable = |e: &dyn std::fmt::Display| Error::UnusableEndpoint {
-        query: query.to_string(),
-        endpoint: endpoint.to_string(),
-        reason: e.to_string(),
-    };
-    let mut tonic = TonicEndpoint::from_shared(authority(endpoint.host()))
+    let unusable = |e: &dyn std::fmt::Display| endpoint.unusable(query, e.to_string());
+    // `new`, not `from_shared`: it turns TLS on for https when tonic can do TLS.
+    let mut tonic = TonicEndpoint::new(format!("{scheme}://{}", authority(endpoint.host())))
         .map_err(|e| unusable(&e))?
         .connect_timeout(DEFAULT_CONNECT_TIMEOUT);
-    if let Some(name) = endpoint
-        .metadata_value("host-name")
-        .map(|n| n.trim_end_matches('.'))
-        .filter(|n| !n.is_empty() && *n != endpoint.host())
-    {
-        let origin = authority(name).parse().map_err(|e| unusable(&e))?;
+    if let Some(name) = endpoint.host_name() {
+        let origin = format!("{scheme}://{}", authority(name))
+            .parse()
+            .map_err(|e| unusable(&e))?;
         tonic = tonic.origin(origin);
     }
     Ok(tonic)
@@ -351,11 +389,12 @@ impl Resolver {
         self.grpc_channel_builder(target).build().await
     }
 
-    /// A [`ChannelBuilder`], to adjust each endpoint's connection settings.
+    /// A [`ChannelBuilder`], to filter endpoints or adjust their connection settings.
     pub fn grpc_channel_builder(&self, target: impl Into<String>) -> ChannelBuilder {
         ChannelBuilder {
             resolver: self.clone(),
             target: target.into(),
+            filters: Vec::new(),
             configure: None,
             health_interval: DEFAULT_HEALTH_INTERVAL,
         }

@@ -7,18 +7,17 @@
 //! next one. [`DnsResolver`] is the same resolution at the level of names only, for a
 //! plain `reqwest::Client`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::{Request, Response, Url};
 use reqwest_middleware::{Middleware, Next};
-// The client type [`Discovery::client`] returns, so callers can name it without
-// depending on reqwest-middleware themselves.
-pub use reqwest_middleware::ClientWithMiddleware;
+// What [`Discovery::client`] returns and fails with, so callers need not depend on
+// reqwest-middleware themselves to name them.
+pub use reqwest_middleware::{self, ClientWithMiddleware};
 
 use crate::balance::{Balancer, DEFAULT_EJECTION, Strategy};
 use crate::endpoint::Endpoint;
@@ -29,11 +28,14 @@ use crate::resolver::Resolver;
 /// Endpoints tried per request when connecting fails (the first pick included).
 pub const DEFAULT_ATTEMPTS: usize = 3;
 
-/// Services a client keeps a balancer for; beyond that the least recently created goes.
+/// Services a discovery keeps a balancer for; beyond that the least recently created
+/// goes.
 const MAX_SERVICES: usize = 1024;
 
-/// Host names pinned to discovered addresses; beyond that the table starts again.
+/// Host names a client keeps pinned to an address; beyond that the table starts again.
 const MAX_PINS: usize = 4096;
+
+type Predicate = Arc<dyn Fn(&Endpoint) -> bool + Send + Sync>;
 
 /// Service discovery for reqwest: resolves, balances and retries each request whose host
 /// names a service. Cheap to clone; clones share balancers.
@@ -48,16 +50,20 @@ const MAX_PINS: usize = 4096;
 ///
 /// Every request goes through the resolver, so the chain decides what a host means: the
 /// built-in pass-through provider hands `https://example.com` back unchanged; without
-/// it, a host no provider knows fails the request with [`Error::NoEndpoints`] (wrapped in
-/// `reqwest_middleware::Error::Middleware`). Requests to an IP address are sent as
-/// they are.
+/// it, a host no provider knows fails the request with [`Error::NoEndpoints`] (in
+/// `reqwest_middleware::Error::Middleware`). Requests to an IP address are sent as they
+/// are.
 ///
 /// An endpoint given as an IP address with a `host-name` (the target of an SRV record) is
-/// called by that name, so TLS verifies it (SNI) and the `Host` header carries it, while
-/// the connection goes to the discovered address: the client made by
-/// [`Discovery::client`] resolves the name to it. With a client of your own, install
-/// [`Discovery::dns_resolver`] for that; without it the request keeps the address and only
-/// the `Host` header names the host.
+/// called by that name, so that TLS verifies it (SNI) and the `Host` header carries it,
+/// while the connection goes to the discovered address: clients made by
+/// [`Discovery::client`] and [`Discovery::client_builder`] resolve the name to it.
+/// reqwest pools connections by host name, so endpoints that share a `host-name` share
+/// connections too. Put in a middleware stack of your own without those, the request
+/// keeps the address and only the `Host` header names the host.
+///
+/// Each attempt gets the client's full timeout: with a timeout set, a request whose
+/// endpoints all time out takes up to `attempts` times it.
 #[derive(Clone)]
 pub struct Discovery {
     inner: Arc<Inner>,
@@ -67,31 +73,35 @@ struct Inner {
     resolver: Resolver,
     strategy: Strategy,
     metadata: Vec<(String, String)>,
+    filters: Vec<Predicate>,
     ejection: Duration,
     attempts: usize,
     balancers: Mutex<Balancers>,
-    pins: Arc<Pins>,
-    /// Whether a client resolves names with this discovery's [`DnsResolver`], so that
-    /// pinned host names reach the discovered address.
-    pinning: AtomicBool,
 }
 
 #[derive(Default)]
 struct Balancers {
     by_query: HashMap<String, Balancer>,
     /// Creation order, for evicting the oldest.
-    order: std::collections::VecDeque<String>,
+    order: VecDeque<String>,
 }
 
-/// Host name -> the discovered addresses it stands for, the last picked first.
+/// Host name -> the discovered address it stands for (the last picked). One table per
+/// client, shared by its middleware and its DNS resolver.
 #[derive(Default)]
-struct Pins(RwLock<HashMap<String, Vec<SocketAddr>>>);
+struct Pins(RwLock<HashMap<String, IpAddr>>);
+
+/// Carried in each request's extensions by clients whose DNS resolver knows the pins.
+#[derive(Clone)]
+struct PinTable(Arc<Pins>);
 
 /// Options of a [`Discovery`].
+#[must_use]
 pub struct DiscoveryBuilder {
     resolver: Resolver,
     strategy: Strategy,
     metadata: Vec<(String, String)>,
+    filters: Vec<Predicate>,
     ejection: Duration,
     attempts: usize,
 }
@@ -112,6 +122,12 @@ impl DiscoveryBuilder {
     /// Only endpoints of this instance version (Kratos's `filter.Version`).
     pub fn version(self, version: impl Into<String>) -> Self {
         self.metadata("version", version)
+    }
+
+    /// Only endpoints `keep` accepts.
+    pub fn filter(mut self, keep: impl Fn(&Endpoint) -> bool + Send + Sync + 'static) -> Self {
+        self.filters.push(Arc::new(keep));
+        self
     }
 
     /// How long an endpoint that refused a connection is left out at first (default 1 s,
@@ -135,11 +151,10 @@ impl DiscoveryBuilder {
                 resolver: self.resolver,
                 strategy: self.strategy,
                 metadata: self.metadata,
+                filters: self.filters,
                 ejection: self.ejection,
                 attempts: self.attempts,
                 balancers: Mutex::default(),
-                pins: Arc::default(),
-                pinning: AtomicBool::new(false),
             }),
         }
     }
@@ -157,6 +172,7 @@ impl Discovery {
             resolver: resolver.clone(),
             strategy: Strategy::default(),
             metadata: Vec::new(),
+            filters: Vec::new(),
             ejection: DEFAULT_EJECTION,
             attempts: DEFAULT_ATTEMPTS,
         }
@@ -168,25 +184,30 @@ impl Discovery {
     }
 
     /// `builder` (timeouts, TLS, ...) made into a client that sends every request
-    /// through this discovery and resolves host names with [`Discovery::dns_resolver`].
+    /// through this discovery.
     pub fn client_with(
         &self,
         builder: reqwest::ClientBuilder,
     ) -> Result<ClientWithMiddleware, reqwest::Error> {
-        let client = builder.dns_resolver(self.dns_resolver()).build()?;
-        Ok(reqwest_middleware::ClientBuilder::new(client)
-            .with(self.clone())
-            .build())
+        Ok(self.client_builder(builder)?.build())
     }
 
-    /// A resolver for `reqwest::ClientBuilder::dns_resolver` that knows the addresses
-    /// behind the host names this discovery pins, and asks the wasd resolver for others.
-    pub fn dns_resolver(&self) -> DnsResolver {
-        self.inner.pinning.store(true, Ordering::Relaxed);
-        DnsResolver {
-            resolver: self.inner.resolver.clone(),
-            pins: self.inner.pins.clone(),
-        }
+    /// As [`Discovery::client_with`], with room for more middleware (retries, tracing)
+    /// before `build()`. What is added runs after discovery chose the endpoint.
+    pub fn client_builder(
+        &self,
+        builder: reqwest::ClientBuilder,
+    ) -> Result<reqwest_middleware::ClientBuilder, reqwest::Error> {
+        let pins = Arc::new(Pins::default());
+        let client = builder
+            .dns_resolver(DnsResolver {
+                resolver: None,
+                pins: pins.clone(),
+            })
+            .build()?;
+        Ok(reqwest_middleware::ClientBuilder::new(client)
+            .with_init(reqwest_middleware::Extension(PinTable(pins)))
+            .with(self.clone()))
     }
 
     async fn balancer(&self, query: &str) -> Result<Balancer, Error> {
@@ -202,10 +223,14 @@ impl Discovery {
         for (key, value) in &self.inner.metadata {
             builder = builder.metadata(key.clone(), value.clone());
         }
+        for keep in &self.inner.filters {
+            let keep = keep.clone();
+            builder = builder.filter(move |e| keep(e));
+        }
+        // Built outside the lock; requests racing for a new service each build one.
         let balancer = builder.build().await?;
         let mut balancers = self.inner.balancers.lock().unwrap();
-        // Another request may have built one meanwhile: keep the first, so that all
-        // share counters and failure marks.
+        // Keep the first, so that all requests share counters and failure marks.
         if let Some(existing) = balancers.by_query.get(query) {
             return Ok(existing.clone());
         }
@@ -226,21 +251,18 @@ impl Discovery {
         next: Next<'_>,
     ) -> Result<Response, reqwest_middleware::Error> {
         let url = request.url();
-        let Some(host) = url.host_str() else {
-            return next.run(request, extensions).await;
+        let host = match url.host() {
+            Some(url::Host::Domain(host)) => host.to_ascii_lowercase(),
+            // Nothing to discover behind an address, or without a host.
+            _ => return next.run(request, extensions).await,
         };
-        // Nothing to discover behind an address.
-        if matches!(url.scheme(), "http" | "https")
-            && url.host().is_some_and(|h| !matches!(h, url::Host::Domain(_)))
-        {
-            return next.run(request, extensions).await;
-        }
         let query_text = match url.port() {
             Some(port) => format!("{}://{host}:{port}", url.scheme()),
             None => format!("{}://{host}", url.scheme()),
         };
         let query = Query::parse(&query_text).map_err(middleware_error)?;
         let balancer = self.balancer(&query_text).await.map_err(middleware_error)?;
+        let pins = extensions.get::<PinTable>().map(|table| table.0.clone());
         let original = url.clone();
         let mut request = Some(request);
         let mut attempt = 0;
@@ -254,16 +276,21 @@ impl Discovery {
                 None
             };
             let picked = balancer.pick();
-            let target = self
-                .target(picked.endpoint(), &original, &query)
-                .map_err(middleware_error)?;
+            let target =
+                target(picked.endpoint(), &original, &query, pins.is_some()).map_err(middleware_error)?;
+            if let (Some(pins), Some((name, address))) = (&pins, target.pin) {
+                pins.pin(name, address);
+            }
             *this.url_mut() = target.url;
             if let Some(host) = target.host_header {
-                this.headers_mut().insert(http::header::HOST, host);
+                this.headers_mut().entry(http::header::HOST).or_insert(host);
             }
             match next.clone().run(this, extensions).await {
-                Ok(response) => {
+                Ok(mut response) => {
                     picked.succeeded();
+                    // The request stays outstanding (for power of two choices) until its
+                    // response, body included, is dropped.
+                    response.extensions_mut().insert(Arc::new(picked));
                     return Ok(response);
                 }
                 Err(reqwest_middleware::Error::Reqwest(e)) if e.is_connect() => {
@@ -277,79 +304,78 @@ impl Discovery {
             }
         }
     }
-
-    /// The request's URL with the endpoint's scheme, address and path prefix.
-    fn target(&self, endpoint: &Endpoint, original: &Url, query: &Query) -> Result<Target, Error> {
-        let scheme = match endpoint.scheme() {
-            Some(scheme @ ("http" | "https")) => scheme,
-            Some(other) => {
-                return Err(unusable(
-                    endpoint,
-                    query,
-                    format!("an HTTP client needs an http or https endpoint, not {other}"),
-                ));
-            }
-            // A bare host:port: the query's most preferred scheme, as .NET does.
-            None => query
-                .schemes()
-                .iter()
-                .map(String::as_str)
-                .find(|s| matches!(*s, "http" | "https"))
-                .unwrap_or("http"),
-        };
-        let prefix = endpoint.path().unwrap_or("").trim_end_matches('/');
-        let mut text = format!("{scheme}://placeholder{prefix}{}", original.path());
-        if let Some(q) = original.query() {
-            text.push('?');
-            text.push_str(q);
-        }
-        let bad = |what: &str| unusable(endpoint, query, what.to_owned());
-        let mut url = Url::parse(&text).map_err(|e| bad(&format!("not a URL: {e}")))?;
-        url.set_port(endpoint.port())
-            .map_err(|()| bad("cannot carry a port"))?;
-        let host_name = endpoint
-            .metadata_value("host-name")
-            .map(|n| n.trim_end_matches('.'))
-            .filter(|n| !n.is_empty());
-        let mut host_header = None;
-        match (endpoint.host().parse::<IpAddr>(), host_name) {
-            (Ok(ip), Some(name)) if self.inner.pinning.load(Ordering::Relaxed) => {
-                url.set_host(Some(name))
-                    .map_err(|e| bad(&format!("host-name {name:?}: {e}")))?;
-                self.inner.pins.pin(
-                    name,
-                    SocketAddr::new(ip, url.port_or_known_default().unwrap_or(0)),
-                );
-            }
-            (Ok(ip), name) => {
-                url.set_ip_host(ip).map_err(|()| bad("cannot carry an address"))?;
-                if let Some(name) = name {
-                    let value = match endpoint.port() {
-                        Some(port) => format!("{name}:{port}"),
-                        None => name.to_owned(),
-                    };
-                    host_header = http::HeaderValue::try_from(value).ok();
-                }
-            }
-            (Err(_), _) => url
-                .set_host(Some(endpoint.host()))
-                .map_err(|e| bad(&format!("host: {e}")))?,
-        }
-        Ok(Target { url, host_header })
-    }
 }
 
-struct Target {
+/// Where one attempt goes.
+#[derive(Debug)]
+struct Target<'a> {
     url: Url,
+    /// Set when the URL keeps the address but the endpoint has a host name.
     host_header: Option<http::HeaderValue>,
+    /// The host name the URL now carries, and the address it must reach.
+    pin: Option<(&'a str, IpAddr)>,
 }
 
-fn unusable(endpoint: &Endpoint, query: &Query, reason: String) -> Error {
-    Error::UnusableEndpoint {
-        query: query.to_string(),
-        endpoint: endpoint.to_string(),
-        reason,
+/// The request's URL sent to the endpoint: its scheme, address and path prefix, the
+/// request's path and query. With `pinning`, an address with a host name is called by
+/// that name (the client's resolver maps it back).
+fn target<'a>(
+    endpoint: &'a Endpoint,
+    original: &Url,
+    query: &Query,
+    pinning: bool,
+) -> Result<Target<'a>, Error> {
+    let scheme = match endpoint.scheme() {
+        Some(scheme @ ("http" | "https")) => scheme,
+        Some(other) => {
+            return Err(endpoint.unusable(
+                query,
+                format!("an HTTP client needs an http or https endpoint, not {other}"),
+            ));
+        }
+        // A bare host:port: the query's most preferred scheme, as .NET does.
+        None => query
+            .schemes()
+            .iter()
+            .map(String::as_str)
+            .find(|s| matches!(*s, "http" | "https"))
+            .unwrap_or("http"),
+    };
+    let bad = |what: String| endpoint.unusable(query, what);
+    let mut url = Url::parse(&format!("{scheme}://localhost/")).expect("a valid URL");
+    let prefix = endpoint.path().unwrap_or("").trim_end_matches('/');
+    url.set_path(&format!("{prefix}{}", original.path()));
+    url.set_query(original.query());
+    let mut host_header = None;
+    let mut pin = None;
+    match (endpoint.host().parse::<IpAddr>(), endpoint.host_name()) {
+        (Ok(ip), Some(name)) if pinning => {
+            url.set_host(Some(name))
+                .map_err(|e| bad(format!("host-name {name:?}: {e}")))?;
+            pin = Some((name, ip));
+        }
+        (Ok(ip), name) => {
+            url.set_ip_host(ip)
+                .map_err(|()| bad("cannot carry an address".into()))?;
+            if let Some(name) = name {
+                let value = match endpoint.port() {
+                    Some(port) => format!("{name}:{port}"),
+                    None => name.to_owned(),
+                };
+                host_header = http::HeaderValue::try_from(value).ok();
+            }
+        }
+        (Err(_), _) => url
+            .set_host(Some(endpoint.host()))
+            .map_err(|e| bad(format!("host: {e}")))?,
     }
+    url.set_port(endpoint.port())
+        .map_err(|()| bad("cannot carry a port".into()))?;
+    Ok(Target {
+        url,
+        host_header,
+        pin,
+    })
 }
 
 fn middleware_error(e: Error) -> reqwest_middleware::Error {
@@ -378,35 +404,27 @@ impl std::fmt::Debug for Discovery {
 }
 
 impl Pins {
-    fn pin(&self, name: &str, address: SocketAddr) {
-        if self
-            .0
-            .read()
-            .unwrap()
-            .get(name)
-            .is_some_and(|a| a.first() == Some(&address))
-        {
+    fn pin(&self, name: &str, address: IpAddr) {
+        if self.0.read().unwrap().get(name) == Some(&address) {
             return;
         }
         let mut pins = self.0.write().unwrap();
         if pins.len() >= MAX_PINS && !pins.contains_key(name) {
             pins.clear();
         }
-        let addresses = pins.entry(name.to_owned()).or_default();
-        addresses.retain(|a| *a != address);
-        addresses.insert(0, address);
-        addresses.truncate(8);
+        pins.insert(name.to_owned(), address);
     }
 
-    fn get(&self, name: &str) -> Option<Vec<SocketAddr>> {
-        self.0.read().unwrap().get(name).cloned()
+    fn get(&self, name: &str) -> Option<IpAddr> {
+        self.0.read().unwrap().get(name).copied()
     }
 }
 
 /// Name resolution through wasd for `reqwest::ClientBuilder::dns_resolver`: a host name
-/// becomes the addresses of its endpoints; the URL keeps its scheme and port, as DNS
-/// would. Endpoints given by name, such as the pass-through provider's, are looked up by
-/// the system.
+/// becomes the addresses of the service's endpoints (its `https+http` ones, else those
+/// the chain gives for the bare name). Only names: the URL keeps its scheme and port, as
+/// with DNS. Endpoints given by name, and names the chain does not know, are looked up
+/// by the system.
 ///
 /// ```no_run
 /// # async fn demo(resolver: wasd::Resolver) -> Result<(), reqwest::Error> {
@@ -419,7 +437,9 @@ impl Pins {
 /// ```
 #[derive(Clone)]
 pub struct DnsResolver {
-    resolver: Resolver,
+    /// `None` in a [`Discovery`] client: the middleware already resolved the service,
+    /// and the names left are pinned ones or endpoints' own.
+    resolver: Option<Resolver>,
     pins: Arc<Pins>,
 }
 
@@ -427,33 +447,35 @@ impl DnsResolver {
     /// Resolve names with `resolver`.
     pub fn new(resolver: &Resolver) -> DnsResolver {
         DnsResolver {
-            resolver: resolver.clone(),
+            resolver: Some(resolver.clone()),
             pins: Arc::default(),
         }
     }
 
-    /// The addresses `name` stands for: those of its HTTP endpoints (`https+http://name`)
-    /// or, when it has none, of whatever endpoints the chain gives for `name`.
-    pub async fn lookup(&self, name: &str) -> Result<Vec<SocketAddr>, Error> {
+    /// The addresses `name` stands for (ports 0: the URL's port applies).
+    pub async fn lookup(&self, name: &str) -> Result<Vec<IpAddr>, Error> {
         if let Some(pinned) = self.pins.get(name) {
-            return Ok(pinned);
+            return Ok(vec![pinned]);
         }
-        let set = match self.resolver.resolve(&format!("https+http://{name}")).await {
-            Ok(set) => set,
-            Err(Error::NoEndpoints { .. }) => self.resolver.resolve(name).await?,
-            Err(e) => return Err(e),
+        let hosts = match &self.resolver {
+            None => vec![name.to_owned()],
+            Some(resolver) => match service_hosts(resolver, name).await {
+                Ok(hosts) => hosts,
+                Err(Error::NoEndpoints { .. }) => vec![name.to_owned()],
+                Err(e) => return Err(e),
+            },
         };
-        let mut addresses = Vec::with_capacity(set.len());
-        for endpoint in set.iter() {
-            let port = endpoint.port().unwrap_or(0);
-            match endpoint.host().parse::<IpAddr>() {
-                Ok(ip) => addresses.push(SocketAddr::new(ip, port)),
-                Err(_) => match tokio::net::lookup_host((endpoint.host(), port)).await {
-                    Ok(found) => addresses.extend(found),
-                    Err(e) => tracing::debug!(host = endpoint.host(), error = %e, "system lookup failed"),
+        let mut addresses = Vec::with_capacity(hosts.len());
+        for host in hosts {
+            match host.parse::<IpAddr>() {
+                Ok(ip) => addresses.push(ip),
+                Err(_) => match tokio::net::lookup_host((host.as_str(), 0)).await {
+                    Ok(found) => addresses.extend(found.map(|a| a.ip())),
+                    Err(e) => tracing::debug!(host, error = %e, "system lookup failed"),
                 },
             }
         }
+        addresses.dedup();
         if addresses.is_empty() {
             return Err(Error::NoEndpoints {
                 service: name.to_owned(),
@@ -464,12 +486,21 @@ impl DnsResolver {
     }
 }
 
+/// The hosts of `name`'s endpoints: its HTTP ones if it has any, else any.
+async fn service_hosts(resolver: &Resolver, name: &str) -> Result<Vec<String>, Error> {
+    let set = match resolver.resolve(&format!("https+http://{name}")).await {
+        Err(Error::NoEndpoints { .. }) => resolver.resolve(name).await?,
+        other => other?,
+    };
+    Ok(set.iter().map(|e| e.host().to_owned()).collect())
+}
+
 impl Resolve for DnsResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let this = self.clone();
         Box::pin(async move {
             let addresses = this.lookup(name.as_str()).await?;
-            Ok(Box::new(addresses.into_iter()) as Addrs)
+            Ok(Box::new(addresses.into_iter().map(|ip| SocketAddr::new(ip, 0))) as Addrs)
         })
     }
 }
@@ -485,5 +516,87 @@ impl Resolver {
     /// `catalog`'s endpoints: [`Discovery::new`] with reqwest's defaults.
     pub fn http_client(&self) -> Result<ClientWithMiddleware, reqwest::Error> {
         Discovery::new(self).client()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(scheme: Option<&str>, host: &str, port: Option<u16>, path: Option<&str>) -> Endpoint {
+        Endpoint {
+            scheme: scheme.map(Into::into),
+            host: host.into(),
+            port,
+            path: path.map(Into::into),
+            metadata: Vec::new(),
+        }
+    }
+
+    fn url(endpoint: &Endpoint, request: &str, pinning: bool) -> Target<'static> {
+        let original = Url::parse(request).unwrap();
+        let query = Query::parse(&format!(
+            "{}://{}",
+            original.scheme(),
+            original.host_str().unwrap()
+        ))
+        .unwrap();
+        // The endpoint outlives the test's assertions.
+        let endpoint: &'static Endpoint = Box::leak(Box::new(endpoint.clone()));
+        target(endpoint, &original, &query, pinning).unwrap()
+    }
+
+    #[test]
+    fn urls_take_the_endpoint_scheme_address_port_and_prefix() {
+        let e = endpoint(Some("https"), "10.0.0.1", Some(8443), Some("/base/"));
+        assert_eq!(
+            url(&e, "https+http://catalog/api/items?page=2&q=a%20b", false)
+                .url
+                .as_str(),
+            "https://10.0.0.1:8443/base/api/items?page=2&q=a%20b"
+        );
+        // Default ports stay implicit; IPv6 gets its brackets.
+        let e = endpoint(Some("http"), "fd00::1", Some(80), None);
+        assert_eq!(
+            url(&e, "http://catalog/", false).url.as_str(),
+            "http://[fd00::1]/"
+        );
+        // A bare host:port takes the query's first scheme.
+        let e = endpoint(None, "catalog.internal", Some(7000), None);
+        assert_eq!(
+            url(&e, "https+http://catalog/x", false).url.as_str(),
+            "https://catalog.internal:7000/x"
+        );
+        // A prefix with characters a path must escape stays in the path.
+        let e = endpoint(Some("http"), "10.0.0.1", None, Some("/a?b#c"));
+        assert_eq!(
+            url(&e, "http://catalog/d?e", false).url.as_str(),
+            "http://10.0.0.1/a%3Fb%23c/d?e"
+        );
+    }
+
+    #[test]
+    fn an_address_with_a_host_name_is_called_by_name_or_named_in_host() {
+        let mut e = endpoint(Some("https"), "10.0.0.1", Some(8443), None);
+        e.metadata
+            .push(("host-name".into(), "node-1.cluster.local.".into()));
+        let pinned = url(&e, "https://catalog/x", true);
+        assert_eq!(pinned.url.as_str(), "https://node-1.cluster.local:8443/x");
+        assert_eq!(
+            pinned.pin,
+            Some(("node-1.cluster.local", "10.0.0.1".parse().unwrap()))
+        );
+        assert!(pinned.host_header.is_none());
+        let unpinned = url(&e, "https://catalog/x", false);
+        assert_eq!(unpinned.url.as_str(), "https://10.0.0.1:8443/x");
+        assert_eq!(unpinned.host_header.unwrap(), "node-1.cluster.local:8443");
+    }
+
+    #[test]
+    fn other_schemes_are_refused_by_name() {
+        let e = endpoint(Some("grpc"), "10.0.0.1", Some(9000), None);
+        let original = Url::parse("http://catalog/").unwrap();
+        let err = target(&e, &original, &Query::parse("http://catalog").unwrap(), false).unwrap_err();
+        assert!(err.to_string().contains("not grpc"), "{err}");
     }
 }

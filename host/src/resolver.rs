@@ -392,7 +392,7 @@ impl Resolver {
         self.inner.ready(&entry, true).await?;
         // The first answer is the current set, not a change.
         receiver.borrow_and_update();
-        Ok(Watch { receiver })
+        Ok(Watch { receiver, entry })
     }
 }
 
@@ -838,9 +838,17 @@ fn warn_keeping(entry: &Entry, failures: &[crate::ProviderError], retry_in: Dura
 /// A stream of endpoint sets for one query, from [`Resolver::watch`].
 pub struct Watch {
     receiver: watch::Receiver<Option<EndpointSet>>,
+    /// For [`Watch::latest`]: the entry's set is stored before watchers are woken.
+    entry: Arc<Entry>,
 }
 
 impl Watch {
+    /// The query's set as of now, without a lock or a wake-up (one `ArcSwap` load):
+    /// what a balancer checks on each pick, so that it follows a change at once.
+    pub(crate) fn latest(&self) -> arc_swap::Guard<Option<Arc<SetInner>>> {
+        self.entry.current.load()
+    }
+
     /// The current endpoints (empty when the service has none).
     pub fn current(&self) -> EndpointSet {
         self.receiver.borrow().clone().unwrap_or_default()

@@ -5,10 +5,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use axum::extract::Request;
 use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// Instances of one service, each answering every request with its name.
@@ -21,11 +23,13 @@ struct Instance {
     address: SocketAddr,
     hits: Arc<AtomicUsize>,
     task: JoinHandle<()>,
+    /// Graceful shutdown: stop accepting, close idle connections.
+    stop: Option<oneshot::Sender<()>>,
 }
 
 impl Instances {
     /// `count` axum servers named `{service}-1`, `{service}-2`, ...; each answers
-    /// `{name} {path}`.
+    /// `{name} {path and query}`.
     pub async fn http(service: &str, count: usize) -> Instances {
         let mut instances = Vec::new();
         for i in 1..=count {
@@ -34,19 +38,27 @@ impl Instances {
             let (answer, counter) = (name.clone(), hits.clone());
             let app = axum::Router::new().fallback(move |request: Request| {
                 counter.fetch_add(1, Ordering::Relaxed);
-                let answer = format!("{answer} {}", request.uri().path());
+                let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+                let answer = format!("{answer} {target}");
                 async move { answer }
             });
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let address = listener.local_addr().unwrap();
+            let (stop, stopped) = oneshot::channel::<()>();
             let task = tokio::spawn(async move {
-                axum::serve(listener, app).await.unwrap();
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await
+                    .unwrap();
             });
             instances.push(Instance {
                 name,
                 address,
                 hits,
                 task,
+                stop: Some(stop),
             });
         }
         Instances { instances }
@@ -57,38 +69,34 @@ impl Instances {
     pub async fn grpc(service: &str, count: usize) -> Instances {
         let mut instances = Vec::new();
         for i in 1..=count {
-            let name = format!("{service}-{i}");
-            let hits = Arc::new(AtomicUsize::new(0));
-            let (reporter, health) = tonic_health::server::health_reporter();
-            reporter
-                .set_service_status("", tonic_health::ServingStatus::Serving)
-                .await;
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let address = listener.local_addr().unwrap();
-            let (header, counter) = (http::HeaderValue::try_from(name.as_str()).unwrap(), hits.clone());
-            let tag = tower::util::MapResponseLayer::new(move |mut response: http::Response<_>| {
-                counter.fetch_add(1, Ordering::Relaxed);
-                response.headers_mut().insert("x-instance", header.clone());
-                response
-            });
-            let incoming = tonic::transport::server::TcpIncoming::from(listener);
-            let task = tokio::spawn(async move {
-                let _reporter = reporter;
-                tonic::transport::Server::builder()
-                    .layer(tag)
-                    .add_service(health)
-                    .serve_with_incoming(incoming)
-                    .await
-                    .unwrap();
-            });
-            instances.push(Instance {
-                name,
-                address,
-                hits,
-                task,
-            });
+            instances.push(grpc_instance(format!("{service}-{i}"), listener).await);
         }
         Instances { instances }
+    }
+
+    /// One tonic server named `name` at `address` (a port an earlier server left).
+    pub async fn grpc_at(name: &str, address: SocketAddr) -> Instances {
+        let listener = TcpListener::bind(address).await.unwrap();
+        Instances {
+            instances: vec![grpc_instance(name.to_owned(), listener).await],
+        }
+    }
+
+    /// Shut instance `index` (from 0) down: it stops accepting and closes its
+    /// connections once their requests are done.
+    pub async fn stop(&mut self, index: usize) {
+        let instance = &mut self.instances[index];
+        if let Some(stop) = instance.stop.take() {
+            let _ = stop.send(());
+            // Connections a client keeps open would hold a graceful stop; cut them after 2 s.
+            if tokio::time::timeout(Duration::from_secs(2), &mut instance.task)
+                .await
+                .is_err()
+            {
+                instance.task.abort();
+            }
+        }
     }
 
     /// `http://127.0.0.1:PORT` of each instance (`scheme` instead of http).
@@ -125,6 +133,41 @@ impl Drop for Instances {
         for i in &self.instances {
             i.task.abort();
         }
+    }
+}
+
+async fn grpc_instance(name: String, listener: TcpListener) -> Instance {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let address = listener.local_addr().unwrap();
+    let (header, counter) = (http::HeaderValue::try_from(name.as_str()).unwrap(), hits.clone());
+    let tag = tower::util::MapResponseLayer::new(move |mut response: http::Response<_>| {
+        counter.fetch_add(1, Ordering::Relaxed);
+        response.headers_mut().insert("x-instance", header.clone());
+        response
+    });
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _reporter = reporter;
+        tonic::transport::Server::builder()
+            .layer(tag)
+            .add_service(health)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    Instance {
+        name,
+        address,
+        hits,
+        task,
+        stop: Some(stop),
     }
 }
 

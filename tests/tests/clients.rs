@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
-use wasd::http::{ClientWithMiddleware, Discovery, DnsResolver};
+use wasd::http::{ClientWithMiddleware, Discovery, DnsResolver, reqwest_middleware};
 use wasd::{Resolver, ServiceInstance, Strategy};
 use wasd_tests::servers::{Instances, TlsServer};
 use wasd_tests::{DnsServer, EtcdServer, Sandbox, TlsFiles};
@@ -37,10 +37,13 @@ fn crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// A port nothing listens on: a dead instance.
-fn dead_url(scheme: &str) -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    format!("{scheme}://{}", listener.local_addr().unwrap())
+/// A dead instance: a port bound (so no other test takes it) that nothing listens on,
+/// which refuses connections. Keep the socket while the test runs.
+fn dead(scheme: &str) -> (tokio::net::TcpSocket, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = format!("{scheme}://{}", socket.local_addr().unwrap());
+    (socket, url)
 }
 
 async fn get(client: &ClientWithMiddleware, url: &str) -> String {
@@ -76,7 +79,7 @@ async fn http_requests_spread_per_strategy() {
             // No https endpoint: the preference falls back to http; the path and query
             // string travel to the endpoint.
             let body = get(&client, "https+http://catalog/api/items?page=2").await;
-            assert!(body.ends_with(" /api/items"), "{body}");
+            assert!(body.ends_with(" /api/items?page=2"), "{body}");
         }
         let counts = hits(&catalog);
         match strategy {
@@ -96,11 +99,13 @@ async fn power_of_two_choices_avoids_a_slow_instance() {
     let catalog = Instances::http("catalog", 2).await;
     let slow = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let slow_url = format!("http://{}", slow.local_addr().unwrap());
-    // Accepts connections and never answers.
+    // Accepts connections, says so, and never answers.
+    let (accepted, mut accepts) = tokio::sync::mpsc::unbounded_channel();
     let _hold = tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((stream, _)) = slow.accept().await {
             held.push(stream);
+            let _ = accepted.send(());
         }
     });
     let urls = vec![slow_url, catalog.urls("http")[0].clone()];
@@ -110,16 +115,20 @@ async fn power_of_two_choices_avoids_a_slow_instance() {
         .build()
         .client_with(reqwest::Client::builder().timeout(Duration::from_secs(30)))
         .unwrap();
-    // Send until one request is parked on the slow instance (p2c picks it at first as
+    // Send until a request is parked on the slow instance (p2c picks it at first as
     // often as the other: both idle).
     let mut parked = None;
     for _ in 0..100 {
         let c = client.clone();
-        let request = tokio::spawn(async move { c.get("http://catalog/x").send().await });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if !request.is_finished() {
-            parked = Some(request);
-            break;
+        let mut request = tokio::spawn(async move { c.get("http://catalog/x").send().await });
+        tokio::select! {
+            _ = accepts.recv() => {
+                parked = Some(request);
+                break;
+            }
+            answered = &mut request => {
+                answered.unwrap().unwrap();
+            }
         }
     }
     let parked = parked.expect("p2c never sent to the slow instance");
@@ -150,8 +159,7 @@ async fn removed_instance_stops_receiving_traffic_after_one_change() {
         .expect("the change is seen")
         .unwrap();
     assert_eq!(set.len(), 2);
-    // The client's balancer hears the same event on its own task.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // No waiting: the balancer looks at the query's set on each pick.
     catalog.reset();
     for _ in 0..30 {
         get(&client, "https+http://catalog/").await;
@@ -164,7 +172,8 @@ async fn removed_instance_stops_receiving_traffic_after_one_change() {
 #[tokio::test]
 async fn dead_instance_is_skipped() {
     let catalog = Instances::http("catalog", 2).await;
-    let mut urls = vec![dead_url("http")];
+    let (_dead, dead_url) = dead("http");
+    let mut urls = vec![dead_url];
     urls.extend(catalog.urls("http"));
     let (_sandbox, r) = configured("catalog", "http", &urls).await;
 
@@ -260,19 +269,8 @@ grants = {{ dns = ["cluster.local"] }}
 
     // The endpoint is 127.0.0.1 with host-name shop-1.cluster.local, a name the system
     // cannot resolve: the client connects to the address and verifies the name.
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(&tls.ca).unwrap();
-    for cert in rustls_pemfile(&ca) {
-        roots.add(cert).unwrap();
-    }
-    let config =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
     let client = Discovery::new(&r)
-        .client_with(reqwest::Client::builder().tls_backend_preconfigured(config))
+        .client_with(reqwest::Client::builder().tls_backend_preconfigured(tls_config(&tls)))
         .unwrap();
     let port = secure.address.port();
     for _ in 0..3 {
@@ -283,6 +281,33 @@ grants = {{ dns = ["cluster.local"] }}
     }
     // Plain http asked for: the http endpoint.
     assert_eq!(get(&client, "http://shop/hello").await, "plain-1 /hello");
+
+    // In a middleware stack of one's own (no pinning resolver), the address is called
+    // (the certificate also names 127.0.0.1) and the Host header names the target.
+    let own = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls_config(&tls))
+        .build()
+        .unwrap();
+    let stacked = reqwest_middleware::ClientBuilder::new(own)
+        .with(Discovery::new(&r))
+        .build();
+    assert_eq!(
+        get(&stacked, "https://shop/hello").await,
+        format!("sni=- host=shop-1.cluster.local:{port}")
+    );
+}
+
+/// A rustls client config trusting the test CA.
+fn tls_config(tls: &TlsFiles) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile(&std::fs::read(&tls.ca).unwrap()) {
+        roots.add(cert).unwrap();
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
 }
 
 fn rustls_pemfile(pem: &[u8]) -> Vec<rustls_pki_types::CertificateDer<'static>> {
@@ -309,6 +334,18 @@ async fn health_checks(channel: &tonic::transport::Channel, n: usize) -> HashMap
     counts
 }
 
+/// Wait (at most 1 s) until calls stop reaching `instance`: the channel takes up a
+/// change on its own tasks, just after the watch event.
+async fn until_gone(channel: &tonic::transport::Channel, instance: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while health_checks(channel, 5).await.contains_key(instance) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{instance} still gets calls"
+        );
+    }
+}
+
 #[tokio::test]
 async fn grpc_channel_spreads_and_follows_changes() {
     let greeter = Instances::grpc("greeter", 3).await;
@@ -327,21 +364,79 @@ async fn grpc_channel_spreads_and_follows_changes() {
         .await
         .expect("the change is seen")
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    until_gone(&channel, "greeter-1").await;
     let counts = health_checks(&channel, 30).await;
     assert!(!counts.contains_key("greeter-1"), "{counts:?}");
     assert_eq!(counts.values().sum::<usize>(), 30);
+
+    // Every endpoint gone (a registry briefly empty): the channel keeps the last ones.
+    write_config(&sandbox, "greeter", "grpc", &[]);
+    let set = tokio::time::timeout(Duration::from_secs(10), watch.changed())
+        .await
+        .expect("the change is seen")
+        .unwrap();
+    assert!(set.is_empty(), "{set:?}");
+    let counts = health_checks(&channel, 10).await;
+    assert_eq!(counts.values().sum::<usize>(), 10, "{counts:?}");
 }
 
 #[tokio::test]
 async fn grpc_dead_instance_is_skipped() {
     let greeter = Instances::grpc("greeter", 2).await;
-    let mut urls = vec![dead_url("grpc")];
+    let (_dead, dead_url) = dead("grpc");
+    let mut urls = vec![dead_url];
     urls.extend(greeter.urls("grpc"));
     let (_sandbox, r) = configured("greeter", "grpc", &urls).await;
     let channel = r.grpc_channel("discovery:///greeter").await.unwrap();
     let counts = health_checks(&channel, 30).await;
     assert_eq!(counts.values().sum::<usize>(), 30, "{counts:?}");
+}
+
+#[tokio::test]
+async fn grpc_instance_that_stops_leaves_and_one_that_starts_joins() {
+    let mut greeter = Instances::grpc("greeter", 2).await;
+    let (late_socket, late_url) = dead("grpc");
+    let late = late_socket.local_addr().unwrap();
+    let mut urls = greeter.urls("grpc");
+    urls.push(late_url);
+    let (_sandbox, r) = configured("greeter", "grpc", &urls).await;
+    let channel = r
+        .grpc_channel_builder("discovery:///greeter")
+        .health_interval(Duration::from_millis(100))
+        .build()
+        .await
+        .unwrap();
+    // Nothing listens at `late` yet: every call succeeds on the other two.
+    let counts = health_checks(&channel, 20).await;
+    assert_eq!(counts.values().sum::<usize>(), 20, "{counts:?}");
+
+    // greeter-1 shuts down: within a check or two it is out, and no call fails.
+    greeter.stop(0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let counts = health_checks(&channel, 20).await;
+    assert_eq!(counts.get("greeter-2"), Some(&20), "{counts:?}");
+
+    // An instance starts at `late`: it is checked again (with back-off) and joins.
+    drop(late_socket);
+    let _late = Instances::grpc_at("greeter-late", late).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if health_checks(&channel, 10).await.contains_key("greeter-late") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the late instance never joined"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn grpc_channel_refuses_a_target_without_usable_endpoints() {
+    let (_sandbox, r) = configured("greeter", "ftp", &["ftp://127.0.0.1:21".to_owned()]).await;
+    let err = r.grpc_channel("ftp://greeter").await.unwrap_err();
+    assert!(err.to_string().contains("not ftp"), "{err}");
 }
 
 #[tokio::test]
@@ -415,7 +510,7 @@ limits = {{ timeout = "5s" }}
             break;
         }
     }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    until_gone(&channel, "greeter-1").await;
     let counts = health_checks(&channel, 20).await;
     assert_eq!(counts.get("greeter-2"), Some(&20), "{counts:?}");
 }

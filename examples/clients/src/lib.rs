@@ -8,6 +8,13 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use wasd::{Registration, Resolver, ServiceInstance};
 
+/// Pick ring for TLS, in case reqwest was built with TLS but no crypto provider (as it is
+/// in this workspace's tests), which would make building a client panic. The examples
+/// call plain http and grpc; a real service would choose its TLS in its own Cargo.toml.
+pub fn crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Where the example finds its instances.
 #[derive(clap::Args)]
 pub struct Discovery {

@@ -42,8 +42,8 @@ async fn main() -> anyhow::Result<()> {
     let leaving = urls.last().expect("at least one instance");
     discovered.remove(leaving, "grpc://greeter").await?;
     println!("removed {leaving} from discovery");
-    // The channel hears of it on its own task, right after.
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    // The channel takes the change up on its own tasks, just after the event.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let answers = calls(&mut client, args.calls).await?;
     println!("answered: {}", tally(&answers));
 

@@ -7,7 +7,7 @@
 //! ```
 
 use clap::Parser;
-use wasd_examples::{Discovery, http_instance, tally};
+use wasd_examples::{Discovery, crypto_provider, http_instance, tally};
 
 #[derive(Parser)]
 struct Args {
@@ -35,6 +35,7 @@ enum Strategy {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    crypto_provider();
     let mut urls = Vec::new();
     for i in 1..=args.instances {
         urls.push(format!("http://{}", http_instance(format!("catalog-{i}")).await?));

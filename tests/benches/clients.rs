@@ -1,0 +1,131 @@
+//! What the client integrations add to a request, side by side with the same request
+//! without them, against the same loopback servers (docs/BENCHMARKS.md has the report):
+//!
+//! - `pick`: `Balancer::pick` over three endpoints, per strategy;
+//! - `http`: a GET to one axum instance with plain reqwest (keep-alive) vs through
+//!   `wasd::http::Discovery` (`http://catalog/x`: resolve, pick, rewrite);
+//! - `grpc`: a health check to one tonic instance over a plain `Channel`, over tonic's
+//!   own balanced channel with a fixed list, and over `Resolver::grpc_channel`.
+//!
+//! `cargo bench -p wasd-tests --bench clients`
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use tokio::runtime::Runtime;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use wasd::{Resolver, Strategy};
+use wasd_tests::Sandbox;
+use wasd_tests::servers::Instances;
+
+fn runtime() -> Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A config provider serving `service` at `urls` under `section`.
+async fn configured(sandbox: &Sandbox, service: &str, section: &str, urls: &[String]) -> Resolver {
+    let json = serde_json::json!({ "Services": { service: { section: urls } } });
+    let settings = sandbox.write("appsettings.json", json.to_string());
+    let toml = format!(
+        "pass-through = false\n[[provider]]\nbuiltin = \"config\"\ngrants = {{ files = [\"{}\"] }}\n",
+        settings.display()
+    );
+    sandbox.resolver(&toml).await.unwrap()
+}
+
+fn pick(c: &mut Criterion) {
+    let rt = runtime();
+    let sandbox = Sandbox::new();
+    let urls: Vec<String> = (1..=3).map(|i| format!("http://10.0.0.{i}:80")).collect();
+    let resolver = rt.block_on(configured(&sandbox, "catalog", "http", &urls));
+    let mut group = c.benchmark_group("clients/pick");
+    for strategy in [
+        Strategy::RoundRobin,
+        Strategy::Random,
+        Strategy::PowerOfTwoChoices,
+        Strategy::PickFirst,
+    ] {
+        let balancer = rt
+            .block_on(
+                resolver
+                    .balancer_builder("http://catalog")
+                    .strategy(strategy)
+                    .build(),
+            )
+            .unwrap();
+        group.bench_function(format!("{strategy:?}"), |b| b.iter(|| black_box(balancer.pick())));
+    }
+    group.finish();
+}
+
+fn http(c: &mut Criterion) {
+    let rt = runtime();
+    let sandbox = Sandbox::new();
+    let (instances, resolver) = rt.block_on(async {
+        let instances = Instances::http("catalog", 1).await;
+        let resolver = configured(&sandbox, "catalog", "http", &instances.urls("http")).await;
+        (instances, resolver)
+    });
+    let direct_url = format!("{}/x", instances.urls("http")[0]);
+    let plain = reqwest::Client::new();
+    let discovered = resolver.http_client().unwrap();
+    let mut group = c.benchmark_group("clients/http");
+    group.bench_function("reqwest", |b| {
+        b.to_async(&rt).iter(|| async {
+            let response = plain.get(&direct_url).send().await.unwrap();
+            black_box(response.bytes().await.unwrap())
+        })
+    });
+    group.bench_function("wasd", |b| {
+        b.to_async(&rt).iter(|| async {
+            let response = discovered.get("http://catalog/x").send().await.unwrap();
+            black_box(response.bytes().await.unwrap())
+        })
+    });
+    group.finish();
+}
+
+fn grpc(c: &mut Criterion) {
+    let rt = runtime();
+    let sandbox = Sandbox::new();
+    let (instances, resolver) = rt.block_on(async {
+        let instances = Instances::grpc("greeter", 1).await;
+        let resolver = configured(&sandbox, "greeter", "grpc", &instances.urls("grpc")).await;
+        (instances, resolver)
+    });
+    let url = instances.urls("http")[0].clone();
+    let (direct, listed, discovered) = rt.block_on(async {
+        let endpoint = tonic::transport::Endpoint::from_shared(url).unwrap();
+        let direct = endpoint.connect().await.unwrap();
+        let listed = tonic::transport::Channel::balance_list(std::iter::once(endpoint));
+        let discovered = resolver.grpc_channel("discovery:///greeter").await.unwrap();
+        (direct, listed, discovered)
+    });
+    let mut group = c.benchmark_group("clients/grpc");
+    for (name, channel) in [
+        ("channel", direct),
+        ("balance_list", listed),
+        ("wasd", discovered),
+    ] {
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| {
+                let mut client = HealthClient::new(channel.clone());
+                async move {
+                    let request = HealthCheckRequest {
+                        service: String::new(),
+                    };
+                    black_box(client.check(request).await.unwrap())
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, pick, http, grpc);
+criterion_main!(benches);
