@@ -19,7 +19,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use crate::endpoint::{Endpoint, EndpointSet, SetInner};
 use crate::error::Error;
 use crate::query::Query;
-use crate::resolver::{Resolver, Watch};
+use crate::resolver::{Latest, Resolver, Watch};
 use crate::runtime::Runtime;
 
 /// How a [`Balancer`] chooses among the endpoints.
@@ -91,8 +91,8 @@ impl BalancerBuilder {
     /// and start following it.
     pub async fn build(self) -> Result<Balancer, Error> {
         let query = Query::parse(&self.query)?;
-        let watch = self.resolver.watch_query(&query).await?;
-        let first = watch.latest().clone();
+        let (watch, latest) = self.resolver.watch_latest(&query).await?;
+        let first = latest.load().clone();
         let shared = Arc::new(Shared {
             strategy: self.strategy,
             filters: self.filters,
@@ -101,7 +101,8 @@ impl BalancerBuilder {
             runtime: self.resolver.runtime().clone(),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             seen: ArcSwapOption::new(first.clone()),
-            watch,
+            latest,
+            _watch: watch,
         });
         let applied = first.is_some_and(|set| shared.update(&EndpointSet::from_shared(set)));
         if !applied {
@@ -133,8 +134,9 @@ struct Shared {
     /// The query's set `snapshot` was made from (or skipped): held, so that its address
     /// cannot be reused by a later set and mistaken for it.
     seen: ArcSwapOption<SetInner>,
+    latest: Latest,
     /// Keeps the query watched (refreshed, pushed by watching providers).
-    watch: Watch,
+    _watch: Watch,
 }
 
 /// The endpoints that pass the filters, each with its counters.
@@ -157,7 +159,7 @@ impl Shared {
     /// Take a new set; false (keeping the old one) when no endpoint passes the filters.
     /// Take up the query's current set if it is not the one last seen.
     fn follow(&self) {
-        let latest = self.watch.latest();
+        let latest = self.latest.load();
         let seen = self.seen.load();
         let same = match (&*latest, &*seen) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),

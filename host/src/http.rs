@@ -70,12 +70,7 @@ pub struct Discovery {
 }
 
 struct Inner {
-    resolver: Resolver,
-    strategy: Strategy,
-    metadata: Vec<(String, String)>,
-    filters: Vec<Predicate>,
-    ejection: Duration,
-    attempts: usize,
+    settings: DiscoveryBuilder,
     balancers: Mutex<Balancers>,
 }
 
@@ -148,12 +143,7 @@ impl DiscoveryBuilder {
     pub fn build(self) -> Discovery {
         Discovery {
             inner: Arc::new(Inner {
-                resolver: self.resolver,
-                strategy: self.strategy,
-                metadata: self.metadata,
-                filters: self.filters,
-                ejection: self.ejection,
-                attempts: self.attempts,
+                settings: self,
                 balancers: Mutex::default(),
             }),
         }
@@ -214,16 +204,16 @@ impl Discovery {
         if let Some(balancer) = self.inner.balancers.lock().unwrap().by_query.get(query) {
             return Ok(balancer.clone());
         }
-        let mut builder = self
-            .inner
+        let settings = &self.inner.settings;
+        let mut builder = settings
             .resolver
             .balancer_builder(query)
-            .strategy(self.inner.strategy)
-            .ejection(self.inner.ejection);
-        for (key, value) in &self.inner.metadata {
+            .strategy(settings.strategy)
+            .ejection(settings.ejection);
+        for (key, value) in &settings.metadata {
             builder = builder.metadata(key.clone(), value.clone());
         }
-        for keep in &self.inner.filters {
+        for keep in &settings.filters {
             let keep = keep.clone();
             builder = builder.filter(move |e| keep(e));
         }
@@ -270,7 +260,7 @@ impl Discovery {
             attempt += 1;
             let mut this = request.take().expect("a request for each attempt");
             // Keep a copy for the next attempt; a streaming body cannot be copied.
-            request = if attempt < self.inner.attempts {
+            request = if attempt < self.inner.settings.attempts {
                 this.try_clone()
             } else {
                 None
@@ -397,8 +387,8 @@ impl Middleware for Discovery {
 impl std::fmt::Debug for Discovery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Discovery")
-            .field("strategy", &self.inner.strategy)
-            .field("attempts", &self.inner.attempts)
+            .field("strategy", &self.inner.settings.strategy)
+            .field("attempts", &self.inner.settings.attempts)
             .finish_non_exhaustive()
     }
 }

@@ -387,12 +387,18 @@ impl Resolver {
 
     /// Follow an already parsed query.
     pub async fn watch_query(&self, query: &Query) -> Result<Watch, Error> {
+        Ok(self.watch_latest(query).await?.0)
+    }
+
+    /// A watch of `query` and a lock-free view of its current set, for a balancer that
+    /// checks for a change on each pick (so it follows one at once, with no task).
+    pub(crate) async fn watch_latest(&self, query: &Query) -> Result<(Watch, Latest), Error> {
         let entry = self.inner.entry(query)?;
         let mut receiver = entry.state.subscribe();
         self.inner.ready(&entry, true).await?;
         // The first answer is the current set, not a change.
         receiver.borrow_and_update();
-        Ok(Watch { receiver, entry })
+        Ok((Watch { receiver }, Latest(entry)))
     }
 }
 
@@ -838,17 +844,20 @@ fn warn_keeping(entry: &Entry, failures: &[crate::ProviderError], retry_in: Dura
 /// A stream of endpoint sets for one query, from [`Resolver::watch`].
 pub struct Watch {
     receiver: watch::Receiver<Option<EndpointSet>>,
-    /// For [`Watch::latest`]: the entry's set is stored before watchers are woken.
-    entry: Arc<Entry>,
+}
+
+/// A query's current set as the cache holds it (stored before watchers are woken).
+/// Keeps the entry, not the resolver: a [`Watch`] still ends when the resolver goes.
+pub(crate) struct Latest(Arc<Entry>);
+
+impl Latest {
+    /// The set as of now: one `ArcSwap` load, no lock.
+    pub(crate) fn load(&self) -> arc_swap::Guard<Option<Arc<SetInner>>> {
+        self.0.current.load()
+    }
 }
 
 impl Watch {
-    /// The query's set as of now, without a lock or a wake-up (one `ArcSwap` load):
-    /// what a balancer checks on each pick, so that it follows a change at once.
-    pub(crate) fn latest(&self) -> arc_swap::Guard<Option<Arc<SetInner>>> {
-        self.entry.current.load()
-    }
-
     /// The current endpoints (empty when the service has none).
     pub fn current(&self) -> EndpointSet {
         self.receiver.borrow().clone().unwrap_or_default()

@@ -2,8 +2,11 @@
 //! without them, against the same loopback servers (docs/BENCHMARKS.md has the report):
 //!
 //! - `pick`: `Balancer::pick` over three endpoints, per strategy;
-//! - `http`: a GET to one axum instance with plain reqwest (keep-alive) vs through
-//!   `wasd::http::Discovery` (`http://catalog/x`: resolve, pick, rewrite);
+//! - `http`: a GET to one axum instance with plain reqwest (keep-alive), through an
+//!   empty reqwest-middleware stack, and through `wasd::http::Discovery`
+//!   (`http://catalog/x`: resolve, pick, rewrite);
+//! - `overhead`: the same middleware stack ending in a canned answer, with and without
+//!   discovery: its own cost per request, without the network's noise;
 //! - `grpc`: a health check to one tonic instance over a plain `Channel`, over tonic's
 //!   own balanced channel with a fixed list, and over `Resolver::grpc_channel`.
 //!
@@ -12,20 +15,12 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tokio::runtime::Runtime;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
+use wasd::http::reqwest_middleware;
 use wasd::{Resolver, Strategy};
-use wasd_tests::Sandbox;
 use wasd_tests::servers::Instances;
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use wasd_tests::{Sandbox, runtime};
 
 /// A config provider serving `service` at `urls` under `section`.
 async fn configured(sandbox: &Sandbox, service: &str, section: &str, urls: &[String]) -> Resolver {
@@ -36,6 +31,11 @@ async fn configured(sandbox: &Sandbox, service: &str, section: &str, urls: &[Str
         settings.display()
     );
     sandbox.resolver(&toml).await.unwrap()
+}
+
+/// reqwest has TLS without a crypto provider in this crate's tests: choose ring.
+fn crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 fn pick(c: &mut Criterion) {
@@ -64,6 +64,7 @@ fn pick(c: &mut Criterion) {
 }
 
 fn http(c: &mut Criterion) {
+    crypto_provider();
     let rt = runtime();
     let sandbox = Sandbox::new();
     let (instances, resolver) = rt.block_on(async {
@@ -73,6 +74,8 @@ fn http(c: &mut Criterion) {
     });
     let direct_url = format!("{}/x", instances.urls("http")[0]);
     let plain = reqwest::Client::new();
+    // The middleware framework alone (no middleware), to tell its cost from discovery's.
+    let stack = reqwest_middleware::ClientBuilder::new(reqwest::Client::new()).build();
     let discovered = resolver.http_client().unwrap();
     let mut group = c.benchmark_group("clients/http");
     group.bench_function("reqwest", |b| {
@@ -81,11 +84,54 @@ fn http(c: &mut Criterion) {
             black_box(response.bytes().await.unwrap())
         })
     });
+    group.bench_function("reqwest-middleware", |b| {
+        b.to_async(&rt).iter(|| async {
+            let response = stack.get(&direct_url).send().await.unwrap();
+            black_box(response.bytes().await.unwrap())
+        })
+    });
     group.bench_function("wasd", |b| {
         b.to_async(&rt).iter(|| async {
             let response = discovered.get("http://catalog/x").send().await.unwrap();
             black_box(response.bytes().await.unwrap())
         })
+    });
+    group.finish();
+}
+
+/// A last middleware that answers at once: what is left is the cost of what runs before.
+fn canned<'a>(
+    _: reqwest::Request,
+    _: &'a mut http::Extensions,
+    _: reqwest_middleware::Next<'a>,
+) -> std::pin::Pin<Box<dyn Future<Output = reqwest_middleware::Result<reqwest::Response>> + Send + 'a>> {
+    Box::pin(async { Ok(reqwest::Response::from(http::Response::new(""))) })
+}
+
+/// Discovery's own work per request (resolve from the cache, pick, rewrite, bookkeeping)
+/// without the network: the same stack ending in `canned`, with and without it.
+fn overhead(c: &mut Criterion) {
+    crypto_provider();
+    let rt = runtime();
+    let sandbox = Sandbox::new();
+    let urls = vec!["http://10.0.0.1:8080".to_owned()];
+    let resolver = rt.block_on(configured(&sandbox, "catalog", "http", &urls));
+    let bare = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+        .with(canned)
+        .build();
+    let discovered = wasd::http::Discovery::new(&resolver)
+        .client_builder(reqwest::Client::builder())
+        .unwrap()
+        .with(canned)
+        .build();
+    let mut group = c.benchmark_group("clients/overhead");
+    group.bench_function("stack", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(bare.get("http://10.0.0.1:8080/x").send().await.unwrap()) })
+    });
+    group.bench_function("wasd", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(discovered.get("http://catalog/x").send().await.unwrap()) })
     });
     group.finish();
 }
@@ -127,5 +173,5 @@ fn grpc(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, pick, http, grpc);
+criterion_group!(benches, pick, overhead, http, grpc);
 criterion_main!(benches);

@@ -31,15 +31,7 @@ use hickory_resolver::proto::rr::RData;
 use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 use wasd::Query;
-use wasd_tests::{DnsServer, EtcdServer, Sandbox, fixtures};
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use wasd_tests::{DnsServer, EtcdServer, Sandbox, fixtures, runtime};
 
 /// Resident and peak memory of a process, in KiB, from /proc.
 fn memory_kib(pid: &str) -> (u64, u64) {

@@ -28,6 +28,15 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// A two-worker tokio runtime, for benchmarks that drive async code from criterion.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Precompiled components shared by all tests (writes are atomic, so concurrent test
 /// processes can share it).
 pub fn cache_dir() -> PathBuf {
