@@ -10,8 +10,8 @@
 //! new set has no endpoint that passes the filters, it keeps the last one that had.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -102,6 +102,7 @@ impl BalancerBuilder {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             seen: ArcSwapOption::new(first.clone()),
             latest,
+            rebuild: Mutex::new(()),
             _watch: watch,
         });
         let applied = first.is_some_and(|set| shared.update(&EndpointSet::from_shared(set)));
@@ -135,6 +136,8 @@ struct Shared {
     /// cannot be reused by a later set and mistaken for it.
     seen: ArcSwapOption<SetInner>,
     latest: Latest,
+    /// Held while a new set is made into the snapshot.
+    rebuild: Mutex<()>,
     /// Keeps the query watched (refreshed, pushed by watching providers).
     _watch: Watch,
 }
@@ -155,32 +158,37 @@ struct Slot {
     failures_in_a_row: AtomicU64,
 }
 
+fn same_set(a: &Option<Arc<SetInner>>, b: &Option<Arc<SetInner>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
 impl Shared {
-    /// Take a new set; false (keeping the old one) when no endpoint passes the filters.
     /// Take up the query's current set if it is not the one last seen.
     fn follow(&self) {
-        let latest = self.latest.load();
-        let seen = self.seen.load();
-        let same = match (&*latest, &*seen) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        };
-        if same {
+        if same_set(&self.latest.load(), &self.seen.load()) {
             return;
         }
-        let latest = (*latest).clone();
-        // Whoever swaps first rebuilds; a racing pick goes on with the snapshot it has.
-        let previous = self.seen.swap(latest.clone());
-        let raced = match (&previous, &latest) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            _ => false,
+        // One rebuild at a time. A pick that finds one under way goes on with the
+        // snapshot it has and looks again next time: `seen` is only written after its
+        // snapshot, so no change is passed over.
+        let Ok(_rebuilding) = self.rebuild.try_lock() else {
+            return;
         };
-        if !raced && let Some(set) = latest {
-            self.update(&EndpointSet::from_shared(set));
+        let latest = self.latest.load_full();
+        if same_set(&latest, &self.seen.load()) {
+            return;
         }
+        if let Some(set) = &latest {
+            self.update(&EndpointSet::from_shared(set.clone()));
+        }
+        self.seen.store(latest);
     }
 
+    /// Take a new set; false (keeping the old one) when no endpoint passes the filters.
     fn update(&self, set: &EndpointSet) -> bool {
         let old = self.snapshot.load();
         let mut kept: HashMap<&Endpoint, &Arc<Slot>> =

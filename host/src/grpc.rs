@@ -291,9 +291,11 @@ impl Feeder {
 
     /// Check an unreachable endpoint again later, waiting longer each time.
     fn hold(&mut self, endpoint: Endpoint) {
+        // At most six intervals (30 s with the default 5 s), at most 30 s.
+        let longest = (self.interval * 6).min(MAX_BACKOFF);
         let wait = match self.held.get(&endpoint) {
-            Some((_, wait)) => (*wait * 2).min(MAX_BACKOFF),
-            None => self.interval.min(MAX_BACKOFF),
+            Some((_, wait)) => (*wait * 2).min(longest),
+            None => self.interval.min(longest),
         };
         self.held.insert(endpoint, (Instant::now() + wait, wait));
     }

@@ -67,6 +67,8 @@ type Predicate = Arc<dyn Fn(&Endpoint) -> bool + Send + Sync>;
 #[derive(Clone)]
 pub struct Discovery {
     inner: Arc<Inner>,
+    /// The pins of the client this copy serves, when its DNS resolver knows them.
+    pins: Option<Arc<Pins>>,
 }
 
 struct Inner {
@@ -82,13 +84,11 @@ struct Balancers {
 }
 
 /// Host name -> the discovered address it stands for (the last picked). One table per
-/// client, shared by its middleware and its DNS resolver.
+/// client, shared by its middleware and its DNS resolver. Endpoints that share a host
+/// name share its entry: a request may reach the other one's address (the name, and so
+/// the certificate, being the same).
 #[derive(Default)]
 struct Pins(RwLock<HashMap<String, IpAddr>>);
-
-/// Carried in each request's extensions by clients whose DNS resolver knows the pins.
-#[derive(Clone)]
-struct PinTable(Arc<Pins>);
 
 /// Options of a [`Discovery`].
 #[must_use]
@@ -146,6 +146,7 @@ impl DiscoveryBuilder {
                 settings: self,
                 balancers: Mutex::default(),
             }),
+            pins: None,
         }
     }
 }
@@ -195,9 +196,12 @@ impl Discovery {
                 pins: pins.clone(),
             })
             .build()?;
-        Ok(reqwest_middleware::ClientBuilder::new(client)
-            .with_init(reqwest_middleware::Extension(PinTable(pins)))
-            .with(self.clone()))
+        // This client's copy of the middleware knows the pins its resolver answers with.
+        let middleware = Discovery {
+            inner: self.inner.clone(),
+            pins: Some(pins),
+        };
+        Ok(reqwest_middleware::ClientBuilder::new(client).with(middleware))
     }
 
     async fn balancer(&self, query: &str) -> Result<Balancer, Error> {
@@ -252,7 +256,7 @@ impl Discovery {
         };
         let query = Query::parse(&query_text).map_err(middleware_error)?;
         let balancer = self.balancer(&query_text).await.map_err(middleware_error)?;
-        let pins = extensions.get::<PinTable>().map(|table| table.0.clone());
+        let pins = self.pins.as_deref();
         let original = url.clone();
         let mut request = Some(request);
         let mut attempt = 0;
@@ -268,7 +272,7 @@ impl Discovery {
             let picked = balancer.pick();
             let target =
                 target(picked.endpoint(), &original, &query, pins.is_some()).map_err(middleware_error)?;
-            if let (Some(pins), Some((name, address))) = (&pins, target.pin) {
+            if let (Some(pins), Some((name, address))) = (pins, target.pin) {
                 pins.pin(name, address);
             }
             *this.url_mut() = target.url;
@@ -399,6 +403,8 @@ impl Pins {
             return;
         }
         let mut pins = self.0.write().unwrap();
+        // Bounded by the endpoints seen; starting again only costs requests in flight
+        // that moment a system lookup of their name.
         if pins.len() >= MAX_PINS && !pins.contains_key(name) {
             pins.clear();
         }

@@ -119,7 +119,9 @@ struct Entry {
     /// `None` until the first answer; an empty set once the service has disappeared.
     state: watch::Sender<Option<EndpointSet>>,
     /// The same set as `state`, for the read path: an `ArcSwap` load takes no lock.
-    current: ArcSwapOption<SetInner>,
+    /// Shared with balancers ([`Latest`]) without sharing the entry, whose sender must
+    /// go with the resolver so that watches end.
+    current: Arc<ArcSwapOption<SetInner>>,
     /// Cleared when the entry leaves the cache (idle), so `by_text` never serves it.
     live: AtomicBool,
     init: OnceCell<()>,
@@ -398,7 +400,7 @@ impl Resolver {
         self.inner.ready(&entry, true).await?;
         // The first answer is the current set, not a change.
         receiver.borrow_and_update();
-        Ok((Watch { receiver }, Latest(entry)))
+        Ok((Watch { receiver }, Latest(entry.current.clone())))
     }
 }
 
@@ -495,7 +497,7 @@ impl Inner {
                         },
                         key,
                         state: watch::channel(None).0,
-                        current: ArcSwapOption::empty(),
+                        current: Arc::new(ArcSwapOption::empty()),
                         live: AtomicBool::new(true),
                         init: OnceCell::new(),
                         last_used_ms: AtomicU64::new(0),
@@ -847,13 +849,18 @@ pub struct Watch {
 }
 
 /// A query's current set as the cache holds it (stored before watchers are woken).
-/// Keeps the entry, not the resolver: a [`Watch`] still ends when the resolver goes.
-pub(crate) struct Latest(Arc<Entry>);
+/// Only the set's cell, not the entry: watches still end when the resolver goes.
+pub(crate) struct Latest(Arc<ArcSwapOption<SetInner>>);
 
 impl Latest {
     /// The set as of now: one `ArcSwap` load, no lock.
     pub(crate) fn load(&self) -> arc_swap::Guard<Option<Arc<SetInner>>> {
-        self.0.current.load()
+        self.0.load()
+    }
+
+    /// The same, as an owned reference.
+    pub(crate) fn load_full(&self) -> Option<Arc<SetInner>> {
+        self.0.load_full()
     }
 }
 

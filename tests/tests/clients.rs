@@ -338,7 +338,8 @@ async fn health_checks(channel: &tonic::transport::Channel, n: usize) -> HashMap
 /// change on its own tasks, just after the watch event.
 async fn until_gone(channel: &tonic::transport::Channel, instance: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-    while health_checks(channel, 5).await.contains_key(instance) {
+    // 20 calls miss a live one of three instances by chance once in ~3 000.
+    while health_checks(channel, 20).await.contains_key(instance) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "{instance} still gets calls"
@@ -376,7 +377,10 @@ async fn grpc_channel_spreads_and_follows_changes() {
         .expect("the change is seen")
         .unwrap();
     assert!(set.is_empty(), "{set:?}");
-    let counts = health_checks(&channel, 10).await;
+    // An emptied channel would hold calls rather than fail them.
+    let counts = tokio::time::timeout(Duration::from_secs(10), health_checks(&channel, 10))
+        .await
+        .expect("the channel still answers");
     assert_eq!(counts.values().sum::<usize>(), 10, "{counts:?}");
 }
 

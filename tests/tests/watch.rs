@@ -106,6 +106,21 @@ async fn watch_ends_when_the_resolver_is_dropped() {
 }
 
 #[tokio::test]
+async fn watch_ends_when_the_resolver_is_dropped_while_a_balancer_follows_the_query() {
+    let sandbox = Sandbox::new();
+    let resolver = sandbox.resolver("").await.unwrap();
+    let balancer = resolver.balancer("basket").await.unwrap();
+    let mut watch = resolver.watch("basket").await.unwrap();
+    drop(resolver);
+    let end = tokio::time::timeout(Duration::from_secs(2), watch.changed())
+        .await
+        .unwrap();
+    assert!(end.is_none());
+    // The balancer goes on with the endpoints it has.
+    assert_eq!(balancer.pick().endpoint().to_string(), "basket");
+}
+
+#[tokio::test]
 async fn watching_a_service_with_no_endpoints_yet() {
     let sandbox = Sandbox::new();
     let resolver = sandbox.resolver("pass-through = false").await.unwrap();

@@ -36,24 +36,29 @@ async fn main() -> anyhow::Result<()> {
     let channel = discovered.resolver.grpc_channel("discovery:///greeter").await?;
     let mut client = HealthClient::new(channel);
 
-    let answers = calls(&mut client, args.calls).await?;
+    let answers = calls(&mut client, args.calls, true).await?;
     println!("answered: {}", tally(&answers));
 
     let leaving = urls.last().expect("at least one instance");
     discovered.remove(leaving, "grpc://greeter").await?;
     println!("removed {leaving} from discovery");
-    // The channel takes the change up on its own tasks, just after the event.
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    let answers = calls(&mut client, args.calls).await?;
+    // The channel takes the change up on its own tasks, just after the event: wait (at
+    // most 2 s) until a round of calls no longer reaches the instance that left.
+    let gone = format!("greeter-{}", args.instances);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while calls(&mut client, 20, false).await?.contains(&gone) && std::time::Instant::now() < deadline {}
+    let answers = calls(&mut client, args.calls, true).await?;
     println!("answered: {}", tally(&answers));
 
     discovered.stop().await
 }
 
-/// `n` health checks; the name of the instance that answered each.
+/// `n` health checks (each printed with `print`); the name of the instance that answered
+/// each.
 async fn calls(
     client: &mut HealthClient<tonic::transport::Channel>,
     n: usize,
+    print: bool,
 ) -> anyhow::Result<Vec<String>> {
     let mut answered = Vec::new();
     for _ in 0..n {
@@ -69,7 +74,9 @@ async fn calls(
             .unwrap_or("?")
             .to_owned();
         let status = response.into_inner().status();
-        println!("Check discovery:///greeter -> {instance}: {status:?}");
+        if print {
+            println!("Check discovery:///greeter -> {instance}: {status:?}");
+        }
         answered.push(instance);
     }
     Ok(answered)
