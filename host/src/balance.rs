@@ -1,10 +1,11 @@
 //! Client-side load balancing over a watched query: pick one endpoint per request.
 //!
 //! A [`Balancer`] holds a [`Resolver::watch`] of its query and picks from the current
-//! endpoints with a [`Strategy`]; each pick first looks whether the query's set changed
-//! (one lock-free load), so a change applies from the next pick on. Strategies: round-robin (Microsoft's only one), random,
-//! power of two choices on outstanding requests, or pick-first. Filters (metadata, the
-//! instance version, any predicate) apply to every set, Kratos's `filter.Version("v2")`.
+//! endpoints with a [`Strategy`]: round-robin (Microsoft's only one), random, power of
+//! two choices on outstanding requests, or pick-first. Each pick first looks whether the
+//! query's set changed (two lock-free loads), so a change applies from the next pick.
+//! Filters (metadata, the instance version, any predicate) apply to every set, Kratos's
+//! `filter.Version("v2")`.
 //! An endpoint that failed (a refused connection, say) is left out for a while, unless
 //! every endpoint has failed. Like Kratos, a balancer never drops to an empty set: when a
 //! new set has no endpoint that passes the filters, it keeps the last one that had.
