@@ -45,29 +45,61 @@ pub enum Strategy {
 pub const DEFAULT_EJECTION: Duration = Duration::from_secs(1);
 const MAX_EJECTION: Duration = Duration::from_secs(30);
 
-type Predicate = Arc<dyn Fn(&Endpoint) -> bool + Send + Sync>;
+pub(crate) type Predicate = Arc<dyn Fn(&Endpoint) -> bool + Send + Sync>;
+
+/// How a balancer picks: what [`BalancerBuilder`] and the HTTP client's discovery set.
+#[derive(Clone)]
+pub(crate) struct Options {
+    pub(crate) strategy: Strategy,
+    filters: Vec<Predicate>,
+    ejection: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            strategy: Strategy::default(),
+            filters: Vec::new(),
+            ejection: DEFAULT_EJECTION,
+        }
+    }
+}
+
+impl Options {
+    pub(crate) fn metadata(&mut self, key: String, value: String) {
+        self.filter(Arc::new(move |e: &Endpoint| {
+            e.metadata_value(&key) == Some(value.as_str())
+        }));
+    }
+
+    pub(crate) fn filter(&mut self, keep: Predicate) {
+        self.filters.push(keep);
+    }
+
+    pub(crate) fn ejection(&mut self, first: Duration) {
+        self.ejection = first;
+    }
+}
 
 /// Builds a [`Balancer`]; from [`Resolver::balancer_builder`].
 #[must_use]
 pub struct BalancerBuilder {
     resolver: Resolver,
     query: String,
-    strategy: Strategy,
-    filters: Vec<Predicate>,
-    ejection: Duration,
+    options: Options,
 }
 
 impl BalancerBuilder {
     /// The picking strategy (default: round-robin).
     pub fn strategy(mut self, strategy: Strategy) -> Self {
-        self.strategy = strategy;
+        self.options.strategy = strategy;
         self
     }
 
     /// Only endpoints whose metadata has `key` = `value`.
-    pub fn metadata(self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        let (key, value) = (key.into(), value.into());
-        self.filter(move |e| e.metadata_value(&key) == Some(value.as_str()))
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.options.metadata(key.into(), value.into());
+        self
     }
 
     /// Only endpoints of instances of this version (the `version` metadata, as the etcd
@@ -78,13 +110,13 @@ impl BalancerBuilder {
 
     /// Only endpoints for which `keep` holds. Filters add up.
     pub fn filter(mut self, keep: impl Fn(&Endpoint) -> bool + Send + Sync + 'static) -> Self {
-        self.filters.push(Arc::new(keep));
+        self.options.filter(Arc::new(keep));
         self
     }
 
     /// How long an endpoint marked failed is left out at first (default 1 s).
     pub fn ejection(mut self, first: Duration) -> Self {
-        self.ejection = first;
+        self.options.ejection(first);
         self
     }
 
@@ -93,11 +125,16 @@ impl BalancerBuilder {
     pub async fn build(self) -> Result<Balancer, Error> {
         let query = Query::parse(&self.query)?;
         let (watch, latest) = self.resolver.watch_latest(&query).await?;
-        let first = latest.load().clone();
+        let first = latest.load_full();
+        let Options {
+            strategy,
+            filters,
+            ejection,
+        } = self.options;
         let shared = Arc::new(Shared {
-            strategy: self.strategy,
-            filters: self.filters,
-            ejection: self.ejection,
+            strategy,
+            filters,
+            ejection,
             next: AtomicUsize::new(0),
             runtime: self.resolver.runtime().clone(),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
@@ -364,12 +401,15 @@ impl Resolver {
 
     /// A [`Balancer`] with a strategy, filters and ejection time of your choice.
     pub fn balancer_builder(&self, query: impl Into<String>) -> BalancerBuilder {
+        self.balancer_with(query.into(), Options::default())
+    }
+
+    /// A [`BalancerBuilder`] with options set already.
+    pub(crate) fn balancer_with(&self, query: String, options: Options) -> BalancerBuilder {
         BalancerBuilder {
             resolver: self.clone(),
-            query: query.into(),
-            strategy: Strategy::default(),
-            filters: Vec::new(),
-            ejection: DEFAULT_EJECTION,
+            query,
+            options,
         }
     }
 }

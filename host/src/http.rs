@@ -19,7 +19,7 @@ use reqwest_middleware::{Middleware, Next};
 // reqwest-middleware themselves to name them.
 pub use reqwest_middleware::{self, ClientWithMiddleware};
 
-use crate::balance::{Balancer, DEFAULT_EJECTION, Strategy};
+use crate::balance::{Balancer, Options, Strategy};
 use crate::endpoint::Endpoint;
 use crate::error::Error;
 use crate::query::Query;
@@ -34,8 +34,6 @@ const MAX_SERVICES: usize = 1024;
 
 /// Host names a client keeps pinned to an address; beyond that the table starts again.
 const MAX_PINS: usize = 4096;
-
-type Predicate = Arc<dyn Fn(&Endpoint) -> bool + Send + Sync>;
 
 /// Service discovery for reqwest: resolves, balances and retries each request whose host
 /// names a service. Cheap to clone; clones share balancers.
@@ -78,9 +76,15 @@ struct Inner {
 
 #[derive(Default)]
 struct Balancers {
-    by_query: HashMap<String, Balancer>,
+    by_query: HashMap<String, Arc<Service>>,
     /// Creation order, for evicting the oldest.
     order: VecDeque<String>,
+}
+
+/// What requests to one service share: its parsed query and its balancer.
+struct Service {
+    query: Query,
+    balancer: Balancer,
 }
 
 /// Host name -> the discovered address it stands for (the last picked). One table per
@@ -94,23 +98,21 @@ struct Pins(RwLock<HashMap<String, IpAddr>>);
 #[must_use]
 pub struct DiscoveryBuilder {
     resolver: Resolver,
-    strategy: Strategy,
-    metadata: Vec<(String, String)>,
-    filters: Vec<Predicate>,
-    ejection: Duration,
+    /// Each service's balancer is built with these.
+    balancing: Options,
     attempts: usize,
 }
 
 impl DiscoveryBuilder {
     /// How each service's endpoints are picked (default round-robin).
     pub fn strategy(mut self, strategy: Strategy) -> Self {
-        self.strategy = strategy;
+        self.balancing.strategy = strategy;
         self
     }
 
     /// Only endpoints whose metadata has `key` = `value`.
     pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
-        self.metadata.push((key.into(), value.into()));
+        self.balancing.metadata(key.into(), value.into());
         self
     }
 
@@ -121,14 +123,14 @@ impl DiscoveryBuilder {
 
     /// Only endpoints `keep` accepts.
     pub fn filter(mut self, keep: impl Fn(&Endpoint) -> bool + Send + Sync + 'static) -> Self {
-        self.filters.push(Arc::new(keep));
+        self.balancing.filter(Arc::new(keep));
         self
     }
 
     /// How long an endpoint that refused a connection is left out at first (default 1 s,
     /// doubling while it keeps failing).
     pub fn ejection(mut self, first: Duration) -> Self {
-        self.ejection = first;
+        self.balancing.ejection(first);
         self
     }
 
@@ -161,10 +163,7 @@ impl Discovery {
     pub fn builder(resolver: &Resolver) -> DiscoveryBuilder {
         DiscoveryBuilder {
             resolver: resolver.clone(),
-            strategy: Strategy::default(),
-            metadata: Vec::new(),
-            filters: Vec::new(),
-            ejection: DEFAULT_EJECTION,
+            balancing: Options::default(),
             attempts: DEFAULT_ATTEMPTS,
         }
     }
@@ -204,28 +203,22 @@ impl Discovery {
         Ok(reqwest_middleware::ClientBuilder::new(client).with(middleware))
     }
 
-    async fn balancer(&self, query: &str) -> Result<Balancer, Error> {
-        if let Some(balancer) = self.inner.balancers.lock().unwrap().by_query.get(query) {
-            return Ok(balancer.clone());
+    /// The service a query text names, made on its first request.
+    async fn service(&self, text: &str) -> Result<Arc<Service>, Error> {
+        if let Some(service) = self.inner.balancers.lock().unwrap().by_query.get(text) {
+            return Ok(service.clone());
         }
         let settings = &self.inner.settings;
-        let mut builder = settings
-            .resolver
-            .balancer_builder(query)
-            .strategy(settings.strategy)
-            .ejection(settings.ejection);
-        for (key, value) in &settings.metadata {
-            builder = builder.metadata(key.clone(), value.clone());
-        }
-        for keep in &settings.filters {
-            let keep = keep.clone();
-            builder = builder.filter(move |e| keep(e));
-        }
+        let query = Query::parse(text)?;
         // Built outside the lock; requests racing for a new service each build one.
-        let balancer = builder.build().await?;
+        let balancer = settings
+            .resolver
+            .balancer_with(text.to_owned(), settings.balancing.clone())
+            .build()
+            .await?;
         let mut balancers = self.inner.balancers.lock().unwrap();
         // Keep the first, so that all requests share counters and failure marks.
-        if let Some(existing) = balancers.by_query.get(query) {
+        if let Some(existing) = balancers.by_query.get(text) {
             return Ok(existing.clone());
         }
         if balancers.order.len() >= MAX_SERVICES
@@ -233,9 +226,10 @@ impl Discovery {
         {
             balancers.by_query.remove(&oldest);
         }
-        balancers.order.push_back(query.to_owned());
-        balancers.by_query.insert(query.to_owned(), balancer.clone());
-        Ok(balancer)
+        let service = Arc::new(Service { query, balancer });
+        balancers.order.push_back(text.to_owned());
+        balancers.by_query.insert(text.to_owned(), service.clone());
+        Ok(service)
     }
 
     async fn send(
@@ -254,8 +248,7 @@ impl Discovery {
             Some(port) => format!("{}://{host}:{port}", url.scheme()),
             None => format!("{}://{host}", url.scheme()),
         };
-        let query = Query::parse(&query_text).map_err(middleware_error)?;
-        let balancer = self.balancer(&query_text).await.map_err(middleware_error)?;
+        let service = self.service(&query_text).await.map_err(middleware_error)?;
         let pins = self.pins.as_deref();
         let original = url.clone();
         let mut request = Some(request);
@@ -269,9 +262,9 @@ impl Discovery {
             } else {
                 None
             };
-            let picked = balancer.pick();
-            let target =
-                target(picked.endpoint(), &original, &query, pins.is_some()).map_err(middleware_error)?;
+            let picked = service.balancer.pick();
+            let target = target(picked.endpoint(), &original, &service.query, pins.is_some())
+                .map_err(middleware_error)?;
             if let (Some(pins), Some((name, address))) = (pins, target.pin) {
                 pins.pin(name, address);
             }
@@ -391,7 +384,7 @@ impl Middleware for Discovery {
 impl std::fmt::Debug for Discovery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Discovery")
-            .field("strategy", &self.inner.settings.strategy)
+            .field("strategy", &self.inner.settings.balancing.strategy)
             .field("attempts", &self.inner.settings.attempts)
             .finish_non_exhaustive()
     }
