@@ -8,7 +8,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use http_body_util::BodyExt;
@@ -93,6 +94,8 @@ pub(crate) struct HttpPolicy {
 #[derive(Default)]
 struct Pool {
     idle: Mutex<HashMap<Origin, Vec<IdleConnection>>>,
+    /// Whether a sweeper task is closing this pool's expired connections.
+    sweeping: AtomicBool,
 }
 
 /// A connection's sending half, and since when it has been idle.
@@ -120,25 +123,45 @@ impl Pool {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().expect("pool lock");
-        let list = idle.entry(origin.clone()).or_default();
-        list.retain(usable);
-        if list.len() >= MAX_IDLE_PER_ORIGIN {
-            return;
+        {
+            let mut idle = self.idle.lock().expect("pool lock");
+            let list = idle.entry(origin).or_default();
+            list.retain(usable);
+            if list.len() >= MAX_IDLE_PER_ORIGIN {
+                return;
+            }
+            list.push((sender, Instant::now()));
         }
-        list.push((sender, Instant::now()));
-        // Close it when its idle time is up, if nobody took it by then.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let pool = Arc::downgrade(self);
-            runtime.spawn(async move {
-                tokio::time::sleep(IDLE_TIMEOUT).await;
-                if let Some(pool) = pool.upgrade() {
-                    let mut idle = pool.idle.lock().expect("pool lock");
-                    if let Some(list) = idle.get_mut(&origin) {
-                        list.retain(usable);
-                    }
-                }
-            });
+        // One task per pool, while it has idle connections, closes them when their idle
+        // time is up (not one timer per request).
+        if !self.sweeping.swap(true, Ordering::AcqRel) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(sweep(Arc::downgrade(self)))),
+                Err(_) => self.sweeping.store(false, Ordering::Release),
+            }
+        }
+    }
+}
+
+/// How often a pool's expired idle connections are looked for: they close at most this
+/// long after their idle time is up.
+const SWEEP_PERIOD: Duration = Duration::from_secs(5);
+
+/// Drop a pool's expired idle connections every [`SWEEP_PERIOD`]; end when none is left
+/// (the next `put` starts another) or the pool is gone.
+async fn sweep(pool: Weak<Pool>) {
+    loop {
+        tokio::time::sleep(SWEEP_PERIOD).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let mut idle = pool.idle.lock().expect("pool lock");
+        idle.retain(|_, list| {
+            list.retain(usable);
+            !list.is_empty()
+        });
+        if idle.is_empty() {
+            // Under the lock: a `put` after this sees the flag down and starts a sweeper.
+            pool.sweeping.store(false, Ordering::Release);
+            return;
         }
     }
 }
