@@ -24,13 +24,8 @@ use wasd_tests::{Sandbox, runtime};
 
 /// A config provider serving `service` at `urls` under `section`.
 async fn configured(sandbox: &Sandbox, service: &str, section: &str, urls: &[String]) -> Resolver {
-    let json = serde_json::json!({ "Services": { service: { section: urls } } });
-    let settings = sandbox.write("appsettings.json", json.to_string());
-    let toml = format!(
-        "pass-through = false\n[[provider]]\nbuiltin = \"config\"\ngrants = {{ files = [\"{}\"] }}\n",
-        settings.display()
-    );
-    sandbox.resolver(&toml).await.unwrap()
+    sandbox.write_services(service, section, urls);
+    sandbox.config_resolver().await
 }
 
 /// reqwest has TLS without a crypto provider in this crate's tests: choose ring.

@@ -116,6 +116,27 @@ impl Sandbox {
             .await
     }
 
+    /// Write `appsettings.json` with `Services.{service}.{section}` = `urls`, whole at
+    /// once (write, then rename), so a watching provider never reads half of it.
+    pub fn write_services(&self, service: &str, section: &str, urls: &[impl AsRef<str>]) {
+        let urls: Vec<&str> = urls.iter().map(AsRef::as_ref).collect();
+        let json = serde_json::json!({ "Services": { service: { section: urls } } });
+        let tmp = self.write("appsettings.json.tmp", json.to_string());
+        std::fs::rename(tmp, self.path().join("appsettings.json")).unwrap();
+    }
+
+    /// A resolver whose one provider is `config`, reading this folder's
+    /// `appsettings.json` (see [`Sandbox::write_services`]); no pass-through, answers
+    /// refreshed every second.
+    pub async fn config_resolver(&self) -> wasd::Resolver {
+        let toml = format!(
+            "pass-through = false\nrefresh-period = \"1s\"\n[[provider]]\nbuiltin = \"config\"\n\
+             grants = {{ files = [\"{}\"] }}\n",
+            self.path().join("appsettings.json").display()
+        );
+        self.resolver(&toml).await.unwrap()
+    }
+
     /// The `wasd` CLI run in this folder, with a clean environment: no `services__*`
     /// or `WASD_*` variables leak in from the test runner.
     pub fn wasd(&self) -> Command {

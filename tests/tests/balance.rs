@@ -14,18 +14,12 @@ use wasd_tests::Sandbox;
 async fn catalog(endpoints: &[&str]) -> (Sandbox, Resolver) {
     let sandbox = Sandbox::new();
     write_catalog(&sandbox, endpoints);
-    let toml = format!(
-        "pass-through = false\nrefresh-period = \"1s\"\n[[provider]]\nbuiltin = \"config\"\ngrants = {{ files = [\"{}\"] }}\n",
-        sandbox.path().join("appsettings.json").display()
-    );
-    let resolver = sandbox.resolver(&toml).await.unwrap();
+    let resolver = sandbox.config_resolver().await;
     (sandbox, resolver)
 }
 
 fn write_catalog(sandbox: &Sandbox, endpoints: &[&str]) {
-    let json = serde_json::json!({ "Services": { "catalog": { "http": endpoints } } });
-    let tmp = sandbox.write("appsettings.json.tmp", json.to_string());
-    std::fs::rename(tmp, sandbox.path().join("appsettings.json")).unwrap();
+    sandbox.write_services("catalog", "http", endpoints);
 }
 
 const THREE: &[&str] = &["http://10.0.0.1:80", "http://10.0.0.2:80", "http://10.0.0.3:80"];

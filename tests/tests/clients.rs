@@ -17,19 +17,9 @@ use wasd_tests::{DnsServer, EtcdServer, Sandbox, TlsFiles};
 async fn configured(service: &str, section: &str, urls: &[String]) -> (Sandbox, Resolver) {
     crypto_provider();
     let sandbox = Sandbox::new();
-    write_config(&sandbox, service, section, urls);
-    let toml = format!(
-        "pass-through = false\nrefresh-period = \"1s\"\n[[provider]]\nbuiltin = \"config\"\ngrants = {{ files = [\"{}\"] }}\n",
-        sandbox.path().join("appsettings.json").display()
-    );
-    let resolver = sandbox.resolver(&toml).await.unwrap();
+    sandbox.write_services(service, section, urls);
+    let resolver = sandbox.config_resolver().await;
     (sandbox, resolver)
-}
-
-fn write_config(sandbox: &Sandbox, service: &str, section: &str, urls: &[String]) {
-    let json = serde_json::json!({ "Services": { service: { section: urls } } });
-    let tmp = sandbox.write("appsettings.json.tmp", json.to_string());
-    std::fs::rename(tmp, sandbox.path().join("appsettings.json")).unwrap();
 }
 
 /// The tests' reqwest has TLS without a built-in crypto provider: ring, as the host.
@@ -153,7 +143,7 @@ async fn removed_instance_stops_receiving_traffic_after_one_change() {
     assert_eq!(hits(&catalog)["catalog-3"], 2);
 
     let mut watch = r.watch("https+http://catalog").await.unwrap();
-    write_config(&sandbox, "catalog", "http", &urls[..2]);
+    sandbox.write_services("catalog", "http", &urls[..2]);
     let set = tokio::time::timeout(Duration::from_secs(10), watch.changed())
         .await
         .expect("the change is seen")
@@ -360,7 +350,7 @@ async fn grpc_channel_spreads_and_follows_changes() {
     );
 
     let mut watch = r.watch("grpc://greeter").await.unwrap();
-    write_config(&sandbox, "greeter", "grpc", &urls[1..]);
+    sandbox.write_services("greeter", "grpc", &urls[1..]);
     tokio::time::timeout(Duration::from_secs(10), watch.changed())
         .await
         .expect("the change is seen")
@@ -371,7 +361,7 @@ async fn grpc_channel_spreads_and_follows_changes() {
     assert_eq!(counts.values().sum::<usize>(), 30);
 
     // Every endpoint gone (a registry briefly empty): the channel keeps the last ones.
-    write_config(&sandbox, "greeter", "grpc", &[]);
+    sandbox.write_services("greeter", "grpc", &[] as &[&str]);
     let set = tokio::time::timeout(Duration::from_secs(10), watch.changed())
         .await
         .expect("the change is seen")
