@@ -1,0 +1,718 @@
+//! The cache: one entry per normalised query, filled by the chain and kept fresh.
+//!
+//! The first resolve of a query runs the chain (concurrent first resolves share that
+//! one run); afterwards resolves read the cache, and a background task per cached query
+//! refreshes it on the answer's TTL (at most the refresh period), publishes changes to
+//! watchers, keeps the last good answer when sources fail, and drops the entry once
+//! nobody has used it for the idle timeout. When the answering source can push changes
+//! (its answer carries a version), the task long-polls the source's `watch` instead of
+//! sleeping, so changes arrive as they happen; a quiet long-poll still ends in a
+//! periodic refresh of the chain.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use dashmap::DashMap;
+use tokio::sync::{OnceCell, watch};
+use tokio::time::Instant;
+
+use crate::backoff::Backoff;
+use crate::chain::{ChainAnswer, ChainCell, select};
+use crate::clock::Clock;
+use crate::endpoint::{EndpointSet, SetInner};
+use crate::error::{Error, ProviderError, ProviderErrorKind};
+use crate::query::{Query, effective_schemes};
+use crate::source::{Source, SourceQuery};
+
+/// Shortest interval between two refreshes of one answer, whatever its TTL says.
+const MIN_REFRESH: Duration = Duration::from_secs(1);
+/// Most query texts remembered for `resolve(&str)`'s fast path.
+const MAX_TEXT_INDEX: usize = 16_384;
+
+// Shared keys: each new text copies the map (copy-on-write), which then costs two
+// reference counts per text rather than an allocation.
+type TextIndex = HashMap<Arc<str>, Arc<Entry>, foldhash::fast::RandomState>;
+
+/// A resolve's answer: an empty set (the service is gone) is `NoEndpoints`.
+fn non_empty(service: &str, set: EndpointSet) -> Result<EndpointSet, Error> {
+    if set.is_empty() {
+        return Err(Error::NoEndpoints {
+            service: service.to_owned(),
+            failures: Vec::new(),
+        });
+    }
+    Ok(set)
+}
+
+/// Least time between the starts of two watch calls of one entry, once more than
+/// `WATCH_BURST` calls in a row have returned sooner.
+const WATCH_GAP: Duration = Duration::from_millis(100);
+const WATCH_BURST: u32 = 10;
+/// Retry back-off after a failed refresh: doubles from the first to the second.
+/// Retry back-off after a failed refresh or long-poll: 1 s doubling to 30 s.
+pub const REFRESH_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
+
+fn refresh_backoff() -> Backoff {
+    Backoff::new(REFRESH_BACKOFF.0, REFRESH_BACKOFF.1)
+}
+
+/// The settings of the cache that a reload may change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Settings {
+    /// Schemes a query may ask for; empty allows all.
+    pub allowed_schemes: Vec<String>,
+    /// Cached answers are refreshed at most this far apart.
+    pub refresh_period: Duration,
+    /// An entry nobody resolved or watched for this long is dropped.
+    pub idle_timeout: Duration,
+}
+
+/// Default `refresh-period`.
+pub const DEFAULT_REFRESH_PERIOD: Duration = Duration::from_secs(60);
+/// Default `idle-timeout`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            allowed_schemes: Vec::new(),
+            refresh_period: DEFAULT_REFRESH_PERIOD,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+impl Settings {
+    /// The same settings allowing only `schemes` (empty: all).
+    pub fn with_allowed_schemes(mut self, schemes: Vec<String>) -> Settings {
+        self.allowed_schemes = schemes;
+        self
+    }
+
+    /// The same settings with another refresh period.
+    pub fn with_refresh_period(mut self, period: Duration) -> Settings {
+        self.refresh_period = period;
+        self
+    }
+
+    /// The same settings with another idle timeout.
+    pub fn with_idle_timeout(mut self, timeout: Duration) -> Settings {
+        self.idle_timeout = timeout;
+        self
+    }
+}
+
+/// Answers queries from a [`ChainCell`], caching and refreshing them.
+///
+/// Dropping it stops every refresh loop and ends every [`Watch`].
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    chain: Arc<ChainCell>,
+    settings: ArcSwap<Settings>,
+    entries: DashMap<Key, Arc<Entry>>,
+    /// Query text → entry, for `resolve(&str)`: a hit skips parsing and key building.
+    /// Read-mostly and copied on write, so reads from every core never contend.
+    by_text: ArcSwap<TextIndex>,
+    /// Dropped with `Inner`: wakes every refresh task so it can exit at once.
+    shutdown: watch::Sender<()>,
+    clock: Clock,
+}
+
+/// A query reduced to what can change its answer.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    service: String,
+    endpoint_name: Option<String>,
+    schemes: Vec<String>,
+    port: Option<u16>,
+    filters: Vec<(String, String)>,
+}
+
+struct Entry {
+    key: Key,
+    query: SourceQuery,
+    /// `None` until the first answer; an empty set once the service has disappeared.
+    state: watch::Sender<Option<EndpointSet>>,
+    /// The same set as `state`, for the read path: an `ArcSwap` load takes no lock.
+    /// Shared with balancers ([`Latest`]) without sharing the entry, whose sender must
+    /// go with the resolver so that watches end.
+    current: Arc<ArcSwapOption<SetInner>>,
+    /// Cleared when the entry leaves the cache (idle), so `by_text` never serves it.
+    live: AtomicBool,
+    /// The first run of the chain, shared by everyone who asked before it ended: its
+    /// failures too, so concurrent first resolves of a failing query cost one run.
+    init: OnceCell<Result<(), Vec<ProviderError>>>,
+    last_used_ms: AtomicU64,
+}
+
+impl Entry {
+    fn has_endpoints(&self) -> bool {
+        self.state.borrow().as_ref().is_some_and(|set| !set.is_empty())
+    }
+
+    /// Publish an answer; watchers hear of it only if it differs.
+    fn publish(&self, set: EndpointSet) {
+        self.state.send_if_modified(|current| {
+            if current.as_ref() == Some(&set) {
+                return false;
+            }
+            self.current.store(Some(set.shared()));
+            *current = Some(set);
+            true
+        });
+    }
+}
+
+impl Cache {
+    /// A cache over the chain in `chain`, with `settings`, timed by `clock`. Must be
+    /// used inside a tokio runtime (refresh loops are tasks).
+    pub fn new(chain: Arc<ChainCell>, settings: Settings, clock: Clock) -> Cache {
+        Cache {
+            inner: Arc::new(Inner {
+                chain,
+                settings: ArcSwap::from_pointee(settings),
+                entries: DashMap::new(),
+                by_text: ArcSwap::default(),
+                shutdown: watch::channel(()).0,
+                clock,
+            }),
+        }
+    }
+
+    /// The chain it answers from.
+    pub fn chain(&self) -> &Arc<ChainCell> {
+        &self.inner.chain
+    }
+
+    /// The clock it runs on.
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.inner.settings.load_full()
+    }
+
+    /// Apply new settings (after a reload): refresh loops read them on their next turn.
+    pub fn set_settings(&self, settings: Settings) {
+        self.inner.settings.store(Arc::new(settings));
+        // Allowed schemes may have changed what a query text means.
+        self.inner.by_text.store(Arc::default());
+    }
+
+    /// Queries cached now.
+    pub fn len(&self) -> usize {
+        self.inner.entries.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.inner.entries.is_empty()
+    }
+    /// Resolve a query such as `https+http://catalog` to endpoints.
+    pub async fn resolve(&self, query: &str) -> Result<EndpointSet, Error> {
+        // The hot path: a query seen before, answered from its entry without parsing.
+        if let Some(entry) = self.inner.by_text.load().get(query)
+            && entry.live.load(Ordering::Acquire)
+            && let Some(set) = &*entry.current.load()
+        {
+            self.inner.touch(entry);
+            return non_empty(&entry.key.service, EndpointSet::from_shared(Arc::clone(set)));
+        }
+        let parsed = Query::parse(query)?;
+        let entry = self.inner.entry(&parsed)?;
+        let set = self.inner.ready(&entry, false).await;
+        if set.is_ok() {
+            self.inner.index_text(query, &entry);
+        }
+        non_empty(parsed.service(), set?)
+    }
+
+    /// Resolve an already parsed query.
+    pub async fn resolve_query(&self, query: &Query) -> Result<EndpointSet, Error> {
+        let entry = self.inner.entry(query)?;
+        let set = self.inner.ready(&entry, false).await?;
+        non_empty(query.service(), set)
+    }
+
+    /// Ask the providers now, bypassing (and not filling) the cache: what a cold
+    /// resolve costs, or a diagnostic that must not be served from the cache.
+    pub async fn resolve_uncached(&self, query: &Query) -> Result<EndpointSet, Error> {
+        let schemes = self.inner.schemes_for(query)?;
+        let source_query = SourceQuery {
+            service: query.service().to_owned(),
+            endpoint_name: query.endpoint_name().map(str::to_owned),
+            schemes,
+            port: query.port(),
+        };
+        let chain = self.inner.chain.load();
+        match chain.resolve(&source_query, query.filters()).await {
+            Ok(answer) => Ok(answer.set),
+            Err(failures) => Err(Error::NoEndpoints {
+                service: query.service().to_owned(),
+                failures,
+            }),
+        }
+    }
+
+    /// Follow a query: the current endpoints, then every change. A query with no
+    /// endpoints yet is watched too (its current set is empty).
+    pub async fn watch(&self, query: &str) -> Result<Watch, Error> {
+        self.watch_query(&Query::parse(query)?).await
+    }
+
+    /// Follow an already parsed query.
+    pub async fn watch_query(&self, query: &Query) -> Result<Watch, Error> {
+        Ok(self.watch_latest(query).await?.0)
+    }
+
+    /// A watch of `query` and a lock-free view of its current set, for a balancer that
+    /// checks for a change on each pick (so it follows one at once, with no task).
+    pub async fn watch_latest(&self, query: &Query) -> Result<(Watch, Latest), Error> {
+        loop {
+            let entry = self.inner.entry(query)?;
+            let mut receiver = entry.state.subscribe();
+            match self.inner.ready(&entry, true).await {
+                Ok(_) => {
+                    // The first answer is the current set, not a change.
+                    receiver.borrow_and_update();
+                    return Ok((Watch { receiver }, Latest(entry.current.clone())));
+                }
+                // A resolve that got there first failed and dropped the entry; a watch
+                // keeps a query with no answer, so it runs the chain itself on a new
+                // entry.
+                Err(Error::NoEndpoints { .. }) if !entry.live.load(Ordering::Acquire) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// The schemes a query accepts under the config's `allowed-schemes`.
+    fn schemes_for(&self, query: &Query) -> Result<Vec<String>, Error> {
+        let settings = self.settings.load();
+        effective_schemes(query, &settings.allowed_schemes).ok_or_else(|| Error::SchemeNotAllowed {
+            query: query.as_str().to_owned(),
+            allowed: settings.allowed_schemes.clone(),
+        })
+    }
+
+    fn entry(self: &Arc<Self>, query: &Query) -> Result<Arc<Entry>, Error> {
+        let schemes = self.schemes_for(query)?;
+        let key = Key {
+            service: query.service().to_owned(),
+            endpoint_name: query.endpoint_name().map(str::to_owned),
+            schemes,
+            port: query.port(),
+            filters: query.filters().to_vec(),
+        };
+        let entry = match self.entries.get(&key) {
+            Some(entry) => entry.clone(),
+            None => self
+                .entries
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    Arc::new(Entry {
+                        query: SourceQuery {
+                            service: key.service.clone(),
+                            endpoint_name: key.endpoint_name.clone(),
+                            schemes: key.schemes.clone(),
+                            port: key.port,
+                        },
+                        key,
+                        state: watch::channel(None).0,
+                        current: Arc::new(ArcSwapOption::empty()),
+                        live: AtomicBool::new(true),
+                        init: OnceCell::new(),
+                        last_used_ms: AtomicU64::new(0),
+                    })
+                })
+                .clone(),
+        };
+        self.touch(&entry);
+        Ok(entry)
+    }
+
+    /// Mark an entry used. Written only when the second changes, so resolving the same
+    /// query on every core does not bounce its cache line.
+    fn touch(&self, entry: &Entry) {
+        // The coarse clock: this runs on every cached resolve.
+        let now = self.clock.coarse_now_ms();
+        if now.saturating_sub(entry.last_used_ms.load(Ordering::Relaxed)) >= 1000 {
+            entry.last_used_ms.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Remember `text` → `entry` for `resolve(&str)`.
+    fn index_text(&self, text: &str, entry: &Arc<Entry>) {
+        self.by_text.rcu(|index| {
+            if index.len() >= MAX_TEXT_INDEX
+                || index.contains_key(text)
+                || !entry.live.load(Ordering::Acquire)
+            {
+                return Arc::clone(index);
+            }
+            let mut copy = HashMap::clone(index);
+            copy.insert(text.into(), entry.clone());
+            Arc::new(copy)
+        });
+    }
+
+    fn unindex(&self, entry: &Arc<Entry>) {
+        entry.live.store(false, Ordering::Release);
+        self.by_text.rcu(|index| {
+            // Most expiring entries were never indexed (parsed queries, watches).
+            if !index.values().any(|e| Arc::ptr_eq(e, entry)) {
+                return Arc::clone(index);
+            }
+            let mut copy = HashMap::clone(index);
+            copy.retain(|_, e| !Arc::ptr_eq(e, entry));
+            Arc::new(copy)
+        });
+    }
+
+    /// The entry's current set, running the chain first if nobody has yet. With
+    /// `keep_empty`, a query without endpoints stays cached (and refreshed) as an
+    /// empty set instead of failing.
+    async fn ready(self: &Arc<Self>, entry: &Arc<Entry>, keep_empty: bool) -> Result<EndpointSet, Error> {
+        if let Some(set) = &*entry.current.load() {
+            return Ok(EndpointSet::from_shared(Arc::clone(set)));
+        }
+        let init = entry
+            .init
+            .get_or_init(|| async {
+                // Subscribed before the chain is read: a reload during this first
+                // resolve wakes the refresh task at once.
+                let wake = Wake {
+                    shutdown: self.shutdown.subscribe(),
+                    reload: self.chain.subscribe(),
+                };
+                let chain = self.chain.load();
+                let (set, next) = match chain.resolve(&entry.query, &entry.key.filters).await {
+                    Ok(answer) if !answer.failures.is_empty() => (answer.set, Next::Sleep(REFRESH_BACKOFF.0)),
+                    Ok(answer) => {
+                        let next = self.next_after(&answer);
+                        (answer.set, next)
+                    }
+                    Err(_) if keep_empty => (EndpointSet::default(), Next::Sleep(REFRESH_BACKOFF.0)),
+                    Err(failures) => {
+                        // Not cached: the next resolve makes a new entry and asks the
+                        // providers again. Done here, once, by the run that failed.
+                        if self
+                            .entries
+                            .remove_if(&entry.key, |_, e| Arc::ptr_eq(e, entry))
+                            .is_some()
+                        {
+                            self.unindex(entry);
+                        }
+                        entry.live.store(false, Ordering::Release);
+                        return Err(failures);
+                    }
+                };
+                entry.publish(set);
+                tokio::spawn(refresh_loop(Arc::downgrade(self), entry.clone(), wake, next));
+                Ok(())
+            })
+            .await;
+        if let Err(failures) = init {
+            return Err(Error::NoEndpoints {
+                service: entry.key.service.clone(),
+                failures: failures.clone(),
+            });
+        }
+        Ok(entry.state.borrow().clone().unwrap_or_default())
+    }
+
+    fn next_refresh(&self, ttl: Option<Duration>) -> Duration {
+        let period = self.settings.load().refresh_period;
+        ttl.map_or(period, |ttl| ttl.min(period)).max(MIN_REFRESH)
+    }
+
+    /// After a clean answer: watch the provider if it tagged the answer with a
+    /// version, else refresh on the TTL.
+    fn next_after(&self, answer: &ChainAnswer) -> Next {
+        match &answer.version {
+            Some(version) if answer.source.can_watch() => Next::Watch {
+                source: answer.source.clone(),
+                version: version.clone(),
+            },
+            _ => Next::Sleep(self.next_refresh(answer.ttl)),
+        }
+    }
+}
+
+/// What a refresh task does before it next asks the chain.
+enum Next {
+    Sleep(Duration),
+    /// Long-poll this source for a change to the answer tagged `version`.
+    Watch {
+        source: Arc<dyn Source>,
+        version: String,
+    },
+}
+
+/// The outcome of one watch call.
+enum Watched {
+    /// The provider pushed a new non-empty answer; watch on from this version, or
+    /// (none) go back to polling.
+    Changed(Option<String>),
+    /// Quiet, or the provider has nothing any more, or it failed: ask the chain.
+    AskChain,
+    Shutdown,
+}
+
+/// What wakes a refresh task early: the resolver going away, or a reload.
+struct Wake {
+    shutdown: watch::Receiver<()>,
+    reload: watch::Receiver<u64>,
+}
+
+enum Woken {
+    Shutdown,
+    Reload,
+}
+
+impl Wake {
+    async fn wait(&mut self) -> Woken {
+        tokio::select! {
+            _ = self.shutdown.changed() => Woken::Shutdown,
+            changed = self.reload.changed() => match changed {
+                Ok(()) => Woken::Reload,
+                Err(_) => Woken::Shutdown,
+            },
+        }
+    }
+}
+
+async fn watch_once(
+    entry: &Entry,
+    source: &Arc<dyn Source>,
+    version: &str,
+    wait: Duration,
+    wake: &mut Wake,
+    backoff: &mut Backoff,
+) -> Watched {
+    // A reload cancels the long-poll (and frees the old source): the chain decides anew.
+    let result = tokio::select! {
+        result = source.watch(&entry.query, version, wait) => result,
+        woken = wake.wait() => return match woken {
+            Woken::Shutdown => Watched::Shutdown,
+            Woken::Reload => Watched::AskChain,
+        },
+    };
+    match result {
+        Ok(Some(answer)) => {
+            backoff.reset();
+            let endpoints = select(answer.endpoints, &entry.query, &entry.key.filters);
+            if endpoints.is_empty() {
+                return Watched::AskChain;
+            }
+            entry.publish(EndpointSet::new(source.name().clone(), endpoints));
+            Watched::Changed(answer.version)
+        }
+        Ok(None) => {
+            backoff.reset();
+            Watched::AskChain
+        }
+        Err(failure) => {
+            // `unsupported`: the source stops offering long-polls (`can_watch`), and
+            // the loop polls it on the TTL from now on.
+            if !matches!(failure.kind, ProviderErrorKind::Unsupported(_)) {
+                let delay = backoff.next_delay();
+                warn_keeping(entry, std::slice::from_ref(&failure), delay);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    woken = wake.wait() => if let Woken::Shutdown = woken {
+                        return Watched::Shutdown;
+                    },
+                }
+            }
+            Watched::AskChain
+        }
+    }
+}
+
+/// Keeps one cached answer fresh until the resolver is dropped or the entry idles out.
+async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut next: Next) {
+    let mut backoff = refresh_backoff();
+    // Failing long-polls back off on their own: a chain refresh that succeeds in
+    // between (etcd answers ranges but a proxy cuts its streams) must not reset it.
+    let mut watch_backoff = refresh_backoff();
+    let mut last_chain = Instant::now();
+    let mut quick_returns = 0;
+    let mut last_watch: Option<Instant> = None;
+    loop {
+        match next {
+            Next::Sleep(delay) => {
+                quick_returns = 0;
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    woken = wake.wait() => if let Woken::Shutdown = woken {
+                        return;
+                    },
+                }
+            }
+            Next::Watch { source, version } => {
+                let Some(period) = inner.upgrade().map(|i| i.settings.load().refresh_period) else {
+                    return;
+                };
+                // A burst of quick returns goes straight through; past WATCH_BURST in a
+                // row, long-polls start at most one per WATCH_GAP, whatever they
+                // returned (a change, or "nothing changed" from a source that ignores
+                // the wait), so a source that answers at once cannot spin. A reload
+                // meanwhile sends us to the (new) chain instead.
+                let pause = match last_watch {
+                    Some(called) if quick_returns > WATCH_BURST => WATCH_GAP.saturating_sub(called.elapsed()),
+                    _ => Duration::ZERO,
+                };
+                let reloaded = !pause.is_zero()
+                    && tokio::select! {
+                        _ = tokio::time::sleep(pause) => false,
+                        woken = wake.wait() => match woken {
+                            Woken::Shutdown => return,
+                            Woken::Reload => true,
+                        },
+                    };
+                if !reloaded {
+                    // Watch until the next periodic chain refresh is due.
+                    let wait = period.saturating_sub(last_chain.elapsed()).max(MIN_REFRESH);
+                    let called = Instant::now();
+                    last_watch = Some(called);
+                    let watched =
+                        watch_once(&entry, &source, &version, wait, &mut wake, &mut watch_backoff).await;
+                    quick_returns = if called.elapsed() < WATCH_GAP {
+                        quick_returns + 1
+                    } else {
+                        0
+                    };
+                    match watched {
+                        Watched::Changed(Some(version)) => {
+                            let Some(inner) = inner.upgrade() else { return };
+                            if expire_if_idle(&inner, &entry) {
+                                return;
+                            }
+                            if last_chain.elapsed() < period {
+                                next = Next::Watch { source, version };
+                                continue;
+                            }
+                        }
+                        Watched::Changed(None) | Watched::AskChain => {}
+                        Watched::Shutdown => return,
+                    }
+                }
+            }
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        if expire_if_idle(&inner, &entry) {
+            return;
+        }
+        last_chain = Instant::now();
+        let chain = inner.chain.load();
+        match chain.resolve(&entry.query, &entry.key.filters).await {
+            // A source ahead of the one that answered failed (etcd down, pass-through
+            // answering instead): its last answer still stands.
+            Ok(answer) if !answer.failures.is_empty() && entry.has_endpoints() => {
+                let delay = backoff.next_delay();
+                warn_keeping(&entry, &answer.failures, delay);
+                next = Next::Sleep(delay);
+            }
+            Ok(answer) => {
+                next = if answer.failures.is_empty() {
+                    backoff.reset();
+                    inner.next_after(&answer)
+                } else {
+                    Next::Sleep(backoff.peek())
+                };
+                entry.publish(answer.set);
+            }
+            // Every source answered cleanly that the service is gone; look again
+            // soon, then less often.
+            Err(failures) if failures.is_empty() => {
+                next = Next::Sleep(backoff.next_delay());
+                entry.publish(EndpointSet::default());
+            }
+            Err(failures) => {
+                let delay = backoff.next_delay();
+                warn_keeping(&entry, &failures, delay);
+                next = Next::Sleep(delay);
+            }
+        }
+    }
+}
+
+/// Drop the entry if nobody has used or watched it for the idle timeout.
+fn expire_if_idle(inner: &Inner, entry: &Arc<Entry>) -> bool {
+    let idle = |inner: &Inner| {
+        // The exact clock: a lagging one would keep an idle entry one refresh longer.
+        let idle_ms = inner
+            .clock
+            .now_ms()
+            .saturating_sub(entry.last_used_ms.load(Ordering::Relaxed));
+        entry.state.receiver_count() == 0
+            && Duration::from_millis(idle_ms) >= inner.settings.load().idle_timeout
+    };
+    // Checked again under the map's lock, so a resolve or watch that just found the
+    // entry keeps it.
+    let expired = idle(inner)
+        && inner
+            .entries
+            .remove_if(&entry.key, |_, e| Arc::ptr_eq(e, entry) && idle(inner))
+            .is_some();
+    if expired {
+        inner.unindex(entry);
+    }
+    expired
+}
+
+fn warn_keeping(entry: &Entry, failures: &[ProviderError], retry_in: Duration) {
+    tracing::warn!(
+        service = %entry.key.service,
+        ?retry_in,
+        "refresh failed; serving the last good endpoints: {}",
+        failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    );
+}
+
+/// A stream of endpoint sets for one query, from [`Cache::watch`].
+pub struct Watch {
+    receiver: watch::Receiver<Option<EndpointSet>>,
+}
+
+/// A query's current set as the cache holds it (stored before watchers are woken).
+/// Only the set's cell, not the entry: watches still end when the cache goes.
+pub struct Latest(Arc<ArcSwapOption<SetInner>>);
+
+impl Latest {
+    /// The set as of now: one `ArcSwap` load, no lock.
+    pub fn load(&self) -> arc_swap::Guard<Option<Arc<SetInner>>> {
+        self.0.load()
+    }
+
+    /// The same, as an owned reference.
+    pub fn load_full(&self) -> Option<Arc<SetInner>> {
+        self.0.load_full()
+    }
+}
+
+impl Watch {
+    /// The current endpoints (empty when the service has none).
+    pub fn current(&self) -> EndpointSet {
+        self.receiver.borrow().clone().unwrap_or_default()
+    }
+
+    /// Wait for the next change and return the new set; `None` once the resolver is
+    /// gone. Sets equal to the previous one are never reported.
+    pub async fn changed(&mut self) -> Option<EndpointSet> {
+        self.receiver.changed().await.ok()?;
+        Some(self.receiver.borrow_and_update().clone().unwrap_or_default())
+    }
+}

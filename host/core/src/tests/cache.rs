@@ -1,0 +1,438 @@
+//! The cache: single-flight first resolves, TTL refresh, back-off, last good answers,
+//! idle expiry and long-polls.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep, timeout};
+
+use super::fake::{Fake, WatchCall, WatchMode, answer, bare, cache_of, down, ms, secs, set};
+use crate::{Error, Settings};
+
+/// Lets every task run and time advance (on the paused clock) by `d`.
+async fn run_for(d: Duration) {
+    sleep(d).await;
+}
+
+/// The gaps between consecutive call times.
+fn gaps(times: &[Duration]) -> Vec<Duration> {
+    times.windows(2).map(|w| w[1] - w[0]).collect()
+}
+
+// Rule 1: single flight.
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_first_resolves_run_the_chain_once() {
+    let a = Arc::new(
+        Fake::new("a")
+            .answering(answer(&[bare("10.0.0.1")]))
+            .slow(ms(100)),
+    );
+    let cache = Arc::new(cache_of(&[&a], Settings::default()));
+    let mut resolves = JoinSet::new();
+    for _ in 0..8 {
+        let cache = cache.clone();
+        resolves.spawn(async move { cache.resolve("svc").await });
+    }
+    let results = resolves.join_all().await;
+    // Every caller gets the answer...
+    assert_eq!(results.len(), 8);
+    for result in results {
+        assert_eq!(result.unwrap(), set("a", &[bare("10.0.0.1")]));
+    }
+    // ...from one call of the source, made when the first resolve started.
+    assert_eq!(a.call_times(), [Duration::ZERO]);
+    // A later resolve is served from the cache.
+    cache.resolve("svc").await.unwrap();
+    assert_eq!(a.calls(), 1);
+}
+
+// Concurrent first resolves of a failing query share its one failure (tokio's
+// `OnceCell::get_or_try_init` alone would let each waiter run the chain in turn).
+#[tokio::test(start_paused = true)]
+async fn concurrent_first_resolves_share_one_failure() {
+    let a = Arc::new(Fake::new("a").failing().slow(ms(100)));
+    let cache = Arc::new(cache_of(&[&a], Settings::default()));
+    let mut resolves = JoinSet::new();
+    for _ in 0..4 {
+        let cache = cache.clone();
+        resolves.spawn(async move { cache.resolve("svc").await });
+    }
+    for result in resolves.join_all().await {
+        // Each caller gets the failure, naming the source...
+        match result {
+            Err(Error::NoEndpoints { service, failures }) => {
+                assert_eq!(service, "svc");
+                assert_eq!(failures, [down("a")]);
+            }
+            other => panic!("expected NoEndpoints, got {other:?}"),
+        }
+    }
+    // ...from one call of the source.
+    assert_eq!(a.calls(), 1, "calls at {:?}", a.call_times());
+}
+
+/// A resolve that joined a first run which failed gets that failure and leaves nothing
+/// behind: no entry, no refresh loop. The next resolve asks again, and its answer is
+/// cached, refreshed and idles out like any other.
+#[tokio::test(start_paused = true)]
+async fn a_shared_failure_leaves_no_refresh_loop_behind() {
+    let a = Arc::new(Fake::new("a").failing().slow(ms(100)));
+    let settings = Settings::default().with_idle_timeout(secs(10));
+    let cache = Arc::new(cache_of(&[&a], settings));
+    let (first, second, ()) = tokio::join!(
+        cache.resolve("svc"),
+        async {
+            // Joins the first resolve in flight.
+            run_for(ms(50)).await;
+            cache.resolve("svc").await
+        },
+        async {
+            // The source recovers after the first call failed (at 100 ms).
+            run_for(ms(150)).await;
+            a.answer(answer(&[bare("10.0.0.1")]).with_ttl(secs(1)));
+        }
+    );
+    assert!(first.is_err());
+    assert!(
+        second.is_err(),
+        "the joined resolve shares the failure: {second:?}"
+    );
+    assert_eq!(cache.len(), 0);
+    // Nothing refreshes the failed query.
+    run_for(secs(5)).await;
+    assert_eq!(a.call_times(), [ms(0)]);
+    // Asked again, it is answered, cached and refreshed on its TTL...
+    assert_eq!(cache.resolve("svc").await.unwrap(), set("a", &[bare("10.0.0.1")]));
+    assert_eq!(cache.len(), 1);
+    // (each 1 s after a 100 ms call).
+    run_for(ms(3_500)).await;
+    assert_eq!(a.call_times(), [0, 5_150, 6_250, 7_350, 8_450].map(ms));
+    // ...until it idles out (10 s after its last use), when its refreshes stop.
+    run_for(secs(30)).await;
+    assert_eq!(cache.len(), 0);
+    let calls = a.calls();
+    run_for(secs(30)).await;
+    assert_eq!(a.calls(), calls, "still refreshing: {:?}", a.call_times());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_first_resolve_is_not_cached() {
+    let a = Arc::new(Fake::new("a").failing());
+    let cache = cache_of(&[&a], Settings::default());
+    let err = cache.resolve("svc").await.unwrap_err();
+    assert!(
+        matches!(&err, Error::NoEndpoints { failures, .. } if failures == &[down("a")]),
+        "{err:?}"
+    );
+    // Nothing cached, nothing refreshing.
+    assert_eq!(cache.len(), 0);
+    run_for(secs(120)).await;
+    assert_eq!(a.calls(), 1);
+    // The next resolve asks the source again, and gets its answer.
+    a.answer(answer(&[bare("10.0.0.1")]));
+    assert_eq!(cache.resolve("svc").await.unwrap(), set("a", &[bare("10.0.0.1")]));
+    assert_eq!(a.calls(), 2);
+    assert_eq!(cache.len(), 1);
+}
+
+// Rule 2: refresh on the TTL.
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_is_asked_again_after_its_ttl() {
+    let a = Arc::new(Fake::new("a").answering(answer(&[bare("10.0.0.1")]).with_ttl(secs(5))));
+    let cache = cache_of(&[&a], Settings::default());
+    cache.resolve("svc").await.unwrap();
+    run_for(ms(4_999)).await;
+    // Not before the TTL...
+    assert_eq!(a.call_times(), [secs(0)]);
+    run_for(ms(10_002)).await;
+    // ...and every TTL after it.
+    assert_eq!(a.call_times(), [secs(0), secs(5), secs(10), secs(15)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_zero_ttl_is_refreshed_once_a_second() {
+    let a = Arc::new(Fake::new("a").answering(answer(&[bare("10.0.0.1")]).with_ttl(Duration::ZERO)));
+    let cache = cache_of(&[&a], Settings::default());
+    cache.resolve("svc").await.unwrap();
+    run_for(ms(3_500)).await;
+    assert_eq!(a.call_times(), [secs(0), secs(1), secs(2), secs(3)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_ttl_is_refreshed_every_refresh_period() {
+    let a = Arc::new(Fake::new("a").answering(answer(&[bare("10.0.0.1")]).with_ttl(secs(3600))));
+    let settings = Settings::default()
+        .with_refresh_period(secs(10))
+        .with_idle_timeout(secs(3600));
+    let cache = cache_of(&[&a], settings);
+    cache.resolve("svc").await.unwrap();
+    run_for(secs(35)).await;
+    assert_eq!(a.call_times(), [secs(0), secs(10), secs(20), secs(30)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_changed_answer_is_published_to_watches_and_an_unchanged_one_is_not() {
+    let start = Instant::now();
+    let a = Arc::new(Fake::new("a").answering(answer(&[bare("10.0.0.1")]).with_ttl(secs(5))));
+    let cache = cache_of(&[&a], Settings::default());
+    let mut watch = cache.watch("svc").await.unwrap();
+    assert_eq!(watch.current(), set("a", &[bare("10.0.0.1")]));
+    // Two refreshes with the same answer: no change reported.
+    assert!(timeout(ms(12_000), watch.changed()).await.is_err());
+    assert_eq!(a.calls(), 3);
+    // The answer changes at 12 s; the refresh at 15 s publishes it.
+    a.answer(answer(&[bare("10.0.0.2")]).with_ttl(secs(5)));
+    let changed = timeout(secs(60), watch.changed())
+        .await
+        .expect("no change published");
+    assert_eq!(changed, Some(set("a", &[bare("10.0.0.2")])));
+    assert_eq!(start.elapsed(), secs(15));
+    // Resolves see it too.
+    assert_eq!(cache.resolve("svc").await.unwrap(), set("a", &[bare("10.0.0.2")]));
+}
+
+// Rule 3: back-off after failures.
+
+#[tokio::test(start_paused = true)]
+async fn failed_refreshes_back_off_to_30s_and_reset_after_a_success() {
+    let a = Arc::new(Fake::new("a").answering(answer(&[bare("10.0.0.1")]).with_ttl(secs(1))));
+    let cache = cache_of(&[&a], Settings::default().with_idle_timeout(secs(3600)));
+    cache.resolve("svc").await.unwrap();
+    // Fails from the first refresh (at 1 s) on.
+    a.fail();
+    run_for(secs(100)).await;
+    let times = a.call_times();
+    assert_eq!(times, [0, 1, 2, 4, 8, 16, 32, 62, 92].map(secs));
+    // After the first failure: 1 s, doubling, capped at REFRESH_BACKOFF's 30 s.
+    assert_eq!(crate::REFRESH_BACKOFF, (secs(1), secs(30)));
+    assert_eq!(gaps(&times[1..]), [1, 2, 4, 8, 16, 30, 30].map(secs));
+
+    // The source recovers; the retry at 122 s succeeds, then the TTL (1 s) applies.
+    a.answer(answer(&[bare("10.0.0.1")]).with_ttl(secs(1)));
+    run_for(ms(22_500)).await; // t = 122.5 s
+    assert_eq!(a.call_times().last(), Some(&secs(122)));
+    // It fails again: the back-off starts over at 1 s.
+    a.fail();
+    run_for(secs(8)).await; // t = 130.5 s
+    assert_eq!(a.call_times()[9..], [122, 123, 124, 126, 130].map(secs));
+}
+
+// Rule 4: the last good answer stands while sources fail.
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_source_leaves_its_last_good_answer_in_place() {
+    let a = Arc::new(Fake::new("a").answering(answer(&[bare("10.0.0.1")]).with_ttl(secs(1))));
+    let cache = cache_of(&[&a], Settings::default());
+    let good = cache.resolve("svc").await.unwrap();
+    let mut watch = cache.watch("svc").await.unwrap();
+    a.fail();
+    // Nothing is published while it fails...
+    assert!(timeout(secs(20), watch.changed()).await.is_err());
+    // ...though it was asked again (at 1, 2, 4, 8 and 16 s) ...
+    assert_eq!(a.call_times(), [0, 1, 2, 4, 8, 16].map(secs));
+    // ...and resolves keep getting the last good set.
+    assert_eq!(cache.resolve("svc").await.unwrap(), good);
+    assert_eq!(watch.current(), good);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_later_source_does_not_replace_the_last_good_answer_of_a_failing_earlier_one() {
+    let a = Arc::new(Fake::new("a").answering(answer(&[bare("10.0.0.1")]).with_ttl(secs(1))));
+    // Stands in for pass-through: always has an answer.
+    let pass = Arc::new(Fake::new("pass-through").answering(answer(&[bare("svc")])));
+    let cache = cache_of(&[&a, &pass], Settings::default());
+    let good = cache.resolve("svc").await.unwrap();
+    assert_eq!(good, set("a", &[bare("10.0.0.1")]));
+    assert_eq!(pass.calls(), 0);
+    let mut watch = cache.watch("svc").await.unwrap();
+    a.fail();
+    assert!(
+        timeout(secs(20), watch.changed()).await.is_err(),
+        "a's set was replaced"
+    );
+    // pass-through did answer on each failed refresh...
+    assert_eq!(pass.call_times(), [1, 2, 4, 8, 16].map(secs));
+    // ...but a's last good set stands.
+    assert_eq!(cache.resolve("svc").await.unwrap(), good);
+    // Once a answers again, its new set is published.
+    a.answer(answer(&[bare("10.0.0.2")]).with_ttl(secs(1)));
+    let changed = timeout(secs(60), watch.changed()).await.expect("no change");
+    assert_eq!(changed, Some(set("a", &[bare("10.0.0.2")])));
+}
+
+// Rule 5: idle expiry.
+
+#[tokio::test(start_paused = true)]
+async fn an_unused_entry_is_dropped_after_the_idle_timeout() {
+    let a = Arc::new(Fake::new("a").answering(answer(&[bare("10.0.0.1")]).with_ttl(secs(1))));
+    let cache = cache_of(&[&a], Settings::default().with_idle_timeout(secs(10)));
+    cache.resolve("svc").await.unwrap();
+    run_for(ms(9_500)).await;
+    assert_eq!(cache.len(), 1);
+    run_for(secs(1)).await; // t = 10.5 s
+    // Dropped at 10 s, when its refresh found it idle: refreshed until then only.
+    assert_eq!(cache.len(), 0);
+    assert_eq!(a.call_times(), (0..10).map(secs).collect::<Vec<_>>());
+    run_for(secs(60)).await;
+    assert_eq!(a.calls(), 10, "the source is still called");
+    // The next resolve starts over.
+    cache.resolve("svc").await.unwrap();
+    assert_eq!(a.calls(), 11);
+    assert_eq!(cache.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_watch_keeps_an_entry_alive() {
+    let a = Arc::new(Fake::new("a").answering(answer(&[bare("10.0.0.1")]).with_ttl(secs(1))));
+    let cache = cache_of(&[&a], Settings::default().with_idle_timeout(secs(10)));
+    let watch = cache.watch("svc").await.unwrap();
+    run_for(ms(30_500)).await;
+    assert_eq!(cache.len(), 1);
+    assert_eq!(a.calls(), 31);
+    // Let go of it: the entry idles out at its next refresh.
+    drop(watch);
+    run_for(secs(1)).await;
+    assert_eq!(cache.len(), 0);
+    assert_eq!(a.calls(), 31);
+}
+
+// Rule 6: long-polls.
+
+#[tokio::test(start_paused = true)]
+async fn a_versioned_answer_is_long_polled_and_a_pushed_change_is_published_at_once() {
+    let start = Instant::now();
+    let a = Arc::new(
+        Fake::new("a")
+            .answering(answer(&[bare("10.0.0.1")]).with_version("v1"))
+            .watching(WatchMode::Hold),
+    );
+    let cache = cache_of(&[&a], Settings::default().with_refresh_period(secs(60)));
+    let mut watch = cache.watch("svc").await.unwrap();
+    run_for(secs(10)).await;
+    // Watching since the first answer, for that version, until the next refresh is due;
+    // no sleep and no second resolve.
+    let first = WatchCall {
+        at: secs(0),
+        version: "v1".into(),
+        wait: secs(60),
+    };
+    assert_eq!(a.watch_calls(), std::slice::from_ref(&first));
+    assert_eq!(a.calls(), 1);
+    // A change pushed at 10 s reaches the watcher at 10 s.
+    a.push(answer(&[bare("10.0.0.2")]).with_version("v2"));
+    let changed = timeout(secs(1), watch.changed())
+        .await
+        .expect("not published at once");
+    assert_eq!(changed, Some(set("a", &[bare("10.0.0.2")])));
+    assert_eq!(start.elapsed(), secs(10));
+    // The long-poll goes on from the new version, until the same refresh time.
+    run_for(ms(1)).await;
+    let second = WatchCall {
+        at: secs(10),
+        version: "v2".into(),
+        wait: secs(50),
+    };
+    assert_eq!(a.watch_calls(), [first, second]);
+    assert_eq!(a.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_quiet_long_poll_ends_in_a_chain_refresh() {
+    let a = Arc::new(
+        Fake::new("a")
+            .answering(answer(&[bare("10.0.0.1")]).with_version("v1"))
+            .watching(WatchMode::Hold),
+    );
+    let settings = Settings::default()
+        .with_refresh_period(secs(20))
+        .with_idle_timeout(secs(3600));
+    let cache = cache_of(&[&a], settings);
+    cache.resolve("svc").await.unwrap();
+    run_for(secs(45)).await;
+    // Each long-poll waits out the refresh period, says nothing changed, and the chain
+    // is asked again...
+    assert_eq!(a.call_times(), [0, 20, 40].map(secs));
+    // ...whose answer is long-polled again.
+    let watches: Vec<_> = a.watch_calls().iter().map(|w| (w.at, w.wait)).collect();
+    assert_eq!(watches, [0, 20, 40].map(|t| (secs(t), secs(20))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_source_that_cannot_watch_is_polled_on_the_ttl() {
+    let a = Arc::new(
+        Fake::new("a")
+            .answering(answer(&[bare("10.0.0.1")]).with_version("v1").with_ttl(secs(5)))
+            .watching(WatchMode::Unsupported),
+    );
+    let cache = cache_of(&[&a], Settings::default());
+    cache.resolve("svc").await.unwrap();
+    // Let the refresh task run without time moving: one long-poll, answered
+    // `unsupported`, then the chain is asked again at once (no back-off)...
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(a.watch_calls().len(), 1);
+    assert_eq!(a.call_times(), [0, 0].map(secs));
+    // ...and from then on polled on the TTL, never long-polled again.
+    run_for(secs(17)).await;
+    assert_eq!(a.watch_calls().len(), 1);
+    assert_eq!(a.call_times(), [0, 0, 5, 10, 15].map(secs));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watch_that_always_returns_at_once_is_paced() {
+    let a = Arc::new(
+        Fake::new("a")
+            .answering(answer(&[bare("10.0.0.1")]).with_version("v0"))
+            .watching(WatchMode::Immediate),
+    );
+    let cache = cache_of(&[&a], Settings::default().with_refresh_period(secs(60)));
+    cache.resolve("svc").await.unwrap();
+    run_for(secs(2)).await;
+    let watches = a.watch_calls();
+    // A burst of WATCH_BURST + 1 = 11 calls goes straight through...
+    let at_once = watches.iter().filter(|w| w.at == Duration::ZERO).count();
+    assert_eq!(at_once, 11);
+    // ...then one per WATCH_GAP (100 ms): at most 11 + 20 over 2 s.
+    assert!(
+        (29..=31).contains(&watches.len()),
+        "{} watch calls in 2 s",
+        watches.len()
+    );
+    assert!(
+        gaps(&watches.iter().map(|w| w.at).collect::<Vec<_>>()[10..])
+            .iter()
+            .all(|g| *g == ms(100))
+    );
+    // Each change was watched on from its own version.
+    assert_eq!(watches[1].version, "w1");
+    assert_eq!(a.calls(), 1);
+}
+
+// Not only pushed changes are paced: a long-poll that says "nothing changed" at once
+// (a source that ignores `wait`) goes to the chain and back to the long-poll, and
+// without pacing would hammer the source (and, on the paused clock, never let time
+// move again).
+#[tokio::test(start_paused = true)]
+async fn a_watch_that_always_returns_nothing_at_once_is_paced() {
+    let a = Arc::new(
+        Fake::new("a")
+            .answering(answer(&[bare("10.0.0.1")]).with_version("v1"))
+            .watching(WatchMode::QuietAtOnce),
+    );
+    let cache = cache_of(&[&a], Settings::default().with_refresh_period(secs(60)));
+    cache.resolve("svc").await.unwrap();
+    // Let the refresh task run for a while without time moving (run_for would never
+    // return: the paused clock only advances when every task is idle).
+    for _ in 0..1_000 {
+        tokio::task::yield_now().await;
+    }
+    let (watches, resolves) = (a.watch_calls().len(), a.calls());
+    assert!(
+        watches <= 11 && resolves <= 12,
+        "{watches} watch calls and {resolves} resolves without time moving"
+    );
+}

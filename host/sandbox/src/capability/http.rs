@@ -1,0 +1,408 @@
+//! HTTP, one home for the capability: the grant (`grants.http` origins, parsed here
+//! and nowhere else), TLS with the provider's own trust roots, and the
+//! `wasi:http/outgoing-handler` hooks that send a request only to a granted origin.
+//!
+//! The wasi:http types themselves come from `wasmtime-wasi-http`; this file supplies
+//! the hooks that decide whether and how a request goes out. Sending is hyper-util's
+//! pooled client with hyper-rustls over the provider's own `rustls` configuration,
+//! instead of `wasmtime_wasi_http::default_send_request`, which connects anew for every
+//! request and hard-codes the web PKI roots (a registry inside a company network is
+//! usually signed by a private CA).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper::body::{Body, Bytes, Frame, Incoming};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use wasmtime_wasi_http::{
+    Error as HttpError, RequestOptions, WasiBody, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
+};
+
+use crate::provider::ProviderState;
+
+/// Used when the guest sets no timeout of its own.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_BETWEEN_BYTES_TIMEOUT: Duration = Duration::from_secs(600);
+/// Idle keep-alive connections kept per origin, and for how long.
+const MAX_IDLE_PER_ORIGIN: usize = 8;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One granted origin, with the scheme's default port made explicit so that
+/// `http://etcd` and `http://etcd:80` are the same grant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Origin {
+    https: bool,
+    host: String,
+    port: u16,
+}
+
+/// A granted origin as the config writes it, normalised: lower-case
+/// `scheme://host[:port]`, only http and https, no path, query or user info.
+pub fn normalize_origin(origin: &str) -> Result<String, String> {
+    let not_origin = || format!("'{origin}' is not an origin like \"http://127.0.0.1:2379\"");
+    let uri: http::Uri = origin.parse().map_err(|_| not_origin())?;
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return Err(not_origin());
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return Err(format!("'{origin}': only http and https origins can be granted"));
+    }
+    let path = uri.path_and_query().map_or("", |p| p.as_str());
+    if !(path.is_empty() || path == "/") || authority.as_str().contains('@') {
+        return Err(format!(
+            "'{origin}' is not an origin (scheme://host[:port], no path)"
+        ));
+    }
+    Ok(format!("{scheme}://{}", authority.as_str().to_ascii_lowercase()))
+}
+
+impl Origin {
+    fn parse(text: &str) -> Option<Origin> {
+        let uri: http::Uri = text.parse().ok()?;
+        Origin::of(&uri)
+    }
+
+    fn of(uri: &http::Uri) -> Option<Origin> {
+        let https = match uri.scheme_str()? {
+            s if s.eq_ignore_ascii_case("https") => true,
+            s if s.eq_ignore_ascii_case("http") => false,
+            _ => return None,
+        };
+        let authority = uri.authority()?;
+        Some(Origin {
+            https,
+            host: authority.host().to_ascii_lowercase(),
+            port: authority.port_u16().unwrap_or(if https { 443 } else { 80 }),
+        })
+    }
+
+    /// `host:port` for connecting; IPv6 hosts keep their brackets from the URI.
+    fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// What a provider's outgoing HTTP may do. Built once per provider, shared by its
+/// instances.
+pub(crate) struct HttpPolicy {
+    provider: Arc<str>,
+    origins: Vec<Origin>,
+    /// hyper-util's pooled client over the provider's own TLS roots: keep-alive
+    /// connections shared by the provider's instances, per origin. A registry is asked
+    /// again on every refresh and lease keep-alive; a new TCP (and TLS) connection each
+    /// time would cost more than the request itself.
+    client: Client<HttpsConnector<HttpConnector>, WasiBody>,
+}
+
+/// TLS material for a provider's HTTPS, as read from the files in its config.
+#[derive(Default)]
+pub(crate) struct TlsFiles {
+    /// PEM CA certificates, trusted instead of the web PKI roots.
+    pub(crate) ca: Option<Vec<u8>>,
+    /// PEM client certificate chain and private key, for mutual TLS.
+    pub(crate) client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl HttpPolicy {
+    pub(crate) fn new(provider: Arc<str>, granted: &[String], tls: TlsFiles) -> Result<HttpPolicy, String> {
+        let origins = granted
+            .iter()
+            .map(|o| Origin::parse(o).ok_or_else(|| format!("'{o}' is not an HTTP origin")))
+            .collect::<Result<_, _>>()?;
+        let mut roots = rustls::RootCertStore::empty();
+        match &tls.ca {
+            Some(pem) => {
+                let mut count = 0;
+                for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
+                    let cert = cert.map_err(|e| format!("the CA file is not PEM: {e}"))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("the CA file holds an unusable certificate: {e}"))?;
+                    count += 1;
+                }
+                if count == 0 {
+                    return Err("the CA file holds no certificate".into());
+                }
+            }
+            None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+        }
+        let builder =
+            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| format!("TLS setup: {e}"))?
+                .with_root_certificates(roots);
+        let config = match tls.client {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain = rustls::pki_types::CertificateDer::pem_slice_iter(&cert)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("the client certificate is not PEM: {e}"))?;
+                let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&key)
+                    .map_err(|e| format!("the client key is not a PEM private key: {e}"))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("the client certificate and key do not fit: {e}"))?
+            }
+        };
+        let mut http = HttpConnector::new();
+        // https origins go through the TLS layer, which needs the plain one to let them by.
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(DEFAULT_CONNECT_TIMEOUT));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .pool_max_idle_per_host(MAX_IDLE_PER_ORIGIN)
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .build(connector);
+        Ok(HttpPolicy {
+            provider,
+            origins,
+            client,
+        })
+    }
+}
+
+/// The per-instance hooks: the policy, and how many requests the instance has sent.
+pub(crate) struct HttpHooks {
+    policy: Arc<HttpPolicy>,
+    pub(crate) requests: u32,
+}
+
+impl HttpHooks {
+    pub(crate) fn new(policy: Arc<HttpPolicy>) -> HttpHooks {
+        HttpHooks { policy, requests: 0 }
+    }
+}
+
+impl WasiHttpView for ProviderState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_hooks,
+        }
+    }
+}
+
+type IoFuture = Box<dyn Future<Output = Result<(), HttpError>> + Send>;
+
+impl WasiHttpHooks for HttpHooks {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: IoFuture,
+    ) -> Box<dyn Future<Output = Result<(http::Response<WasiBody>, IoFuture), HttpError>> + Send> {
+        // Counted whether or not it is allowed: the handle wasmtime-wasi-http keeps is
+        // per request the guest makes.
+        self.requests = self.requests.saturating_add(1);
+        let policy = self.policy.clone();
+        Box::new(async move {
+            let origin = Origin::of(request.uri()).ok_or(HttpError::HttpRequestUriInvalid)?;
+            if !policy.origins.contains(&origin) {
+                tracing::warn!(
+                    provider = %policy.provider,
+                    origin = %format_args!("{}://{}", if origin.https { "https" } else { "http" }, origin.address()),
+                    "HTTP request denied: the origin is not in the provider's grants.http"
+                );
+                return Err(HttpError::HttpRequestDenied);
+            }
+            let response = send(request, options, &policy).await?;
+            // The connection runs on its own task (it outlives the response when pooled).
+            let io = async { Ok(()) };
+            Ok((response.map(BodyExt::boxed_unsync), Box::new(io) as IoFuture))
+        })
+    }
+}
+
+/// Send on the provider's pooled client. hyper-util sends a request again on a new
+/// connection when a pooled one turns out closed before the request went out (the
+/// keep-alive race), and closes idle connections after [`IDLE_TIMEOUT`].
+async fn send(
+    request: http::Request<WasiBody>,
+    options: Option<RequestOptions>,
+    policy: &HttpPolicy,
+) -> Result<http::Response<TimedBody>, HttpError> {
+    let options = options.unwrap_or_default();
+    // The pooled client connects with the default connect timeout; a guest's own
+    // connect and first-byte timeouts bound the whole wait for the response head.
+    let connect_timeout = options.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let first_byte_timeout = options.first_byte_timeout.unwrap_or(DEFAULT_FIRST_BYTE_TIMEOUT);
+    let between_bytes = options
+        .between_bytes_timeout
+        .unwrap_or(DEFAULT_BETWEEN_BYTES_TIMEOUT)
+        .max(Duration::from_millis(1));
+    let response = tokio::time::timeout(
+        connect_timeout + first_byte_timeout,
+        policy.client.request(request),
+    )
+    .await
+    .map_err(|_| HttpError::ConnectionReadTimeout)?
+    .map_err(client_error)?;
+    Ok(response.map(|incoming| TimedBody::new(incoming, between_bytes)))
+}
+
+/// What the guest is told when the client fails: a TLS failure (a certificate the
+/// provider's roots do not trust, say) as such, a failed TCP connect with its I/O
+/// error, anything else as hyper's or a terminated connection.
+fn client_error(e: hyper_util::client::legacy::Error) -> HttpError {
+    use std::error::Error as _;
+    let mut source = e.source();
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            let copy = std::io::Error::new(io.kind(), io.to_string());
+            return if is_tls(io) {
+                HttpError::Tls(copy)
+            } else {
+                HttpError::Connect(copy)
+            };
+        }
+        source = cause.source();
+    }
+    tracing::debug!("HTTP request failed: {e}");
+    if e.is_connect() {
+        HttpError::ConnectionRefused
+    } else {
+        HttpError::ConnectionTerminated
+    }
+}
+
+/// Whether rustls raised this I/O error (hyper-rustls wraps its errors in I/O errors,
+/// sometimes twice).
+fn is_tls(io: &std::io::Error) -> bool {
+    let mut inner = io.get_ref();
+    while let Some(error) = inner {
+        if error.is::<rustls::Error>() {
+            return true;
+        }
+        inner = error
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref);
+    }
+    false
+}
+
+/// A response body that fails when the server goes quiet for longer than the
+/// between-bytes timeout.
+struct TimedBody {
+    incoming: Incoming,
+    timeout: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl TimedBody {
+    fn new(incoming: Incoming, timeout: Duration) -> TimedBody {
+        TimedBody {
+            incoming,
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+}
+
+impl Body for TimedBody {
+    type Data = Bytes;
+    type Error = HttpError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, HttpError>>> {
+        use std::task::Poll;
+        match std::pin::Pin::new(&mut self.incoming).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let deadline = tokio::time::Instant::now() + self.timeout;
+                self.sleep.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(HttpError::from(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match self.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(HttpError::ConnectionReadTimeout))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.incoming.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn granted_origins_are_normalised_or_refused() {
+        assert_eq!(
+            normalize_origin("HTTP://127.0.0.1:2379/").unwrap(),
+            "http://127.0.0.1:2379"
+        );
+        assert_eq!(
+            normalize_origin("https://Etcd.Internal").unwrap(),
+            "https://etcd.internal"
+        );
+        for (bad, why) in [
+            ("127.0.0.1:2379", "is not an origin like"),
+            ("ftp://a", "only http and https"),
+            ("http://a/path", "no path"),
+            ("http://a/?q", "no path"),
+            ("http://user@a", "no path"),
+        ] {
+            let e = normalize_origin(bad).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn origins_compare_with_default_ports() {
+        let o = |s: &str| Origin::parse(s).unwrap();
+        assert_eq!(o("http://etcd"), o("HTTP://Etcd:80"));
+        assert_eq!(o("https://etcd"), o("https://etcd:443"));
+        assert_ne!(o("http://etcd:2379"), o("https://etcd:2379"));
+        assert_ne!(o("http://etcd:2379"), o("http://etcd:2380"));
+        assert_eq!(o("http://[::1]:2379").address(), "[::1]:2379");
+        assert!(Origin::parse("ftp://etcd").is_none());
+    }
+
+    #[test]
+    fn bad_tls_files_are_explained() {
+        let policy = |ca: &[u8]| {
+            HttpPolicy::new(
+                "p".into(),
+                &[],
+                TlsFiles {
+                    ca: Some(ca.to_vec()),
+                    client: None,
+                },
+            )
+            .err()
+            .unwrap()
+        };
+        assert!(
+            policy(b"not a certificate").contains("no certificate"),
+            "{}",
+            policy(b"x")
+        );
+        assert!(policy(b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n").contains("CA file"));
+    }
+}

@@ -1,0 +1,125 @@
+//! Quarantine: a provider that keeps faulting (traps, limits, broken answers) is not
+//! called for a while, so a crashing provider costs nothing and the chain goes straight
+//! to the next one.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use wasd_core::{Backoff, ProviderStatus};
+
+/// Faults (traps, limits, broken answers) in a row before a provider is quarantined.
+const QUARANTINE_AFTER: u32 = 3;
+/// Quarantine length: 1 s, doubling with each new quarantine up to 60 s.
+pub const QUARANTINE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+
+/// A provider's fault record. After [`QUARANTINE_AFTER`] faults in a row it is not
+/// called for a while (doubling each time, as proxy-wasm's restart limits do), so a
+/// crashing provider costs nothing and the chain goes straight to the next one.
+#[derive(Debug)]
+pub(crate) struct Health {
+    inner: Mutex<HealthState>,
+}
+
+#[derive(Debug, Clone)]
+struct HealthState {
+    in_a_row: u32,
+    total: u64,
+    until: Option<Instant>,
+    quarantined_at: Option<Instant>,
+    /// The length of the next quarantine.
+    lengths: Backoff,
+}
+
+impl Default for HealthState {
+    fn default() -> HealthState {
+        HealthState {
+            in_a_row: 0,
+            total: 0,
+            until: None,
+            quarantined_at: None,
+            lengths: Backoff::new(QUARANTINE.0, QUARANTINE.1),
+        }
+    }
+}
+
+impl Health {
+    pub(crate) fn new() -> Health {
+        Health {
+            inner: Mutex::new(HealthState::default()),
+        }
+    }
+
+    /// `Some(time left)` while quarantined.
+    pub(crate) fn quarantined(&self) -> Option<(Duration, u32)> {
+        let state = self.inner.lock().expect("health lock");
+        let left = state.until?.checked_duration_since(Instant::now())?;
+        Some((left, state.in_a_row))
+    }
+
+    /// A call that started at `started` went well. It ends the fault streak, but
+    /// not a quarantine that began after it started (a long watch coming back).
+    pub(crate) fn success(&self, started: Instant) {
+        let mut state = self.inner.lock().expect("health lock");
+        if state.quarantined_at.is_some_and(|at| at > started) {
+            return;
+        }
+        state.in_a_row = 0;
+        state.until = None;
+        // Healthy for a long while: the next quarantine starts short again.
+        if state
+            .quarantined_at
+            .is_some_and(|at| at.elapsed() > QUARANTINE.1 * 10)
+        {
+            state.lengths.reset();
+            state.quarantined_at = None;
+        }
+    }
+
+    /// Record a fault; `Some(quarantine)` when this one starts a quarantine.
+    pub(crate) fn fault(&self) -> Option<Duration> {
+        let mut state = self.inner.lock().expect("health lock");
+        state.in_a_row += 1;
+        state.total += 1;
+        if state.in_a_row < QUARANTINE_AFTER || state.until.is_some_and(|u| u > Instant::now()) {
+            return None;
+        }
+        let length = state.lengths.next_delay();
+        state.quarantined_at = Some(Instant::now());
+        state.until = Some(Instant::now() + length);
+        Some(length)
+    }
+
+    pub(crate) fn status(&self, name: &str) -> ProviderStatus {
+        let state = self.inner.lock().expect("health lock").clone();
+        let mut status = ProviderStatus::healthy(name);
+        status.faults = state.total;
+        status.faults_in_a_row = state.in_a_row;
+        status.quarantined_for = state.until.and_then(|u| u.checked_duration_since(Instant::now()));
+        status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quarantine_starts_after_faults_in_a_row_and_grows() {
+        let health = Health::new();
+        assert_eq!(health.fault(), None);
+        assert_eq!(health.fault(), None);
+        assert_eq!(health.fault(), Some(Duration::from_secs(1)));
+        assert!(health.quarantined().is_some());
+        // Faults during a quarantine do not extend it.
+        assert_eq!(health.fault(), None);
+        health.inner.lock().unwrap().until = Some(Instant::now());
+        assert_eq!(health.fault(), Some(Duration::from_secs(2)));
+        // A call that began before the quarantine does not end it.
+        health.success(Instant::now() - Duration::from_secs(5));
+        assert!(health.quarantined().is_some());
+        health.success(Instant::now());
+        assert!(health.quarantined().is_none());
+        assert_eq!(health.status("p").faults, 5);
+        assert_eq!(health.status("p").faults_in_a_row, 0);
+    }
+}

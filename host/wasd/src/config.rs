@@ -1,0 +1,685 @@
+//! The host configuration (`wasd.toml`): which providers, in which order, with which
+//! settings, grants and limits.
+//!
+//! ```toml
+//! allowed-schemes = ["https", "http"]   # default: every scheme
+//! pass-through = true                    # default: true; always runs last
+//! refresh-period = "60s"
+//! plugin-dir = "plugins"
+//!
+//! [[provider]]
+//! builtin = "config"                     # or: module = "plugins/mine.wasm"
+//! settings = { section = "Services" }
+//! grants = { files = ["appsettings.json"], env = ["services__*"] }
+//! limits = { max-memory = "64MiB", timeout = "1s" }
+//! ```
+//!
+//! Unknown keys are errors, reported with file, line and column.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use wasd_core::{ConfigError, DEFAULT_IDLE_TIMEOUT, DEFAULT_REFRESH_PERIOD};
+use wasd_sandbox::{
+    Builtin, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_MEMORY, DEFAULT_TIMEOUT, DnsSettings, Grants, Limits,
+    ModuleSource, ProviderSpec, TlsSpec, normalize_origin,
+};
+
+/// A validated host configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub(crate) path: Option<PathBuf>,
+    pub(crate) plugin_dir: Option<PathBuf>,
+    pub(crate) cache_dir: Option<PathBuf>,
+    pub(crate) allowed_schemes: Vec<String>,
+    pub(crate) pass_through: bool,
+    pub(crate) refresh_period: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) dns: DnsSettings,
+    pub(crate) providers: Vec<ProviderSpec>,
+    /// The provider that registers instances; none: the first one that can.
+    pub(crate) registrar: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawConfig {
+    plugin_dir: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
+    #[serde(default = "yes")]
+    cache: bool,
+    #[serde(default)]
+    allowed_schemes: Vec<Spanned<String>>,
+    #[serde(default = "yes")]
+    pass_through: bool,
+    refresh_period: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    dns: RawDns,
+    #[serde(default, rename = "provider")]
+    providers: Vec<Spanned<RawProvider>>,
+    registrar: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawDns {
+    #[serde(default)]
+    servers: Vec<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawProvider {
+    name: Option<Spanned<String>>,
+    builtin: Option<Spanned<String>>,
+    module: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    settings: toml::Table,
+    #[serde(default)]
+    grants: RawGrants,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    tls: RawTls,
+    sha256: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawTls {
+    ca_file: Option<PathBuf>,
+    client_cert_file: Option<Spanned<PathBuf>>,
+    client_key_file: Option<Spanned<PathBuf>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawGrants {
+    #[serde(default)]
+    files: Vec<String>,
+    #[serde(default)]
+    env: Vec<String>,
+    #[serde(default)]
+    dns: Vec<String>,
+    #[serde(default)]
+    http: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawLimits {
+    max_memory: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    max_endpoints: Option<usize>,
+}
+
+/// Turns byte offsets into the line/column of a [`ConfigError`].
+struct Source<'a> {
+    path: Option<&'a Path>,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error(&self, span: Option<std::ops::Range<usize>>, message: impl Into<String>) -> ConfigError {
+        let path = self.path.map(Path::to_path_buf);
+        match span {
+            Some(span) => {
+                let before = &self.text[..span.start.min(self.text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                ConfigError::at(path, line, column, message)
+            }
+            None => ConfigError::new(path, message),
+        }
+    }
+
+    fn at<T>(&self, spanned: &Spanned<T>, message: impl Into<String>) -> ConfigError {
+        self.error(Some(spanned.span()), message)
+    }
+}
+
+impl Config {
+    /// The configuration used when there is no config file: the configuration provider
+    /// reading `./appsettings.json` (if present) and `services__*` environment
+    /// variables, then pass-through.
+    pub fn builtin_defaults() -> Config {
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+        Config {
+            path: None,
+            plugin_dir: Some(cwd.join("plugins")),
+            cache_dir: default_cache_dir(),
+            allowed_schemes: Vec::new(),
+            pass_through: true,
+            refresh_period: DEFAULT_REFRESH_PERIOD,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            dns: DnsSettings::default(),
+            providers: vec![ProviderSpec {
+                name: Builtin::Config.name().to_owned(),
+                module: ModuleSource::Builtin(Builtin::Config),
+                settings: "{}".to_owned(),
+                grants: Grants {
+                    files: vec![("appsettings.json".to_owned(), cwd.join("appsettings.json"))],
+                    env: vec!["services__*".to_owned()],
+                    ..Grants::default()
+                },
+                limits: Limits::default(),
+                tls: TlsSpec::default(),
+                unlisted: false,
+                sha256: None,
+            }],
+            registrar: None,
+        }
+    }
+
+    /// Where the CLI and embedders look for configuration, in order: the file named by
+    /// `WASD_CONFIG`, `./wasd.toml`, then [`Config::builtin_defaults`].
+    pub fn discover() -> Result<Config, ConfigError> {
+        if let Some(path) = std::env::var_os("WASD_CONFIG").filter(|p| !p.is_empty()) {
+            return Config::from_file(Path::new(&path));
+        }
+        let local = Path::new("wasd.toml");
+        if local.is_file() {
+            return Config::from_file(local);
+        }
+        Ok(Config::builtin_defaults())
+    }
+
+    /// Read and validate a TOML config file. Relative paths in it are relative to the
+    /// file's folder.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(
+                Some(path.to_path_buf()),
+                format!("cannot read the config file: {e}"),
+            )
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        Config::parse(&text, Some(path), &base)
+    }
+
+    /// Parse a TOML config given as text. Relative paths are relative to `base_dir`.
+    pub fn from_toml(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        Config::parse(text, None, base_dir)
+    }
+
+    fn parse(text: &str, path: Option<&Path>, base: &Path) -> Result<Config, ConfigError> {
+        let src = Source { path, text };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| src.error(e.span(), e.message()))?;
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+
+        let mut allowed_schemes = Vec::new();
+        for scheme in &raw.allowed_schemes {
+            let s = scheme.get_ref();
+            if s.is_empty()
+                || !s
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+            {
+                return Err(src.at(scheme, format!("'{s}' is not a valid scheme")));
+            }
+            allowed_schemes.push(s.to_ascii_lowercase());
+        }
+        let duration = |value: &Option<Spanned<String>>, default| match value {
+            None => Ok(default),
+            Some(v) => parse_duration(v.get_ref()).map_err(|e| src.at(v, e)),
+        };
+        let plugin_dir = resolve(raw.plugin_dir.as_deref().unwrap_or(Path::new("plugins")));
+        let mut config = Config {
+            path: path.map(Path::to_path_buf),
+            plugin_dir: Some(plugin_dir),
+            cache_dir: if raw.cache {
+                raw.cache_dir.as_deref().map(resolve).or_else(default_cache_dir)
+            } else {
+                None
+            },
+            allowed_schemes,
+            pass_through: raw.pass_through,
+            refresh_period: duration(&raw.refresh_period, DEFAULT_REFRESH_PERIOD)?,
+            idle_timeout: duration(&raw.idle_timeout, DEFAULT_IDLE_TIMEOUT)?,
+            dns: DnsSettings {
+                servers: raw
+                    .dns
+                    .servers
+                    .iter()
+                    .map(|s| {
+                        s.get_ref().parse().map_err(|_| {
+                            src.at(
+                                s,
+                                format!(
+                                    "'{}' is not a name server address like \"127.0.0.1:53\"",
+                                    s.get_ref()
+                                ),
+                            )
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+                timeout: raw
+                    .dns
+                    .timeout
+                    .as_ref()
+                    .map(|t| parse_duration(t.get_ref()).map_err(|e| src.at(t, e)))
+                    .transpose()?,
+            },
+            providers: Vec::new(),
+            registrar: None,
+        };
+        for spanned in &raw.providers {
+            let spec = provider_spec(&src, spanned, &config, &resolve)?;
+            if config.providers.iter().any(|p| p.name == spec.name) {
+                return Err(src.at(
+                    spanned,
+                    format!("two providers are named '{}'; names must be unique", spec.name),
+                ));
+            }
+            config.providers.push(spec);
+        }
+        if let Some(name) = &raw.registrar {
+            if !config.providers.iter().any(|p| &p.name == name.get_ref()) {
+                return Err(src.at(name, format!("no provider is named '{}'", name.get_ref())));
+            }
+            config.registrar = Some(name.get_ref().clone());
+        }
+        Ok(config)
+    }
+
+    /// The config file this came from, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Override the plugin folder (`None`: no plugin folder).
+    pub fn set_plugin_dir(&mut self, dir: Option<PathBuf>) {
+        self.plugin_dir = dir;
+    }
+
+    /// Override the folder of precompiled components (`None`: compile every time).
+    pub fn set_cache_dir(&mut self, dir: Option<PathBuf>) {
+        self.cache_dir = dir;
+    }
+}
+
+fn provider_spec(
+    src: &Source<'_>,
+    spanned: &Spanned<RawProvider>,
+    config: &Config,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<ProviderSpec, ConfigError> {
+    let raw = spanned.get_ref();
+    let module = match (&raw.builtin, &raw.module) {
+        (Some(_), Some(module)) => {
+            return Err(src.at(module, "a provider takes `builtin` or `module`, not both"));
+        }
+        (Some(builtin), None) => {
+            let b = Builtin::from_name(builtin.get_ref()).ok_or_else(|| {
+                src.at(
+                    builtin,
+                    format!(
+                        "unknown builtin provider '{}' (known: {})",
+                        builtin.get_ref(),
+                        Builtin::ALL_CONFIGURABLE
+                            .iter()
+                            .map(|b| b.name())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })?;
+            if b == Builtin::PassThrough {
+                return Err(src.at(
+                    builtin,
+                    "pass-through always runs last; switch it with the top-level `pass-through = true|false`",
+                ));
+            }
+            ModuleSource::Builtin(b)
+        }
+        (None, Some(module)) => ModuleSource::File(resolve(module.get_ref())),
+        (None, None) => match &raw.name {
+            // A provider listed by name only lives in the plugin folder.
+            Some(name) => match &config.plugin_dir {
+                Some(dir) => ModuleSource::File(dir.join(format!("{}.wasm", name.get_ref()))),
+                None => return Err(src.at(name, "no plugin folder to find this provider in; give `module`")),
+            },
+            None => {
+                return Err(src.at(
+                    spanned,
+                    "a provider needs `builtin`, `module`, or a `name` found in the plugin folder",
+                ));
+            }
+        },
+    };
+    let name = match (&raw.name, &module) {
+        (Some(name), _) => {
+            let n = name.get_ref();
+            if n.is_empty()
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                return Err(src.at(
+                    name,
+                    format!("provider name '{n}' may only use letters, digits, '-', '_' and '.'"),
+                ));
+            }
+            n.clone()
+        }
+        (None, ModuleSource::Builtin(b)) => b.name().to_owned(),
+        (None, ModuleSource::File(path)) => path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    let mut http = Vec::new();
+    for origin in &raw.grants.http {
+        http.push(normalize_origin(origin.get_ref()).map_err(|e| src.at(origin, e))?);
+    }
+    let limits = Limits {
+        max_memory: match &raw.limits.max_memory {
+            None => DEFAULT_MAX_MEMORY,
+            Some(v) => parse_size(v.get_ref()).map_err(|e| src.at(v, e))?,
+        },
+        timeout: match &raw.limits.timeout {
+            None => DEFAULT_TIMEOUT,
+            Some(v) => parse_duration(v.get_ref()).map_err(|e| src.at(v, e))?,
+        },
+        max_endpoints: raw.limits.max_endpoints.unwrap_or(DEFAULT_MAX_ENDPOINTS),
+    };
+    let client = match (&raw.tls.client_cert_file, &raw.tls.client_key_file) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some((resolve(cert.get_ref()), resolve(key.get_ref()))),
+        (Some(one), None) | (None, Some(one)) => {
+            return Err(src.at(one, "tls needs both `client-cert-file` and `client-key-file`"));
+        }
+    };
+    let tls = TlsSpec {
+        ca_file: raw.tls.ca_file.as_deref().map(resolve),
+        client,
+    };
+    let sha256 = match &raw.sha256 {
+        None => None,
+        Some(pin) => {
+            let hex = pin.get_ref().trim().to_ascii_lowercase();
+            if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(src.at(
+                    pin,
+                    "sha256 must be 64 hexadecimal digits (`sha256sum module.wasm`)",
+                ));
+            }
+            Some(hex)
+        }
+    };
+    Ok(ProviderSpec {
+        name,
+        module,
+        settings: serde_json::to_string(&raw.settings)
+            .map_err(|e| src.at(spanned, format!("settings: {e}")))?,
+        grants: Grants {
+            files: raw
+                .grants
+                .files
+                .iter()
+                .map(|f| (f.clone(), resolve(Path::new(f))))
+                .collect(),
+            env: raw.grants.env.clone(),
+            dns: raw.grants.dns.iter().map(|z| z.to_ascii_lowercase()).collect(),
+            http,
+        },
+        limits,
+        tls,
+        unlisted: false,
+        sha256,
+    })
+}
+
+fn default_cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("wasd"))
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("'{text}' is not a duration like \"500ms\", \"15s\" or \"5m\" ({e})"))
+}
+
+fn parse_size(text: &str) -> Result<usize, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let unit_size: usize = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "'{text}' is not a size like \"64MiB\" (units: B, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    number
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit_size))
+        .ok_or_else(|| format!("'{text}' is not a size like \"64MiB\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Some(Path::new("wasd.toml")), Path::new("/srv"))
+    }
+
+    #[test]
+    fn full_config() {
+        let c = parse(
+            r#"
+allowed-schemes = ["HTTPS"]
+pass-through = false
+refresh-period = "30s"
+
+[[provider]]
+builtin = "config"
+settings = { section = "Endpoints" }
+grants = { files = ["appsettings.json"], env = ["endpoints__*"], http = ["HTTP://127.0.0.1:2379/"] }
+limits = { max-memory = "16MiB", timeout = "250ms", max-endpoints = 5 }
+
+[[provider]]
+name = "mine"
+module = "/opt/mine.wasm"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.allowed_schemes, ["https"]);
+        assert!(!c.pass_through);
+        assert_eq!(c.refresh_period, Duration::from_secs(30));
+        assert_eq!(c.plugin_dir.as_deref(), Some(Path::new("/srv/plugins")));
+        let p = &c.providers[0];
+        assert_eq!(p.name, "config");
+        assert_eq!(p.settings, r#"{"section":"Endpoints"}"#);
+        assert_eq!(
+            p.grants.files,
+            [(
+                "appsettings.json".to_owned(),
+                PathBuf::from("/srv/appsettings.json")
+            )]
+        );
+        assert_eq!(p.grants.http, ["http://127.0.0.1:2379"]);
+        assert_eq!(
+            p.limits,
+            Limits {
+                max_memory: 16 << 20,
+                timeout: Duration::from_millis(250),
+                max_endpoints: 5
+            }
+        );
+        assert_eq!(c.providers[1].module, ModuleSource::File("/opt/mine.wasm".into()));
+        assert_eq!(c.providers[1].name, "mine");
+    }
+
+    #[test]
+    fn provider_by_name_lives_in_plugin_folder() {
+        let c = parse("plugin-dir = \"mods\"\n[[provider]]\nname = \"static\"\n").unwrap();
+        assert_eq!(
+            c.providers[0].module,
+            ModuleSource::File("/srv/mods/static.wasm".into())
+        );
+    }
+
+    #[test]
+    fn errors_name_file_line_and_reason() {
+        for (text, expected) in [
+            ("pass-thru = true", "wasd.toml:1:1: unknown field `pass-thru`"),
+            (
+                "[[provider]]\nbuiltin = \"conifg\"",
+                "wasd.toml:2:11: unknown builtin provider 'conifg'",
+            ),
+            (
+                "[[provider]]\nbuiltin = \"pass-through\"",
+                "wasd.toml:2:11: pass-through always runs last",
+            ),
+            (
+                "[[provider]]\nbuiltin = \"config\"\nlimits = { timeout = \"soon\" }",
+                "wasd.toml:3:22: 'soon' is not a duration",
+            ),
+            (
+                "[[provider]]\nbuiltin = \"config\"\nlimits = { max-memory = \"lots\" }",
+                "wasd.toml:3:25: 'lots' is not a size",
+            ),
+            (
+                "[[provider]]\nbuiltin = \"config\"\n[[provider]]\nbuiltin = \"config\"",
+                "wasd.toml:3:1: two providers are named 'config'",
+            ),
+            (
+                "[[provider]]\nbuiltin = \"config\"\ngrants = { http = [\"etcd:2379\"] }",
+                "wasd.toml:3:20: 'etcd:2379' is not an origin",
+            ),
+            (
+                "[[provider]]\nsettings = {}",
+                "wasd.toml:1:1: a provider needs `builtin`, `module`",
+            ),
+            (
+                "allowed-schemes = [\"ht tp\"]",
+                "wasd.toml:1:20: 'ht tp' is not a valid scheme",
+            ),
+            ("refresh-period = ", "wasd.toml:1:18: "),
+        ] {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(
+                err.starts_with(expected),
+                "{text:?}\n  got: {err}\n want: {expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn grants_match_env_and_dns() {
+        let g = Grants {
+            env: vec!["services__*".into(), "HOME".into()],
+            dns: vec!["cluster.local".into(), "*.example.org".into()],
+            ..Grants::default()
+        };
+        assert!(g.allows_env("SERVICES__catalog__https__0"));
+        assert!(g.allows_env("home"));
+        assert!(!g.allows_env("HOMEPATH"));
+        assert!(!g.allows_env("service"));
+        assert!(g.allows_dns("_default._tcp.basket.default.svc.cluster.local."));
+        assert!(g.allows_dns("cluster.local"));
+        assert!(g.allows_dns("a.example.org"));
+        assert!(!g.allows_dns("evilcluster.local"));
+        assert!(!g.allows_dns("example.com"));
+        assert!(
+            Grants {
+                dns: vec!["*".into()],
+                ..Grants::default()
+            }
+            .allows_dns("anything")
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert!(parse_size("64MB").is_err());
+        assert!(parse_size("99999999999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn example_configs_parse() {
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        for name in ["full-config.toml", "etcd.toml"] {
+            let c = Config::from_file(&examples.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!c.providers.is_empty(), "{name}");
+        }
+        let etcd = Config::from_file(&examples.join("etcd.toml")).unwrap();
+        assert_eq!(etcd.registrar.as_deref(), Some("etcd"));
+        assert_eq!(etcd.providers[0].grants.http, ["http://127.0.0.1:2379"]);
+    }
+
+    #[test]
+    fn debug_output_hides_settings() {
+        let c = parse("[[provider]]\nbuiltin = \"etcd\"\nsettings = { password = \"hunter2\" }").unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2") && shown.contains("bytes>"), "{shown}");
+    }
+
+    #[test]
+    fn tls_and_registrar() {
+        let c = parse(
+            r#"
+registrar = "reg"
+[[provider]]
+name = "reg"
+builtin = "etcd"
+tls = { ca-file = "ca.pem", client-cert-file = "/etc/c.pem", client-key-file = "c.key" }
+"#,
+        )
+        .unwrap();
+        let tls = &c.providers[0].tls;
+        assert_eq!(tls.ca_file.as_deref(), Some(Path::new("/srv/ca.pem")));
+        assert_eq!(
+            tls.client,
+            Some((PathBuf::from("/etc/c.pem"), PathBuf::from("/srv/c.key")))
+        );
+        for (text, expected) in [
+            (
+                "[[provider]]\nbuiltin = \"etcd\"\ntls = { client-cert-file = \"c.pem\" }",
+                "wasd.toml:3:28: tls needs both",
+            ),
+            (
+                "registrar = \"etcd\"",
+                "wasd.toml:1:13: no provider is named 'etcd'",
+            ),
+            (
+                "[[provider]]\nbuiltin = \"etcd\"\ntls = { ca = \"x\" }",
+                "unknown field `ca`",
+            ),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(expected), "{text}: {e}");
+        }
+    }
+}
