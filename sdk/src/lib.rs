@@ -52,7 +52,7 @@ use std::fmt;
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../wit",
+        path: "wit",
         world: "provider",
         pub_export_macro: true,
         export_macro_name: "__export_provider_world",
@@ -67,7 +67,7 @@ pub mod registry_bindings {
     // `bindings`. The component's world is the union of both (the `registry` world).
     wit_bindgen::generate!({
         inline: "package wasd:sdk; world registrar-exports { export wasd:provider/registrar@0.1.0; }",
-        path: "../wit",
+        path: "wit",
         world: "wasd:sdk/registrar-exports",
         pub_export_macro: true,
         export_macro_name: "__export_registrar",

@@ -47,11 +47,10 @@ fn non_empty(service: &str, set: EndpointSet) -> Result<EndpointSet, Error> {
     Ok(set)
 }
 
-/// Least time between the starts of two watch calls of one entry, once more than
-/// `WATCH_BURST` calls in a row have returned sooner.
-const WATCH_GAP: Duration = Duration::from_millis(100);
-const WATCH_BURST: u32 = 10;
-/// Retry back-off after a failed refresh: doubles from the first to the second.
+/// Least time between the starts of two long-polls of one entry, once more than
+/// `LONG_POLL_BURST` calls in a row have returned sooner.
+const LONG_POLL_GAP: Duration = Duration::from_millis(100);
+const LONG_POLL_BURST: u32 = 10;
 /// Retry back-off after a failed refresh or long-poll: 1 s doubling to 30 s.
 pub const REFRESH_BACKOFF: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 
@@ -437,11 +436,11 @@ impl Inner {
         ttl.map_or(period, |ttl| ttl.min(period)).max(MIN_REFRESH)
     }
 
-    /// After a clean answer: watch the provider if it tagged the answer with a
+    /// After a clean answer: long-poll the source if it tagged the answer with a
     /// version, else refresh on the TTL.
     fn next_after(&self, answer: &ChainAnswer) -> Next {
         match &answer.version {
-            Some(version) if answer.source.can_watch() => Next::Watch {
+            Some(version) if answer.source.can_watch() => Next::LongPoll {
                 source: answer.source.clone(),
                 version: version.clone(),
             },
@@ -454,15 +453,15 @@ impl Inner {
 enum Next {
     Sleep(Duration),
     /// Long-poll this source for a change to the answer tagged `version`.
-    Watch {
+    LongPoll {
         source: Arc<dyn Source>,
         version: String,
     },
 }
 
-/// The outcome of one watch call.
-enum Watched {
-    /// The provider pushed a new non-empty answer; watch on from this version, or
+/// The outcome of one long-poll.
+enum Polled {
+    /// The source pushed a new non-empty answer; long-poll on from this version, or
     /// (none) go back to polling.
     Changed(Option<String>),
     /// Quiet, or the provider has nothing any more, or it failed: ask the chain.
@@ -493,20 +492,20 @@ impl Wake {
     }
 }
 
-async fn watch_once(
+async fn long_poll_once(
     entry: &Entry,
     source: &Arc<dyn Source>,
     version: &str,
     wait: Duration,
     wake: &mut Wake,
     backoff: &mut Backoff,
-) -> Watched {
+) -> Polled {
     // A reload cancels the long-poll (and frees the old source): the chain decides anew.
     let result = tokio::select! {
         result = source.watch(&entry.query, version, wait) => result,
         woken = wake.wait() => return match woken {
-            Woken::Shutdown => Watched::Shutdown,
-            Woken::Reload => Watched::AskChain,
+            Woken::Shutdown => Polled::Shutdown,
+            Woken::Reload => Polled::AskChain,
         },
     };
     match result {
@@ -514,14 +513,14 @@ async fn watch_once(
             backoff.reset();
             let endpoints = select(answer.endpoints, &entry.query, &entry.key.filters);
             if endpoints.is_empty() {
-                return Watched::AskChain;
+                return Polled::AskChain;
             }
             entry.publish(EndpointSet::new(source.name().clone(), endpoints));
-            Watched::Changed(answer.version)
+            Polled::Changed(answer.version)
         }
         Ok(None) => {
             backoff.reset();
-            Watched::AskChain
+            Polled::AskChain
         }
         Err(failure) => {
             // `unsupported`: the source stops offering long-polls (`can_watch`), and
@@ -532,11 +531,11 @@ async fn watch_once(
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     woken = wake.wait() => if let Woken::Shutdown = woken {
-                        return Watched::Shutdown;
+                        return Polled::Shutdown;
                     },
                 }
             }
-            Watched::AskChain
+            Polled::AskChain
         }
     }
 }
@@ -546,10 +545,10 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
     let mut backoff = refresh_backoff();
     // Failing long-polls back off on their own: a chain refresh that succeeds in
     // between (etcd answers ranges but a proxy cuts its streams) must not reset it.
-    let mut watch_backoff = refresh_backoff();
+    let mut long_poll_backoff = refresh_backoff();
     let mut last_chain = Instant::now();
     let mut quick_returns = 0;
-    let mut last_watch: Option<Instant> = None;
+    let mut last_long_poll: Option<Instant> = None;
     loop {
         match next {
             Next::Sleep(delay) => {
@@ -561,17 +560,19 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                     },
                 }
             }
-            Next::Watch { source, version } => {
+            Next::LongPoll { source, version } => {
                 let Some(period) = inner.upgrade().map(|i| i.settings.load().refresh_period) else {
                     return;
                 };
-                // A burst of quick returns goes straight through; past WATCH_BURST in a
-                // row, long-polls start at most one per WATCH_GAP, whatever they
+                // A burst of quick returns goes straight through; past LONG_POLL_BURST in a
+                // row, long-polls start at most one per LONG_POLL_GAP, whatever they
                 // returned (a change, or "nothing changed" from a source that ignores
                 // the wait), so a source that answers at once cannot spin. A reload
                 // meanwhile sends us to the (new) chain instead.
-                let pause = match last_watch {
-                    Some(called) if quick_returns > WATCH_BURST => WATCH_GAP.saturating_sub(called.elapsed()),
+                let pause = match last_long_poll {
+                    Some(called) if quick_returns > LONG_POLL_BURST => {
+                        LONG_POLL_GAP.saturating_sub(called.elapsed())
+                    }
                     _ => Duration::ZERO,
                 };
                 let reloaded = !pause.is_zero()
@@ -583,30 +584,31 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                         },
                     };
                 if !reloaded {
-                    // Watch until the next periodic chain refresh is due.
+                    // Long-poll until the next periodic chain refresh is due.
                     let wait = period.saturating_sub(last_chain.elapsed()).max(MIN_REFRESH);
                     let called = Instant::now();
-                    last_watch = Some(called);
-                    let watched =
-                        watch_once(&entry, &source, &version, wait, &mut wake, &mut watch_backoff).await;
-                    quick_returns = if called.elapsed() < WATCH_GAP {
+                    last_long_poll = Some(called);
+                    let polled =
+                        long_poll_once(&entry, &source, &version, wait, &mut wake, &mut long_poll_backoff)
+                            .await;
+                    quick_returns = if called.elapsed() < LONG_POLL_GAP {
                         quick_returns + 1
                     } else {
                         0
                     };
-                    match watched {
-                        Watched::Changed(Some(version)) => {
+                    match polled {
+                        Polled::Changed(Some(version)) => {
                             let Some(inner) = inner.upgrade() else { return };
                             if expire_if_idle(&inner, &entry) {
                                 return;
                             }
                             if last_chain.elapsed() < period {
-                                next = Next::Watch { source, version };
+                                next = Next::LongPoll { source, version };
                                 continue;
                             }
                         }
-                        Watched::Changed(None) | Watched::AskChain => {}
-                        Watched::Shutdown => return,
+                        Polled::Changed(None) | Polled::AskChain => {}
+                        Polled::Shutdown => return,
                     }
                 }
             }

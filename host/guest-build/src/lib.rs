@@ -17,9 +17,11 @@ pub fn build(manifest: &Path, components: &[(&str, &str)]) -> Vec<PathBuf> {
 
     // One fixed target dir for every profile of the outer build (dev, test, clippy,
     // bench), so guests compile once; cargo's lock serialises concurrent builds.
+    // Outside any workspace (a crate built from the registry), OUT_DIR.
     let target_dir = env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"))
+        .or_else(|| workspace_root().map(|root| root.join("target")))
+        .unwrap_or_else(|| out_dir.clone())
         .join("wasm-guests");
 
     // WASD_GUEST_TOOLCHAIN builds the guests with another rustup toolchain than the
@@ -92,13 +94,47 @@ pub fn build(manifest: &Path, components: &[(&str, &str)]) -> Vec<PathBuf> {
 
 /// The outer workspace's root: the nearest ancestor of the calling package with a
 /// `[workspace]` Cargo.toml.
-fn workspace_root() -> PathBuf {
+fn workspace_root() -> Option<PathBuf> {
     let start = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("called from a build script"));
     start
         .ancestors()
         .find(|dir| {
             std::fs::read_to_string(dir.join("Cargo.toml")).is_ok_and(|toml| toml.contains("[workspace]"))
         })
-        .unwrap_or(&start)
-        .to_path_buf()
+        .map(Path::to_path_buf)
+}
+
+/// Suffix of the manifests in a staged guest tree. `cargo package` leaves out any folder
+/// holding a `Cargo.toml` (it is another package), so guest sources travel inside a
+/// published crate with their manifests renamed (`scripts/package` stages them).
+pub const STAGED_MANIFEST: &str = "Cargo.toml.in";
+
+/// Copy a staged guest tree (see [`STAGED_MANIFEST`]) into `OUT_DIR/guests`, giving the
+/// manifests their names back; the copy's root.
+pub fn unstage(staged: &Path) -> PathBuf {
+    println!("cargo:rerun-if-changed={}", staged.display());
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("called from a build script"));
+    let root = out_dir.join("guests");
+    copy_tree(staged, &root)
+        .unwrap_or_else(|e| panic!("copying {} to {}: {e}", staged.display(), root.display()));
+    root
+}
+
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let target = if name == STAGED_MANIFEST {
+            to.join("Cargo.toml")
+        } else {
+            to.join(&name)
+        };
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
 }

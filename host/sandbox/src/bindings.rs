@@ -5,7 +5,7 @@
 //! `resolver`, and the host looks `registrar` up per component.
 
 wasmtime::component::bindgen!({
-    path: "../../wit",
+    path: "wit",
     world: "registry",
     imports: {
         "wasd:provider/dns": async | trappable,

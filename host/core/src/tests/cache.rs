@@ -393,10 +393,10 @@ async fn a_watch_that_always_returns_at_once_is_paced() {
     cache.resolve("svc").await.unwrap();
     run_for(secs(2)).await;
     let watches = a.watch_calls();
-    // A burst of WATCH_BURST + 1 = 11 calls goes straight through...
+    // A burst of LONG_POLL_BURST + 1 = 11 calls goes straight through...
     let at_once = watches.iter().filter(|w| w.at == Duration::ZERO).count();
     assert_eq!(at_once, 11);
-    // ...then one per WATCH_GAP (100 ms): at most 11 + 20 over 2 s.
+    // ...then one per LONG_POLL_GAP (100 ms): at most 11 + 20 over 2 s.
     assert!(
         (29..=31).contains(&watches.len()),
         "{} watch calls in 2 s",
