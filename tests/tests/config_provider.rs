@@ -323,7 +323,7 @@ settings = {{ service = "seq", tag_calls = true, answers = [{{ endpoints = ["htt
 }
 
 #[tokio::test]
-async fn provider_failures_fall_through_and_are_reported() {
+async fn provider_failures_are_reported_never_papered_over_by_pass_through() {
     let sandbox = Sandbox::new();
     let toml = format!(
         r#"
@@ -334,22 +334,20 @@ settings = {{ service = "seq", answers = [{{ error = "unavailable" }}] }}
 "#,
         wasd_tests::fixtures::SEQUENCE
     );
-    let r = sandbox.resolver(&toml).await.unwrap();
-    // The failing provider is skipped; pass-through answers.
-    let set = r.resolve("http://seq").await.unwrap();
-    assert_eq!(set.provider(), Some("pass-through"));
-
-    let no_pass = format!("pass-through = false\n{toml}");
-    let r = sandbox.resolver(&no_pass).await.unwrap();
-    match r.resolve("http://seq").await {
-        Err(Error::NoEndpoints { failures, .. }) => {
-            assert_eq!(failures.len(), 1);
-            assert_eq!(failures[0].provider, "flaky");
-            assert!(
-                matches!(&failures[0].kind, ProviderErrorKind::Unavailable(m) if m.contains("scripted failure"))
-            );
+    // With pass-through on (the default) or off, the resolve fails naming the failed
+    // provider: pass-through never stands in for a provider that failed.
+    for toml in [toml.clone(), format!("pass-through = false\n{toml}")] {
+        let r = sandbox.resolver(&toml).await.unwrap();
+        match r.resolve("http://seq").await {
+            Err(Error::NoEndpoints { failures, .. }) => {
+                assert_eq!(failures.len(), 1);
+                assert_eq!(failures[0].provider, "flaky");
+                assert!(
+                    matches!(&failures[0].kind, ProviderErrorKind::Unavailable(m) if m.contains("scripted failure"))
+                );
+            }
+            other => panic!("expected NoEndpoints naming 'flaky', got {other:?}"),
         }
-        other => panic!("expected NoEndpoints, got {other:?}"),
     }
 }
 

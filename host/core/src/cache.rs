@@ -152,20 +152,32 @@ struct Entry {
 }
 
 impl Entry {
-    fn has_endpoints(&self) -> bool {
-        self.state.borrow().as_ref().is_some_and(|set| !set.is_empty())
-    }
-
-    /// Publish an answer; watchers hear of it only if it differs.
+    /// Publish an answer; watchers hear of it only if its endpoints differ. The same
+    /// endpoints with other failures recorded replace the set silently, so resolves
+    /// report what failed now.
     fn publish(&self, set: EndpointSet) {
         self.state.send_if_modified(|current| {
-            if current.as_ref() == Some(&set) {
-                return false;
+            let changed = current.as_ref() != Some(&set);
+            if changed || current.as_ref().is_none_or(|c| c.failures() != set.failures()) {
+                self.current.store(Some(set.shared()));
+                *current = Some(set);
             }
-            self.current.store(Some(set.shared()));
-            *current = Some(set);
-            true
+            changed
         });
+    }
+
+    /// The provider whose answer is served now, if any.
+    fn served(&self) -> Option<String> {
+        self.state.borrow().as_ref()?.provider().map(str::to_owned)
+    }
+
+    /// Keep the set served now, recording what failed.
+    fn keep_with_failures(&self, failures: &[ProviderError]) {
+        // Cloned out first: `publish` takes the lock `borrow` holds.
+        let served = self.state.borrow().clone();
+        if let Some(set) = served {
+            self.publish(set.with_failures(failures.to_vec()));
+        }
     }
 }
 
@@ -253,7 +265,7 @@ impl Cache {
             port: query.port(),
         };
         let chain = self.inner.chain.load();
-        match chain.resolve(&source_query, query.filters()).await {
+        match chain.resolve(&source_query, query.filters(), None).await {
             Ok(answer) => Ok(answer.set),
             Err(failures) => Err(Error::NoEndpoints {
                 service: query.service().to_owned(),
@@ -396,13 +408,18 @@ impl Inner {
                     reload: self.chain.subscribe(),
                 };
                 let chain = self.chain.load();
-                let (set, next) = match chain.resolve(&entry.query, &entry.key.filters).await {
-                    Ok(answer) if !answer.failures.is_empty() => (answer.set, Next::Sleep(REFRESH_BACKOFF.0)),
+                // A first resolve has no last good answer: a failure is the answer.
+                let (set, next) = match chain.resolve(&entry.query, &entry.key.filters, None).await {
                     Ok(answer) => {
                         let next = self.next_after(&answer);
                         (answer.set, next)
                     }
-                    Err(_) if keep_empty => (EndpointSet::default(), Next::Sleep(REFRESH_BACKOFF.0)),
+                    // A watch of a failing query starts empty (recording why) and
+                    // retries.
+                    Err(failures) if keep_empty => (
+                        EndpointSet::default().with_failures(failures),
+                        Next::Sleep(REFRESH_BACKOFF.0),
+                    ),
                     Err(failures) => {
                         // Not cached: the next resolve makes a new entry and asks the
                         // providers again. Done here, once, by the run that failed.
@@ -436,9 +453,16 @@ impl Inner {
         ttl.map_or(period, |ttl| ttl.min(period)).max(MIN_REFRESH)
     }
 
-    /// After a clean answer: long-poll the source if it tagged the answer with a
-    /// version, else refresh on the TTL.
+    /// After a clean answer: long-poll a source ahead of the one that answered that
+    /// can push its first instances (its answer would win), else the answering source
+    /// if it tagged its answer with a version, else refresh on the TTL.
     fn next_after(&self, answer: &ChainAnswer) -> Next {
+        if let Some((source, version)) = &answer.pushing {
+            return Next::LongPoll {
+                source: source.clone(),
+                version: version.clone(),
+            };
+        }
         match &answer.version {
             Some(version) if answer.source.can_watch() => Next::LongPoll {
                 source: answer.source.clone(),
@@ -527,7 +551,12 @@ async fn long_poll_once(
             // the loop polls it on the TTL from now on.
             if !matches!(failure.kind, ProviderErrorKind::Unsupported(_)) {
                 let delay = backoff.next_delay();
-                warn_keeping(entry, std::slice::from_ref(&failure), delay);
+                warn_failing(
+                    entry,
+                    std::slice::from_ref(&failure),
+                    delay,
+                    "serving the last good endpoints",
+                );
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     woken = wake.wait() => if let Woken::Shutdown = woken {
@@ -619,21 +648,27 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
         }
         last_chain = Instant::now();
         let chain = inner.chain.load();
-        match chain.resolve(&entry.query, &entry.key.filters).await {
-            // A source ahead of the one that answered failed (etcd down, pass-through
-            // answering instead): its last answer still stands.
-            Ok(answer) if !answer.failures.is_empty() && entry.has_endpoints() => {
-                let delay = backoff.next_delay();
-                warn_keeping(&entry, &answer.failures, delay);
-                next = Next::Sleep(delay);
+        let served = entry.served();
+        match chain
+            .resolve(&entry.query, &entry.key.filters, served.as_deref())
+            .await
+        {
+            Ok(answer) if answer.failures.is_empty() => {
+                backoff.reset();
+                next = inner.next_after(&answer);
+                entry.publish(answer.set);
             }
+            // A source ahead failed, but the one serving now (or one ahead of it)
+            // answered afresh: publish that, and look again soon for the failed one.
             Ok(answer) => {
-                next = if answer.failures.is_empty() {
-                    backoff.reset();
-                    inner.next_after(&answer)
-                } else {
-                    Next::Sleep(backoff.peek())
-                };
+                let delay = backoff.next_delay();
+                warn_failing(
+                    &entry,
+                    &answer.failures,
+                    delay,
+                    "serving a fresh answer from a later provider",
+                );
+                next = Next::Sleep(delay);
                 entry.publish(answer.set);
             }
             // Every source answered cleanly that the service is gone; look again
@@ -642,9 +677,11 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                 next = Next::Sleep(backoff.next_delay());
                 entry.publish(EndpointSet::default());
             }
+            // Nothing may stand in for the failed source: its last good answer stays.
             Err(failures) => {
                 let delay = backoff.next_delay();
-                warn_keeping(&entry, &failures, delay);
+                warn_failing(&entry, &failures, delay, "serving the last good endpoints");
+                entry.keep_with_failures(&failures);
                 next = Next::Sleep(delay);
             }
         }
@@ -675,11 +712,11 @@ fn expire_if_idle(inner: &Inner, entry: &Arc<Entry>) -> bool {
     expired
 }
 
-fn warn_keeping(entry: &Entry, failures: &[ProviderError], retry_in: Duration) {
+fn warn_failing(entry: &Entry, failures: &[ProviderError], retry_in: Duration, serving: &str) {
     tracing::warn!(
         service = %entry.key.service,
         ?retry_in,
-        "refresh failed; serving the last good endpoints: {}",
+        "refresh failed; {serving}: {}",
         failures.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
     );
 }

@@ -18,20 +18,24 @@ pub struct Chain {
     sources: Vec<Arc<dyn Source>>,
 }
 
-/// The first useful answer in a chain.
+/// The answer a chain walk settled on.
 #[non_exhaustive]
 pub struct ChainAnswer {
-    /// The endpoints that won.
+    /// The endpoints that won, with the failures met before them.
     pub set: EndpointSet,
     /// How long they may be cached.
     pub ttl: Option<Duration>,
-    /// Sources ahead of the one that answered that failed: their answer, had they had
-    /// one, would have won.
+    /// Sources ahead of the one that answered that failed. Non-empty only when the
+    /// walk was allowed past a failure (see [`Chain::resolve`]).
     pub failures: Vec<ProviderError>,
     /// The source that answered.
     pub source: Arc<dyn Source>,
     /// The version of its answer, when it can push changes.
     pub version: Option<String>,
+    /// A source ahead of the one that answered that had nothing but can push a change
+    /// (an etcd with no instance right now, tagged with its revision): long-polled, so
+    /// that its next instances win at once instead of at the next refresh.
+    pub pushing: Option<(Arc<dyn Source>, String)>,
 }
 
 impl Chain {
@@ -66,26 +70,50 @@ impl Chain {
             .cloned()
     }
 
-    /// Ask the sources in order. `Err` carries the failures met on the way; an empty
-    /// list means every source answered cleanly that it has nothing.
+    /// Ask the sources in order; the first with endpoints the query accepts wins.
+    ///
+    /// A failure is never papered over: past a source that failed, an answer is taken
+    /// only from the source named `served` (the one whose answer is being served now)
+    /// or one ahead of it, so a refresh can publish a fresh answer from the source that
+    /// answered last time while an earlier one is down, but never fall to a later one
+    /// (pass-through standing in for etcd). With `served` `None` (a first resolve) the
+    /// walk stops at the first failure.
+    ///
+    /// `Err` carries the failures met; an empty list means every source asked answered
+    /// cleanly that it has nothing.
     pub async fn resolve(
         &self,
         query: &SourceQuery,
         filters: &[(String, String)],
+        served: Option<&str>,
     ) -> Result<ChainAnswer, Vec<ProviderError>> {
+        // Past a failure, sources up to this position may still answer.
+        let limit = served.and_then(|name| self.sources.iter().position(|s| &**s.name() == name));
         let mut failures = Vec::new();
-        for source in &self.sources {
+        let mut pushing = None;
+        for (position, source) in self.sources.iter().enumerate() {
+            if !failures.is_empty() && limit.is_none_or(|limit| position > limit) {
+                break;
+            }
             match source.resolve(query).await {
                 Ok(answer) => {
                     let endpoints = select(answer.endpoints, query, filters);
                     if !endpoints.is_empty() {
                         return Ok(ChainAnswer {
-                            set: EndpointSet::new(source.name().clone(), endpoints),
+                            set: EndpointSet::new(source.name().clone(), endpoints)
+                                .with_failures(failures.clone()),
                             ttl: answer.ttl,
                             failures,
                             source: source.clone(),
                             version: answer.version,
+                            pushing,
                         });
+                    }
+                    if pushing.is_none()
+                        && let Some(version) = answer.version
+                        && source.can_watch()
+                    {
+                        pushing = Some((source.clone(), version));
                     }
                 }
                 Err(failure) => {

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::error::ProviderError;
+
 /// Where one instance of a service can be reached.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Endpoint {
@@ -139,11 +141,22 @@ pub struct EndpointSet(Arc<SetInner>);
 
 /// What an [`EndpointSet`] shares; the cache holds it directly (one pointer hop less
 /// on a cached resolve), and a balancer compares it by pointer to notice a change.
-#[derive(Debug, PartialEq, Eq, Default)]
+#[derive(Debug, Default)]
 pub struct SetInner {
     provider: Option<Arc<str>>,
     endpoints: Box<[Endpoint]>,
+    /// Providers ahead of the one that answered that failed when the set was last
+    /// refreshed. Not part of equality: a set is "the same" for watchers whatever failed.
+    failures: Box<[ProviderError]>,
 }
+
+impl PartialEq for SetInner {
+    fn eq(&self, other: &SetInner) -> bool {
+        self.provider == other.provider && self.endpoints == other.endpoints
+    }
+}
+
+impl Eq for SetInner {}
 
 impl Default for EndpointSet {
     fn default() -> Self {
@@ -168,7 +181,28 @@ impl EndpointSet {
         EndpointSet(Arc::new(SetInner {
             provider: Some(provider),
             endpoints: endpoints.into(),
+            failures: Box::default(),
         }))
+    }
+
+    /// The same endpoints, recorded with the failures of providers ahead of the one
+    /// that answered (an answer served while an earlier provider is down).
+    pub fn with_failures(self, failures: Vec<ProviderError>) -> Self {
+        if failures.is_empty() && self.0.failures.is_empty() {
+            return self;
+        }
+        EndpointSet(Arc::new(SetInner {
+            provider: self.0.provider.clone(),
+            endpoints: self.0.endpoints.clone(),
+            failures: failures.into(),
+        }))
+    }
+
+    /// Providers ahead of the one that answered that failed when this set was last
+    /// refreshed: the set is served all the same (it is the last good answer, or a fresh
+    /// one from the provider that gave it), and this says why it may be stale.
+    pub fn failures(&self) -> &[ProviderError] {
+        &self.0.failures
     }
 
     /// The name of the provider that answered (`config`, `pass-through`, ...); `None`

@@ -27,7 +27,7 @@ mod quarantine;
 mod spec;
 
 pub use builtin::Builtin;
-pub use capability::dns::DnsSettings;
+pub use capability::dns::{DEFAULT_DNS_TIMEOUT, DnsSettings};
 pub use capability::http::normalize_origin;
 pub use engine::Runtime;
 pub use inspect::{CheckReport, check};

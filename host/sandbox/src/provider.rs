@@ -1,7 +1,7 @@
 //! One loaded provider: its compiled component, its grants and limits, and a small
 //! pool of sandboxed instances (each its own `Store`) that run its calls.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -64,8 +64,12 @@ pub(crate) struct ProviderState {
     pub(crate) http: WasiHttpCtx,
     pub(crate) http_hooks: HttpHooks,
     limiter: MemoryLimiter,
-    deadline: Instant,
+    pub(crate) deadline: Instant,
     timeout: Duration,
+    /// Time the current call spends in host imports bounded by their own timeouts
+    /// (DNS): not counted against the call's limit, so a slow upstream is reported as
+    /// itself and not as the provider running out of time.
+    pub(crate) imports: Arc<ImportTime>,
     /// Log lines the current call has written.
     pub(crate) log_lines: u32,
 }
@@ -357,6 +361,7 @@ impl Provider {
                 },
                 deadline: Instant::now(),
                 timeout: self.limits.timeout,
+                imports: Arc::default(),
                 log_lines: 0,
             },
         );
@@ -418,13 +423,31 @@ impl Provider {
         // import is bounded here, with slack so the epoch trap (the clearer error)
         // normally comes first.
         let hard_limit = timeout + EPOCH_TICK * 5;
-        match tokio::time::timeout(hard_limit, f(instance)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(self.error(classify(&e, &instance.stderr))),
-            Err(_) => Err(self.error(ProviderErrorKind::Limit(format!(
-                "time limit ({} ms per call)",
-                timeout.as_millis()
-            )))),
+        let imports = instance.store.data().imports.clone();
+        let started = tokio::time::Instant::now();
+        let stderr = instance.stderr.clone();
+        let call = f(instance);
+        tokio::pin!(call);
+        loop {
+            let spent = imports.spent();
+            tokio::select! {
+                result = &mut call => {
+                    return result.map_err(|e| self.error(classify(&e, &stderr)));
+                }
+                () = tokio::time::sleep_until(started + hard_limit + spent) => {
+                    // An import in progress, or one that ended since the sleep began,
+                    // moves the limit on; the import is bounded by its own timeout.
+                    if !imports.busy() && imports.spent() == spent {
+                        return Err(self.error(ProviderErrorKind::Limit(format!(
+                            "time limit ({} ms per call)",
+                            timeout.as_millis()
+                        ))));
+                    }
+                    if imports.busy() {
+                        tokio::time::sleep(EPOCH_TICK).await;
+                    }
+                }
+            }
         }
     }
 
@@ -702,10 +725,46 @@ impl Source for Provider {
     }
 }
 
+/// Time one call spends in host imports that have timeouts of their own.
+#[derive(Debug, Default)]
+pub(crate) struct ImportTime {
+    /// Milliseconds spent in finished imports.
+    spent_ms: AtomicU64,
+    /// Imports in progress.
+    busy: AtomicU64,
+}
+
+impl ImportTime {
+    fn reset(&self) {
+        self.spent_ms.store(0, Ordering::Relaxed);
+    }
+
+    fn spent(&self) -> Duration {
+        Duration::from_millis(self.spent_ms.load(Ordering::Relaxed))
+    }
+
+    fn busy(&self) -> bool {
+        self.busy.load(Ordering::Relaxed) > 0
+    }
+
+    /// Run `import`, its time set aside from the call's limit.
+    pub(crate) async fn exempt<T>(&self, import: impl std::future::Future<Output = T>) -> (T, Duration) {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let result = import.await;
+        let spent = started.elapsed();
+        self.spent_ms
+            .fetch_add(spent.as_millis() as u64, Ordering::Relaxed);
+        self.busy.fetch_sub(1, Ordering::Relaxed);
+        (result, spent)
+    }
+}
+
 fn arm_deadline(store: &mut Store<ProviderState>, timeout: Duration) {
     let state = store.data_mut();
     state.deadline = Instant::now() + timeout;
     state.timeout = timeout;
+    state.imports.reset();
     state.log_lines = 0;
     store.set_epoch_deadline(1);
 }

@@ -149,17 +149,31 @@ impl ConfigArgs {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WASD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // At the default level only wasd's own warnings show: a dependency's (a connect
+    // error logged by wasmtime-wasi-http) would precede, and repeat, the one line that
+    // names the culprit. WASD_LOG takes the usual directives (`debug`, `wasd_core=trace`).
+    // wasmtime-wasi logs every byte a guest writes at debug level: a chatty provider
+    // would flood the log with its own text, so that stays off unless asked for by name.
+    let filter = match std::env::var("WASD_LOG") {
+        Ok(directives) if directives.contains("write_stream") => directives,
+        Ok(directives) => format!("{directives},wasmtime_wasi::p2::write_stream=off"),
+        Err(_) => "off,wasd=warn,wasd_core=warn,wasd_sandbox=warn".to_owned(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("off,wasd=warn,wasd_core=warn,wasd_sandbox=warn")
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(Cli::parse()).await {
         Ok(code) => code,
         Err(e) => {
-            // One line, whatever the error carries (wasm backtraces span several).
-            let message = format!("{e:#}");
+            // One line, whatever the error carries (wasm backtraces span several). The
+            // library's errors already name their cause in their message; `{e}` keeps
+            // it once.
+            let message = format!("{e}");
             eprintln!(
                 "wasd: {}",
                 message.split_whitespace().collect::<Vec<_>>().join(" ")
@@ -340,6 +354,13 @@ fn set_json(query: &Query, set: &EndpointSet) -> serde_json::Value {
             "port": e.port(),
             "path": e.path(),
             "metadata": e.metadata().iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        })).collect::<Vec<_>>(),
+        // Providers ahead of the one that answered that failed: the answer is served
+        // all the same (the last good one, or a fresh one from the provider that gave
+        // it), and this says why it may be stale.
+        "failures": set.failures().iter().map(|f| json!({
+            "provider": f.provider,
+            "error": f.kind.to_string(),
         })).collect::<Vec<_>>(),
     })
 }

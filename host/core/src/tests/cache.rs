@@ -253,10 +253,14 @@ async fn a_later_source_does_not_replace_the_last_good_answer_of_a_failing_earli
         timeout(secs(20), watch.changed()).await.is_err(),
         "a's set was replaced"
     );
-    // pass-through did answer on each failed refresh...
-    assert_eq!(pass.call_times(), [1, 2, 4, 8, 16].map(secs));
-    // ...but a's last good set stands.
-    assert_eq!(cache.resolve("svc").await.unwrap(), good);
+    // a was asked again on each refresh (1, 2, 4, 8, 16 s), pass-through never: its
+    // answer could not be used while a, ahead of it, fails...
+    assert_eq!(a.call_times(), [0, 1, 2, 4, 8, 16].map(secs));
+    assert_eq!(pass.calls(), 0);
+    // ...so a's last good set stands, and says why it may be stale.
+    let served = cache.resolve("svc").await.unwrap();
+    assert_eq!(served, good);
+    assert_eq!(served.failures(), [down("a")]);
     // Once a answers again, its new set is published.
     a.answer(answer(&[bare("10.0.0.2")]).with_ttl(secs(1)));
     let changed = timeout(secs(60), watch.changed()).await.expect("no change");
@@ -435,4 +439,60 @@ async fn a_watch_that_always_returns_nothing_at_once_is_paced() {
         watches <= 11 && resolves <= 12,
         "{watches} watch calls and {resolves} resolves without time moving"
     );
+}
+
+// Failure semantics (issue 16): a failing source never freezes the answer of the one
+// serving, and a push source that went empty keeps pushing.
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_source_ahead_never_freezes_the_served_answer() {
+    // a had nothing for the query; b (the config provider, say) answers.
+    let a = Arc::new(Fake::new("a"));
+    let b = Arc::new(Fake::new("b").answering(answer(&[bare("10.0.0.1")]).with_ttl(secs(1))));
+    let cache = cache_of(&[&a, &b], Settings::default());
+    assert_eq!(cache.resolve("svc").await.unwrap(), set("b", &[bare("10.0.0.1")]));
+    let mut watch = cache.watch("svc").await.unwrap();
+    // a starts failing (loops, is quarantined) and b's answer changes: b's fresh answer
+    // is published at its next refresh, 1 s later, not frozen behind a.
+    a.fail();
+    b.answer(answer(&[bare("10.0.0.2")]).with_ttl(secs(1)));
+    let started = Instant::now();
+    let changed = timeout(secs(2), watch.changed())
+        .await
+        .expect("b's fresh answer was held back by a's failure");
+    assert_eq!(changed, Some(set("b", &[bare("10.0.0.2")])));
+    assert!(started.elapsed() <= secs(1), "{:?}", started.elapsed());
+    // ...and says that a, ahead of it, is failing.
+    assert_eq!(cache.resolve("svc").await.unwrap().failures(), [down("a")]);
+    // Once a answers cleanly again, the record of its failure goes.
+    a.answer(answer(&[]));
+    run_for(secs(30)).await;
+    assert!(cache.resolve("svc").await.unwrap().failures().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_push_source_that_went_empty_keeps_pushing_while_a_later_one_stands_in() {
+    // a (etcd with the one replica gone) has nothing, but tags its answer with a
+    // version it can long-poll; pass-through stands in, with no TTL to speak of.
+    let a = Arc::new(
+        Fake::new("a")
+            .answering(answer(&[]).with_version("v1"))
+            .watching(WatchMode::Hold),
+    );
+    let pass = Arc::new(Fake::new("pass-through").answering(answer(&[bare("svc")])));
+    let cache = cache_of(&[&a, &pass], Settings::default().with_refresh_period(secs(60)));
+    assert_eq!(
+        cache.resolve("svc").await.unwrap(),
+        set("pass-through", &[bare("svc")])
+    );
+    let mut watch = cache.watch("svc").await.unwrap();
+    run_for(ms(300)).await;
+    // a is long-polled from its version...
+    assert_eq!(a.watch_calls().first().map(|c| c.version.as_str()), Some("v1"));
+    // ...so the new replica, registered 0.3 s later, wins at once.
+    a.push(answer(&[bare("10.0.0.9")]).with_version("v2"));
+    let changed = timeout(ms(10), watch.changed())
+        .await
+        .expect("a's new instance waited for the refresh period");
+    assert_eq!(changed, Some(set("a", &[bare("10.0.0.9")])));
 }

@@ -10,7 +10,7 @@ fn chain(sources: &[&Arc<Fake>]) -> Chain {
 }
 
 async fn ask(chain: &Chain) -> Result<ChainAnswer, Vec<ProviderError>> {
-    chain.resolve(&SourceQuery::new("svc"), &[]).await
+    chain.resolve(&SourceQuery::new("svc"), &[], None).await
 }
 
 // Rule 7: chain order.
@@ -43,32 +43,63 @@ async fn an_empty_answer_passes_to_the_next_source() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_failure_passes_to_the_next_source_and_is_reported() {
+async fn a_failure_is_never_papered_over_by_a_later_source() {
     let a = Arc::new(Fake::new("a").failing());
     let b = Arc::new(Fake::new("b"));
     let c = Arc::new(Fake::new("c").answering(answer(&[bare("10.0.0.3")])));
-    let Ok(won) = ask(&chain(&[&a, &b, &c])).await else {
-        panic!("no answer")
+    // With nothing served yet, the walk stops at the failure: c is not even asked.
+    let Err(failures) = ask(&chain(&[&a, &b, &c])).await else {
+        panic!("a later source stood in for a failed one")
     };
-    assert_eq!(won.set, set("c", &[bare("10.0.0.3")]));
-    assert_eq!(won.failures, [down("a")]);
-    assert_eq!((a.calls(), b.calls(), c.calls()), (1, 1, 1));
+    assert_eq!(failures, [down("a")]);
+    assert_eq!((a.calls(), b.calls(), c.calls()), (1, 0, 0));
 }
 
 #[tokio::test(start_paused = true)]
-async fn no_endpoints_lists_the_failures_in_chain_order() {
+async fn past_a_failure_only_the_served_source_or_one_ahead_of_it_may_answer() {
     let a = Arc::new(Fake::new("a").failing());
     let b = Arc::new(Fake::new("b"));
-    let c = Arc::new(Fake::new("c").failing());
+    let c = Arc::new(Fake::new("c").answering(answer(&[bare("10.0.0.3")])));
+    let d = Arc::new(Fake::new("d").answering(answer(&[bare("10.0.0.4")])));
+    let chain = chain(&[&a, &b, &c, &d]);
+    let query = SourceQuery::new("svc");
+    // c's answer is being served: its fresh answer is taken, a's failure recorded.
+    let Ok(won) = chain.resolve(&query, &[], Some("c")).await else {
+        panic!("the served source's fresh answer was refused")
+    };
+    assert_eq!(won.set, set("c", &[bare("10.0.0.3")]));
+    assert_eq!(won.failures, [down("a")]);
+    assert_eq!(won.set.failures(), [down("a")]);
+    // b's answer is being served and b has nothing now: c and d, after the failure,
+    // may not stand in.
+    let Err(failures) = chain.resolve(&query, &[], Some("b")).await else {
+        panic!("a source past the served one stood in after a failure")
+    };
+    assert_eq!(failures, [down("a")]);
+    assert_eq!((c.calls(), d.calls()), (1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_first_resolve_fails_with_the_failed_source_named() {
+    let a = Arc::new(Fake::new("a"));
+    let b = Arc::new(Fake::new("b").failing());
+    let c = Arc::new(Fake::new("pass-through").answering(answer(&[bare("svc")])));
     let cache = cache_of(&[&a, &b, &c], Settings::default());
     match cache.resolve("svc").await {
-        Err(Error::NoEndpoints { service, failures }) => {
+        Err(e @ Error::NoEndpoints { .. }) => {
+            let Error::NoEndpoints { service, failures } = &e else {
+                unreachable!()
+            };
             assert_eq!(service, "svc");
-            assert_eq!(failures, [down("a"), down("c")]);
+            assert_eq!(failures, &[down("b")]);
+            assert_eq!(
+                e.to_string(),
+                "no endpoints for service 'svc'; provider 'b': upstream unavailable: upstream down"
+            );
         }
-        other => panic!("expected NoEndpoints, got {other:?}"),
+        other => panic!("expected NoEndpoints naming b, got {other:?}"),
     }
-    assert_eq!((a.calls(), b.calls(), c.calls()), (1, 1, 1));
+    assert_eq!((a.calls(), b.calls(), c.calls()), (1, 1, 0));
 }
 
 #[tokio::test(start_paused = true)]

@@ -65,6 +65,12 @@ pub(crate) enum LookupError {
     InvalidName(String),
 }
 
+/// Per-attempt timeout when the config sets none, and attempts per lookup: both
+/// attempts fit inside a provider call's default time limit (1 s), so a server that
+/// does not answer is what the error names, not the provider's clock.
+pub const DEFAULT_DNS_TIMEOUT: Duration = Duration::from_millis(400);
+const DNS_ATTEMPTS: usize = 2;
+
 pub(crate) struct DnsClient {
     settings: DnsSettings,
     resolver: OnceCell<TokioResolver>,
@@ -106,9 +112,8 @@ impl DnsClient {
                     TokioResolver::builder_with_config(ResolverConfig::from_name_servers(servers), provider)
                 };
                 let options: &mut ResolverOpts = builder.options_mut();
-                if let Some(timeout) = self.settings.timeout {
-                    options.timeout = timeout;
-                }
+                options.timeout = self.timeout();
+                options.attempts = DNS_ATTEMPTS;
                 // The host caches answers itself and refreshes them on their TTL; a
                 // missing name must be noticed when it appears, not minutes later.
                 options.negative_max_ttl = Some(Duration::from_secs(1));
@@ -119,9 +124,53 @@ impl DnsClient {
             .await
     }
 
+    fn timeout(&self) -> Duration {
+        self.settings.timeout.unwrap_or(DEFAULT_DNS_TIMEOUT)
+    }
+
+    /// Why a lookup failed, naming the servers that were asked.
+    fn error(&self, e: hickory_resolver::net::NetError) -> LookupError {
+        if e.is_nx_domain() {
+            return LookupError::NotFound;
+        }
+        if e.is_no_records_found() {
+            return LookupError::NoRecords;
+        }
+        let servers = match self.settings.servers.as_slice() {
+            [] => "the system's DNS servers".to_owned(),
+            [one] => format!("DNS server {one}"),
+            many => format!(
+                "DNS servers {}",
+                many.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let timeout = self.timeout().as_millis();
+        match e {
+            hickory_resolver::net::NetError::Timeout | hickory_resolver::net::NetError::NoConnections => {
+                LookupError::Unavailable(format!(
+                    "{servers} did not answer ({DNS_ATTEMPTS} attempts of {timeout} ms)"
+                ))
+            }
+            e => LookupError::Unavailable(format!("{servers}: {e}")),
+        }
+    }
+
+    /// A lookup's whole time: its attempts (hickory may also try TCP after UDP, and
+    /// each server in turn; the error must say what the caller waited for).
+    fn budget(&self) -> Duration {
+        self.timeout() * DNS_ATTEMPTS as u32
+    }
+
     pub(crate) async fn lookup_srv(&self, name: &str) -> Result<Vec<Srv>, LookupError> {
         let name = fqdn(name)?;
-        let lookup = self.resolver().await?.srv_lookup(name).await.map_err(map_error)?;
+        let resolver = self.resolver().await?;
+        let lookup = tokio::time::timeout(self.budget(), resolver.srv_lookup(name))
+            .await
+            .unwrap_or(Err(hickory_resolver::net::NetError::Timeout))
+            .map_err(|e| self.error(e))?;
         let max_ttl = remaining_ttl(&lookup);
         let mut records = Vec::new();
         for record in lookup.answers() {
@@ -156,7 +205,11 @@ impl DnsClient {
     /// A and AAAA records of a name, with the smallest TTL.
     pub(crate) async fn lookup_addresses(&self, name: &str) -> Result<(Vec<String>, u32), LookupError> {
         let name = fqdn(name)?;
-        let lookup = self.resolver().await?.lookup_ip(name).await.map_err(map_error)?;
+        let resolver = self.resolver().await?;
+        let lookup = tokio::time::timeout(self.budget(), resolver.lookup_ip(name))
+            .await
+            .unwrap_or(Err(hickory_resolver::net::NetError::Timeout))
+            .map_err(|e| self.error(e))?;
         let ttl = lookup
             .as_lookup()
             .answers()
@@ -185,16 +238,6 @@ fn remaining_ttl(lookup: &Lookup) -> u32 {
     u32::try_from(left.as_secs()).unwrap_or(u32::MAX)
 }
 
-fn map_error(e: hickory_resolver::net::NetError) -> LookupError {
-    if e.is_nx_domain() {
-        LookupError::NotFound
-    } else if e.is_no_records_found() {
-        LookupError::NoRecords
-    } else {
-        LookupError::Unavailable(e.to_string())
-    }
-}
-
 /// The cluster DNS suffix inside Kubernetes: the first `search` domain of
 /// /etc/resolv.conf, when KUBERNETES_SERVICE_HOST is set and a service-account token
 /// exists (Microsoft's rule).
@@ -221,6 +264,17 @@ fn first_search_domain(resolv_conf: &str) -> Option<String> {
 // The import: what a guest calls.
 
 impl ProviderState {
+    /// Run a lookup, its time not counted against the provider's own time limit: the
+    /// lookup is bounded by the DNS client's timeouts, and a server that does not answer
+    /// is reported as such.
+    async fn timed<T>(&mut self, lookup: impl Future<Output = T>) -> T {
+        let imports = self.imports.clone();
+        let (result, spent) = imports.exempt(lookup).await;
+        // The epoch deadline (for time the guest itself runs) moves on as much.
+        self.deadline += spent;
+        result
+    }
+
     fn check_dns_grant(&self, name: &str) -> Result<(), DnsError> {
         if self.grants.allows_dns(name) {
             Ok(())
@@ -248,9 +302,9 @@ impl Host for ProviderState {
         if let Err(denied) = self.check_dns_grant(&name) {
             return Ok(Err(denied));
         }
+        let dns = self.dns.clone();
         Ok(self
-            .dns
-            .lookup_srv(&name)
+            .timed(dns.lookup_srv(&name))
             .await
             .map(|records| {
                 records
@@ -273,9 +327,9 @@ impl Host for ProviderState {
         if let Err(denied) = self.check_dns_grant(&name) {
             return Ok(Err(denied));
         }
+        let dns = self.dns.clone();
         Ok(self
-            .dns
-            .lookup_addresses(&name)
+            .timed(dns.lookup_addresses(&name))
             .await
             .map(|(addresses, ttl)| AddressAnswer { addresses, ttl })
             .map_err(wit_error))

@@ -214,7 +214,9 @@ impl WasiHttpHooks for HttpHooks {
         Box::new(async move {
             let origin = Origin::of(request.uri()).ok_or(HttpError::HttpRequestUriInvalid)?;
             if !policy.origins.contains(&origin) {
-                tracing::warn!(
+                // The guest gets the denial as its error, which names the origin; the
+                // caller sees it in the provider's failure, once.
+                tracing::debug!(
                     provider = %policy.provider,
                     origin = %format_args!("{}://{}", if origin.https { "https" } else { "http" }, origin.address()),
                     "HTTP request denied: the origin is not in the provider's grants.http"
