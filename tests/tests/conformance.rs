@@ -197,16 +197,22 @@ fn check_explains_each_problem_in_one_line() {
     )
     .unwrap();
     let alien = sandbox.write("alien.wasm", alien);
-    // The dns-srv provider needs a DNS grant it is not given.
+    // The dns-srv provider needs a DNS grant it is not given; the etcd provider names
+    // an endpoint its HTTP grant leaves out.
     sandbox.write(
         "wasd.toml",
-        "[[provider]]\nbuiltin = \"dns-srv\"\nsettings = { suffix = \"cluster.local\" }\n",
+        "[[provider]]\nbuiltin = \"dns-srv\"\nsettings = { suffix = \"cluster.local\" }\n\
+         [[provider]]\nbuiltin = \"etcd\"\nsettings = { endpoints = [\"http://127.0.0.1:2379\", \"http://10.9.9.9:2379\"] }\n\
+         grants = { http = [\"http://127.0.0.1:2379\"] }\n",
     );
+    // A module file that is empty (a copy that has not started).
+    let empty = sandbox.write("empty.wasm", "");
     let out = run(sandbox
         .wasd()
         .arg("check")
         .arg(&alien)
-        .arg(fixtures::WRONG_VERSION));
+        .arg(fixtures::WRONG_VERSION)
+        .arg(&empty));
     assert_eq!(out.code, 1, "{}", out.stdout);
     let lines: Vec<&str> = out.stdout.lines().collect();
     let has = |start: &str, text: &str| lines.iter().any(|l| l.starts_with(start) && l.contains(text));
@@ -226,18 +232,40 @@ fn check_explains_each_problem_in_one_line() {
         "{}",
         out.stdout
     );
+    // Another WIT version: one line, naming the version it was built for and the one
+    // the host speaks.
+    let wrong: Vec<&&str> = lines.iter().filter(|l| l.contains("wrong-version")).collect();
+    assert_eq!(wrong.len(), 1, "{}", out.stdout);
     assert!(
-        has("error  wrong-version", "a WIT version this host does not support"),
+        wrong[0].starts_with("error  wrong-version")
+            && wrong[0].contains("a WIT version this host does not support: it was built for wasd:provider@")
+            && wrong[0].contains("this host speaks wasd:provider@0.1.0"),
+        "{}",
+        out.stdout
+    );
+    // A standard provider whose settings reach outside its grants fails at run time:
+    // an error here, not a note.
+    assert!(
+        has(
+            "error  dns-srv",
+            "settings.suffix asks for names like _default._tcp.svc.cluster.local, which grants.dns [] does not cover"
+        ),
         "{}",
         out.stdout
     );
     assert!(
         has(
-            "note   dns-srv",
-            "imports wasd:provider/dns but grants.dns is empty"
+            "error  etcd",
+            "settings.endpoints names http://10.9.9.9:2379, which grants.http [http://127.0.0.1:2379] does not cover"
         ),
         "{}",
         out.stdout
     );
-    assert!(has("ok     dns-srv", ""), "{}", out.stdout);
+    assert!(
+        !lines.iter().any(|l| l.contains("http://127.0.0.1:2379, which")),
+        "{}",
+        out.stdout
+    );
+    assert!(has("error  empty", "the module file is empty"), "{}", out.stdout);
+    assert!(!has("ok     dns-srv", ""), "{}", out.stdout);
 }

@@ -31,15 +31,31 @@ impl Surface {
     }
 
     /// Everything that stops the component from loading as a provider, one line each.
+    /// A module built for another WIT version is one problem, not one per import of
+    /// that version.
     pub(crate) fn problems(&self) -> Vec<String> {
+        let foreign = self.foreign_version();
         let mut problems: Vec<String> = self
             .imports
             .iter()
             .filter(|name| !offered(name))
+            .filter(|name| {
+                foreign.is_none_or(|version| {
+                    !(name.starts_with("wasd:provider/") && name.ends_with(&format!("@{version}")))
+                })
+            })
             .map(|name| format!("imports {name}, which this host does not offer (it offers {OFFERED})"))
             .collect();
         problems.extend(self.export_problem());
         problems
+    }
+
+    /// The `wasd:provider` version the component targets, when it is not this host's.
+    fn foreign_version(&self) -> Option<&str> {
+        self.exports
+            .iter()
+            .filter_map(|name| name.strip_prefix("wasd:provider/resolver@"))
+            .find(|version| format!("wasd:provider/resolver@{version}") != RESOLVER_EXPORT)
     }
 
     fn export_problem(&self) -> Option<String> {
@@ -51,9 +67,10 @@ impl Surface {
             .iter()
             .find(|name| name.starts_with("wasd:provider/resolver@"))
         {
+            let version = other.rsplit('@').next().unwrap_or_default();
             return Some(format!(
-                "exports {other}, a WIT version this host does not support (it speaks {WIT_PACKAGE}; \
-                 rebuild against this host's wit/)"
+                "exports {other}, a WIT version this host does not support: it was built for \
+                 wasd:provider@{version}, this host speaks {WIT_PACKAGE} (rebuild it against this host's wit/)"
             ));
         }
         let exports = if self.exports.is_empty() {
@@ -120,6 +137,56 @@ fn offered(import: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn builtin(builtin: crate::Builtin, settings: &str, http: &[&str], dns: &[&str]) -> crate::ProviderSpec {
+        let mut spec = crate::ProviderSpec::builtin(builtin);
+        spec.settings = settings.to_owned();
+        spec.grants.http = http.iter().map(|s| s.to_string()).collect();
+        spec.grants.dns = dns.iter().map(|s| s.to_string()).collect();
+        spec
+    }
+
+    #[test]
+    fn builtin_settings_outside_their_grants_are_problems() {
+        use crate::Builtin::{Dns, DnsSrv, Etcd};
+        let etcd = r#"{"endpoints": ["http://10.0.0.5:2379", "http://etcd:80"]}"#;
+        // Covered, with the default port made explicit on either side.
+        assert!(
+            builtin_grant_problems(&builtin(
+                Etcd,
+                etcd,
+                &["http://10.0.0.5:2379", "http://etcd"],
+                &[]
+            ))
+            .is_empty()
+        );
+        let problems = builtin_grant_problems(&builtin(Etcd, etcd, &["http://10.0.0.5:2379"], &[]));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("settings.endpoints names http://etcd:80, which grants.http"),
+            "{problems:?}"
+        );
+        assert_eq!(builtin_grant_problems(&builtin(Etcd, etcd, &[], &[])).len(), 2);
+
+        let srv = r#"{"suffix": "cluster.local"}"#;
+        assert!(builtin_grant_problems(&builtin(DnsSrv, srv, &[], &["cluster.local"])).is_empty());
+        let problems = builtin_grant_problems(&builtin(DnsSrv, srv, &[], &["example.org"]));
+        assert_eq!(
+            problems,
+            [
+                "settings.suffix asks for names like _default._tcp.svc.cluster.local, which grants.dns [example.org] does not cover: every lookup will be denied"
+            ]
+        );
+        let template = r#"{"template": "_{endpoint}._tcp.{service}.consul"}"#;
+        assert!(builtin_grant_problems(&builtin(DnsSrv, template, &[], &["consul"])).is_empty());
+        assert_eq!(
+            builtin_grant_problems(&builtin(DnsSrv, template, &[], &["cluster.local"])).len(),
+            1
+        );
+        assert_eq!(builtin_grant_problems(&builtin(Dns, srv, &[], &[])).len(), 1);
+        // No suffix (detected in Kubernetes at run time): nothing to check.
+        assert!(builtin_grant_problems(&builtin(DnsSrv, "{}", &[], &[])).is_empty());
+    }
+
     fn surface(imports: &[&str], exports: &[&str]) -> Surface {
         Surface {
             imports: imports.iter().map(|s| s.to_string()).collect(),
@@ -151,11 +218,15 @@ mod tests {
             &["wasd:provider/resolver@0.2.0"],
         );
         let problems = s.problems();
-        assert_eq!(problems.len(), 4, "{problems:?}");
+        // The foreign WIT version is one problem: its own imports are not listed again.
+        assert_eq!(problems.len(), 3, "{problems:?}");
         assert!(problems[0].starts_with("imports acme:cache/store@1.0.0, which this host does not offer"));
         assert!(problems[1].starts_with("imports wasi:http/incoming-handler@0.2.0,"));
-        assert!(problems[2].starts_with("imports wasd:provider/dns@0.2.0,"));
-        assert!(problems[3].starts_with("exports wasd:provider/resolver@0.2.0, a WIT version"));
+        assert_eq!(
+            problems[2],
+            "exports wasd:provider/resolver@0.2.0, a WIT version this host does not support: it was built for \
+             wasd:provider@0.2.0, this host speaks wasd:provider@0.1.0 (rebuild it against this host's wit/)"
+        );
         assert!(problems.iter().all(|p| !p.contains('\n')));
         let none = surface(&[], &["wasi:cli/run@0.2.0"]);
         assert_eq!(
@@ -178,6 +249,68 @@ mod tests {
         grants.dns.push("cluster.local".into());
         assert!(s.ungranted(&grants).is_empty());
     }
+}
+
+/// What a standard provider's settings will ask of its grants, checked before it runs:
+/// the etcd `endpoints` against `grants.http`, the `dns-srv`/`dns` `suffix` or
+/// `template` against `grants.dns`. Each is a failure at run time, so each is a problem
+/// here, one line each.
+pub(crate) fn builtin_grant_problems(spec: &crate::ProviderSpec) -> Vec<String> {
+    use crate::{Builtin, ModuleSource};
+    let ModuleSource::Builtin(builtin) = &spec.module else {
+        return Vec::new();
+    };
+    let Ok(settings) = serde_json::from_str::<serde_json::Value>(&spec.settings) else {
+        return Vec::new();
+    };
+    let text = |key: &str| settings.get(key).and_then(serde_json::Value::as_str);
+    let zones = || format!("[{}]", spec.grants.dns.join(", "));
+    let mut problems = Vec::new();
+    match builtin {
+        Builtin::Etcd => {
+            let endpoints: Vec<String> = settings
+                .get("endpoints")
+                .and_then(serde_json::Value::as_array)
+                .map(|list| {
+                    list.iter()
+                        .filter_map(|e| e.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for origin in crate::capability::http::ungranted_origins(&spec.grants.http, &endpoints) {
+                problems.push(format!(
+                    "settings.endpoints names {origin}, which grants.http [{}] does not cover: every request to it will be refused",
+                    spec.grants.http.join(", ")
+                ));
+            }
+        }
+        Builtin::DnsSrv | Builtin::Dns => {
+            let suffix = text("suffix").map(|s| s.trim_matches('.'));
+            // A name the provider would look up, with sample labels.
+            let (field, name) = match (text("template"), suffix) {
+                (Some(template), suffix) if !template.contains("{suffix}") || suffix.is_some() => (
+                    "template",
+                    template
+                        .replace("{endpoint}", "default")
+                        .replace("{service}", "svc")
+                        .replace("{suffix}", suffix.unwrap_or_default()),
+                ),
+                (None, Some(suffix)) if *builtin == Builtin::DnsSrv => {
+                    ("suffix", format!("_default._tcp.svc.{suffix}"))
+                }
+                (None, Some(suffix)) => ("suffix", format!("svc.{suffix}")),
+                _ => return problems,
+            };
+            if !spec.grants.allows_dns(&name) {
+                problems.push(format!(
+                    "settings.{field} asks for names like {name}, which grants.dns {} does not cover: every lookup will be denied",
+                    zones()
+                ));
+            }
+        }
+        Builtin::Config | Builtin::PassThrough => {}
+    }
+    problems
 }
 
 /// The outcome of loading one provider on its own.
@@ -204,7 +337,7 @@ pub async fn check(runtime: &std::sync::Arc<crate::Runtime>, spec: &crate::Provi
     let mut report = CheckReport {
         provider: spec.name.clone(),
         source: spec.module.to_string(),
-        problems: Vec::new(),
+        problems: builtin_grant_problems(spec),
         notes: Vec::new(),
     };
     let loaded = async {
@@ -221,6 +354,10 @@ pub async fn check(runtime: &std::sync::Arc<crate::Runtime>, spec: &crate::Provi
         Ok(()) => {}
         Err(wasd_core::Error::Load { reason, .. }) => report.problems.push(reason),
         Err(other) => report.problems.push(other.to_string()),
+    }
+    // Notes say what will not work although it loads: beside problems, they are noise.
+    if !report.problems.is_empty() {
+        report.notes.clear();
     }
     report
 }

@@ -144,6 +144,11 @@ impl Prepared {
                         .await
                         .map_err(|e| load_error(format!("cannot read the module: {e}")))?
                         .into();
+                    if bytes.is_empty() {
+                        return Err(load_error(
+                            "the module file is empty (a copy still in progress?)".into(),
+                        ));
+                    }
                 }
                 InputFile::Granted(written, path) => match read_granted_file(path).await {
                     Ok(Some(contents)) => files.push(File {
@@ -431,6 +436,10 @@ impl Provider {
         loop {
             let spent = imports.spent();
             tokio::select! {
+                // The call first: most calls finish on their first poll, and a timer that
+                // is never polled is never registered (registering one costs a wake-up
+                // of the runtime's driver, a syscall, as much as the call itself).
+                biased;
                 result = &mut call => {
                     return result.map_err(|e| self.error(classify(&e, &stderr)));
                 }
@@ -519,7 +528,10 @@ impl Provider {
         let pooled = self.idle.lock().expect("pool lock").pop();
         match pooled {
             Some(instance) => Ok(instance),
-            None => self.instantiate().await,
+            // Boxed: instantiating is rare, and its future (wasmtime's instantiation and a
+            // `configure` call) is large; inline, every call's future would carry (and
+            // copy) its size.
+            None => Box::pin(self.instantiate()).await,
         }
     }
 

@@ -64,6 +64,17 @@ pub fn normalize_origin(origin: &str) -> Result<String, String> {
     Ok(format!("{scheme}://{}", authority.as_str().to_ascii_lowercase()))
 }
 
+/// The origins among `wanted` that `granted` does not cover (default ports made
+/// explicit on both sides).
+pub(crate) fn ungranted_origins<'a>(granted: &[String], wanted: &'a [String]) -> Vec<&'a str> {
+    let granted: Vec<Origin> = granted.iter().filter_map(|o| Origin::parse(o)).collect();
+    wanted
+        .iter()
+        .filter(|w| Origin::parse(w).is_none_or(|origin| !granted.contains(&origin)))
+        .map(String::as_str)
+        .collect()
+}
+
 impl Origin {
     fn parse(text: &str) -> Option<Origin> {
         let uri: http::Uri = text.parse().ok()?;
