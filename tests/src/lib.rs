@@ -108,10 +108,21 @@ impl Sandbox {
 
     /// Write `wasd.toml` and build a resolver from it.
     pub async fn resolver(&self, toml: &str) -> Result<wasd::Resolver, wasd::Error> {
+        self.resolver_with_env(toml, &[]).await
+    }
+
+    /// The same, giving providers exactly these environment variables (never the test
+    /// process's: changing that while threads run is undefined behaviour).
+    pub async fn resolver_with_env(
+        &self,
+        toml: &str,
+        env: &[(&str, &str)],
+    ) -> Result<wasd::Resolver, wasd::Error> {
         let config = self.write("wasd.toml", toml);
         wasd::Resolver::builder()
             .config_file(config)
             .cache_dir(Some(cache_dir()))
+            .environment(env.iter().copied())
             .build()
             .await
     }

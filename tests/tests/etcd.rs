@@ -375,8 +375,8 @@ async fn auth_and_tls_with_a_private_ca() {
         400
     );
 
-    // SAFETY of the test: the password arrives through a granted environment variable.
-    unsafe { std::env::set_var("WASD_TEST_ETCD_PASSWORD", "s3cret-pw") };
+    // The password arrives through a granted environment variable.
+    let env = [("WASD_TEST_ETCD_PASSWORD", "s3cret-pw")];
     let ca = tls.ca.display().to_string();
     let sandbox = Sandbox::new();
     let good = config(
@@ -388,7 +388,7 @@ async fn auth_and_tls_with_a_private_ca() {
         "grants = { http = [",
         "grants = { env = [\"WASD_TEST_ETCD_PASSWORD\"], http = [",
     );
-    let resolver = sandbox.resolver(&good).await.unwrap();
+    let resolver = sandbox.resolver_with_env(&good, &env).await.unwrap();
     assert_eq!(
         strings(&resolver.resolve("hello").await.unwrap()),
         ["http://10.0.0.1:8000"]
@@ -420,7 +420,7 @@ async fn auth_and_tls_with_a_private_ca() {
         r#"password-env = "WASD_TEST_ETCD_PASSWORD""#,
         r#"password = "not-the-password""#,
     );
-    let resolver = sandbox.resolver(&wrong).await.unwrap();
+    let resolver = sandbox.resolver_with_env(&wrong, &env).await.unwrap();
     let err = resolver.resolve("hello").await.unwrap_err().to_string();
     assert!(err.contains("refused to authenticate user 'root'"), "{err}");
     assert!(
@@ -430,7 +430,7 @@ async fn auth_and_tls_with_a_private_ca() {
 
     // Without the CA, the host's TLS refuses etcd's certificate.
     let no_ca = good.replace(&format!("tls = {{ ca-file = \"{ca}\" }}"), "");
-    let resolver = sandbox.resolver(&no_ca).await.unwrap();
+    let resolver = sandbox.resolver_with_env(&no_ca, &env).await.unwrap();
     let err = resolver.resolve("hello").await.unwrap_err().to_string();
     assert!(
         err.contains("provider 'etcd': upstream unavailable") && err.contains("Tls"),
@@ -440,7 +440,12 @@ async fn auth_and_tls_with_a_private_ca() {
     // A CA file that is not a certificate stops the provider from loading.
     sandbox.write("bad-ca.pem", "not a certificate");
     let bad_ca = good.replace(&ca, &sandbox.path().join("bad-ca.pem").display().to_string());
-    let err = sandbox.resolver(&bad_ca).await.err().unwrap().to_string();
+    let err = sandbox
+        .resolver_with_env(&bad_ca, &env)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         err.contains("provider 'etcd'") && err.contains("the CA file holds no certificate"),
         "{err}"
@@ -634,4 +639,29 @@ async fn bad_settings_refuse_the_provider() {
             "{settings}: {err}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kratos_services_with_mixed_case_names_are_found_and_registered() {
+    let etcd = EtcdServer::start();
+    // Kratos writes the name verbatim: /microservices/HelloWorld/{id}.
+    etcd.put_instance("HelloWorld", "a", "v1", &["http://10.0.0.1:8000"], None);
+    let sandbox = Sandbox::new();
+    let resolver = sandbox.resolver(&config(&etcd.url(), "", "")).await.unwrap();
+    let set = resolver.resolve("http://HelloWorld").await.unwrap();
+    assert_eq!(strings(&set), ["http://10.0.0.1:8000"]);
+    // Another name to Kratos, another name here.
+    assert!(resolver.resolve("http://helloworld").await.is_err());
+    // And an instance registered under a mixed-case name lands under that key.
+    let instance = ServiceInstance::new("OrderService", ["grpc://10.0.0.2:9000"]);
+    let id = instance.id.clone();
+    let mut registration = resolver.register(instance).await.unwrap();
+    tokio::time::timeout(WAIT, registration.registered())
+        .await
+        .expect("registered in time")
+        .unwrap();
+    let stored = etcd.get_prefix("/microservices/OrderService/");
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0].0, format!("/microservices/OrderService/{id}"));
+    registration.deregister().await.unwrap();
 }

@@ -388,3 +388,38 @@ fn wasd_watch_prints_the_change_after_a_file_edit() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listed_module_that_does_not_exist_yet_joins_when_it_appears() {
+    let sandbox = Sandbox::new();
+    let module = sandbox.path().join("modules/fixed.wasm");
+    let toml = format!(
+        "pass-through = false\n[[provider]]\nname = \"fixed\"\nmodule = \"{}\"\n",
+        module.display()
+    );
+    // A long-running resolver (it watches files) starts without it, and says why.
+    let resolver = sandbox
+        .resolver(&toml)
+        .await
+        .expect("a missing module stops the start");
+    assert!(resolver.providers().is_empty());
+    let status = resolver.reload_status();
+    assert_eq!(status.errors.len(), 1, "{status:?}");
+    assert!(
+        status.errors[0].reason.contains("does not exist yet"),
+        "{status:?}"
+    );
+    // The file appears (its folder too): the provider joins and answers.
+    std::fs::create_dir_all(module.parent().unwrap()).unwrap();
+    write_then_rename(&module, &wasm(fixtures::FIXED_A));
+    eventually(&resolver, "fixed", Some(&[A])).await;
+    assert_eq!(resolver.providers(), ["fixed"]);
+    assert!(resolver.reload_status().errors.is_empty());
+
+    // A one-shot command cannot wait for it: `wasd resolve` fails naming the file.
+    let missing = toml.replace("modules/fixed.wasm", "modules/other.wasm");
+    sandbox.write("wasd.toml", missing);
+    let out = run(sandbox.wasd().args(["resolve", "fixed", "--config", "wasd.toml"]));
+    assert_ne!(out.code, 0, "{}", out.stdout);
+    assert!(out.stderr.contains("cannot read the module"), "{}", out.stderr);
+}

@@ -77,14 +77,18 @@ async fn resolver(sandbox: &Sandbox, toml: &str) -> wasd::Resolver {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_attack_fails_only_its_own_call_with_a_clear_error() {
-    // Seen by the test process; a provider must not see it.
-    unsafe { std::env::set_var("WASD_TEST_SECRET", "hunter2") };
+    // In the environment providers are given, but not granted: the provider must not
+    // see it.
+    let env = [("WASD_TEST_SECRET", "hunter2")];
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let sandbox = Sandbox::new();
     for (attack, expected) in ATTACKS {
         // A fresh provider each time, so faults do not add up to a quarantine here.
-        let resolver = resolver(&sandbox, &alone(LIMITS)).await;
+        let resolver = sandbox
+            .resolver_with_env(&alone(LIMITS), &env)
+            .await
+            .expect("the host config loads");
         let query = if *attack == "http" {
             format!("{attack}:{port}")
         } else {

@@ -63,12 +63,16 @@ impl Query {
         if host.is_empty() {
             return Err(invalid("the service name is empty".into()));
         }
-        let host = host.to_ascii_lowercase();
+        // The service name keeps its case: registries key services by name verbatim
+        // (Kratos writes `/microservices/Hello/...`), while DNS and the configuration
+        // provider compare names case-insensitively. Endpoint names are lower-cased.
+        let host = host.to_owned();
         // `_name.service`: the part between `_` and the first dot names the endpoint.
         let (endpoint_name, service) = match host.find('.') {
-            Some(dot) if host.starts_with('_') && dot > 1 && !host.ends_with('.') => {
-                (Some(host[1..dot].to_owned()), host[dot + 1..].to_owned())
-            }
+            Some(dot) if host.starts_with('_') && dot > 1 && !host.ends_with('.') => (
+                Some(host[1..dot].to_ascii_lowercase()),
+                host[dot + 1..].to_owned(),
+            ),
             _ => (None, host),
         };
         if let Some(bad) = service
@@ -123,7 +127,7 @@ impl Query {
         &self.original
     }
 
-    /// The service name, lower-cased (`basket`).
+    /// The service name, as written (`basket`, `Hello`).
     pub fn service(&self) -> &str {
         &self.service
     }
@@ -228,7 +232,7 @@ mod tests {
         assert_eq!(parts("basket"), (vec![], "basket".into(), None, None, "".into()));
         assert_eq!(
             parts("Basket:8080"),
-            (vec![], "basket".into(), None, Some(8080), "".into())
+            (vec![], "Basket".into(), None, Some(8080), "".into())
         );
     }
 

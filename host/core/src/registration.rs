@@ -72,9 +72,10 @@ impl ServiceInstance {
                 && s.chars()
                     .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
         };
-        if !name_ok(&self.name) || self.name.bytes().any(|b| b.is_ascii_uppercase()) {
+        // Kratos uses the name verbatim in the key; any case is fine.
+        if !name_ok(&self.name) {
             return Err(invalid(
-                "the service name must be lower-case letters, digits, '-', '.' or '_'".into(),
+                "the service name must be letters, digits, '-', '.' or '_'".into(),
             ));
         }
         if !name_ok(&self.id) {
@@ -374,9 +375,14 @@ mod tests {
     fn instances_are_validated() {
         let ok = ServiceInstance::new("hello", ["http://127.0.0.1:8000"]);
         assert!(ok.validate().is_ok());
+        // Kratos takes names verbatim, mixed case included.
+        assert!(
+            ServiceInstance::new("Hello.World_v2", ["grpc://10.0.0.1:9000"])
+                .validate()
+                .is_ok()
+        );
         for (bad, why) in [
             (ServiceInstance::new("", ["http://a:1"]), "service name"),
-            (ServiceInstance::new("Hello", ["http://a:1"]), "lower-case"),
             (ServiceInstance::new("a/b", ["http://a:1"]), "service name"),
             (
                 ServiceInstance::new("hello", Vec::<String>::new()),

@@ -28,17 +28,33 @@ pub struct Runtime {
     pub(crate) linker: Linker<ProviderState>,
     pub(crate) dns: Arc<DnsClient>,
     cache_dir: Option<PathBuf>,
+    /// The environment providers' granted variables come from; `None`: the process's.
+    environment: Option<Vec<(String, String)>>,
     _ticker: EpochTicker,
 }
 
 impl Runtime {
     /// Start the engine (and its epoch thread, which also ticks `clock`), caching
-    /// precompiled components in `cache_dir`, looking DNS names up as `dns` says.
-    pub fn new(cache_dir: Option<PathBuf>, dns: DnsSettings, clock: Clock) -> Result<Arc<Runtime>, Error> {
-        Runtime::start(cache_dir, dns, clock).map_err(|e| Error::engine("start the WebAssembly engine", e))
+    /// precompiled components in `cache_dir`, looking DNS names up as `dns` says, and
+    /// giving providers their granted variables from `environment` (`None`: the
+    /// process's; an embedder's own settings, or tests, which must not change the
+    /// process environment while threads run).
+    pub fn new(
+        cache_dir: Option<PathBuf>,
+        dns: DnsSettings,
+        clock: Clock,
+        environment: Option<Vec<(String, String)>>,
+    ) -> Result<Arc<Runtime>, Error> {
+        Runtime::start(cache_dir, dns, clock, environment)
+            .map_err(|e| Error::engine("start the WebAssembly engine", e))
     }
 
-    fn start(cache_dir: Option<PathBuf>, dns: DnsSettings, clock: Clock) -> wasmtime::Result<Arc<Runtime>> {
+    fn start(
+        cache_dir: Option<PathBuf>,
+        dns: DnsSettings,
+        clock: Clock,
+        environment: Option<Vec<(String, String)>>,
+    ) -> wasmtime::Result<Arc<Runtime>> {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
@@ -53,8 +69,25 @@ impl Runtime {
             linker,
             dns: DnsClient::new(dns),
             cache_dir,
+            environment,
             _ticker: ticker,
         }))
+    }
+
+    /// The variables a provider with `grants` sees: only granted ones, and only UTF-8
+    /// ones (anything else cannot cross into WASI).
+    pub(crate) fn environment_for(&self, grants: &crate::Grants) -> Vec<(String, String)> {
+        match &self.environment {
+            Some(environment) => environment
+                .iter()
+                .filter(|(name, _)| grants.allows_env(name))
+                .cloned()
+                .collect(),
+            None => std::env::vars_os()
+                .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
+                .filter(|(name, _)| grants.allows_env(name))
+                .collect(),
+        }
     }
 
     /// Compile a component, or load it precompiled from the cache. Compiling takes tens

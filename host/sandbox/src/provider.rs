@@ -305,11 +305,7 @@ impl Provider {
             registrar,
         } = linked;
         let load_error = |reason: String| spec.load_error(reason);
-        // Only granted variables; one that is not UTF-8 cannot cross into WASI.
-        let env = std::env::vars_os()
-            .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)))
-            .filter(|(name, _)| spec.grants.allows_env(name))
-            .collect();
+        let env = runtime.environment_for(&spec.grants);
         let name: Arc<str> = spec.name.as_str().into();
         let http = HttpPolicy::new(name.clone(), &spec.grants.http, tls)
             .map_err(|e| load_error(format!("tls: {e}")))?;

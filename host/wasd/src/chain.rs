@@ -12,14 +12,26 @@ use crate::config::Config;
 
 /// Load every provider of the config, in order. A listed provider that fails to load
 /// fails the whole load; a plugin-folder module that fails is left out and reported
-/// (it may be half-copied; the file watcher retries it on its next change).
+/// (it may be half-copied; the file watcher retries it on its next change). With
+/// `awaiting_files` (a resolver that watches files), a listed module whose file does
+/// not exist yet is left out and reported too: it joins when the file appears.
 pub(crate) async fn load_chain(
     runtime: &Arc<Runtime>,
     config: &Config,
+    awaiting_files: bool,
 ) -> Result<(Chain, Vec<ReloadError>), Error> {
     let mut sources: Vec<Arc<dyn Source>> = Vec::new();
     let mut skipped = Vec::new();
     for spec in chain_specs(config)? {
+        if awaiting_files
+            && let ModuleSource::File(path) = &spec.module
+            && !path.exists()
+        {
+            let reason = "the module does not exist yet; it joins the chain when the file appears";
+            tracing::warn!(provider = %spec.name, module = %path.display(), "{reason}");
+            skipped.push(ReloadError::new(&spec.name, spec.module.to_string(), reason));
+            continue;
+        }
         match Provider::load(runtime, &spec).await {
             Ok(provider) => sources.push(Arc::new(provider)),
             Err(e) if spec.unlisted => {

@@ -13,7 +13,7 @@ use crate::config::Config;
 /// pass-through) and each of `modules` (with no settings and no grants), and report on
 /// each. Fails only when the config itself is unusable.
 pub async fn check(config: &Config, modules: &[PathBuf]) -> Result<Vec<CheckReport>, Error> {
-    let runtime = Runtime::new(config.cache_dir.clone(), config.dns.clone(), Clock::exact())?;
+    let runtime = Runtime::new(config.cache_dir.clone(), config.dns.clone(), Clock::exact(), None)?;
     let mut specs = chain_specs(config)?;
     specs.extend(modules.iter().cloned().map(ProviderSpec::unlisted));
     let mut reports = Vec::with_capacity(specs.len());

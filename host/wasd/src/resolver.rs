@@ -102,6 +102,7 @@ impl ConfigLoader {
 pub struct ResolverBuilder {
     loader: ConfigLoader,
     watch_files: bool,
+    environment: Option<Vec<(String, String)>>,
 }
 
 impl ResolverBuilder {
@@ -142,6 +143,17 @@ impl ResolverBuilder {
         self
     }
 
+    /// Give providers their granted environment variables from `vars` instead of the
+    /// process environment (grants still apply: a provider sees only the variables its
+    /// `grants.env` names).
+    pub fn environment(
+        mut self,
+        vars: impl IntoIterator<Item = (impl Into<String>, impl Into<String>)>,
+    ) -> Self {
+        self.environment = Some(vars.into_iter().map(|(k, v)| (k.into(), v.into())).collect());
+        self
+    }
+
     /// The configuration this builder would use.
     pub fn load_config(&self) -> Result<Config, Error> {
         self.loader.load()
@@ -153,8 +165,13 @@ impl ResolverBuilder {
     pub async fn build(self) -> Result<Resolver, Error> {
         let config = self.load_config()?;
         let clock = Clock::ticked();
-        let runtime = Runtime::new(config.cache_dir.clone(), config.dns.clone(), clock.clone())?;
-        let (chain, skipped) = load_chain(&runtime, &config).await?;
+        let runtime = Runtime::new(
+            config.cache_dir.clone(),
+            config.dns.clone(),
+            clock.clone(),
+            self.environment,
+        )?;
+        let (chain, skipped) = load_chain(&runtime, &config, self.watch_files).await?;
         let cell = Arc::new(ChainCell::new(chain));
         let inner = Arc::new(Inner {
             cache: Cache::new(cell.clone(), settings_of(&config), clock),
@@ -187,6 +204,7 @@ impl Resolver {
                 cache_dir: None,
             },
             watch_files: true,
+            environment: None,
         }
     }
 

@@ -120,7 +120,8 @@ impl Provider for ConfigProvider {
     }
 
     fn resolve(&self, query: Query) -> Result<Resolution, Error> {
-        let Some(named) = self.services.get(&query.service) else {
+        // Service names compare case-insensitively, as .NET configuration keys do.
+        let Some(named) = self.services.get(&query.service.to_lowercase()) else {
             return Ok(Resolution::empty());
         };
         let section = |name: &str| named.iter().find(|(n, _)| n == name);
