@@ -402,7 +402,14 @@ async fn a_listed_module_that_does_not_exist_yet_joins_when_it_appears() {
         .resolver(&toml)
         .await
         .expect("a missing module stops the start");
-    assert!(resolver.providers().is_empty());
+    // It holds its place: queries fail naming it, nothing later answers in its place.
+    assert_eq!(resolver.providers(), ["fixed"]);
+    let err = resolver.resolve("fixed").await.unwrap_err().to_string();
+    assert!(
+        err.contains("provider 'fixed': upstream unavailable: its module")
+            && err.contains("does not exist yet"),
+        "{err}"
+    );
     let status = resolver.reload_status();
     assert_eq!(status.errors.len(), 1, "{status:?}");
     assert!(

@@ -41,7 +41,9 @@ fn non_empty(service: &str, set: EndpointSet) -> Result<EndpointSet, Error> {
     if set.is_empty() {
         return Err(Error::NoEndpoints {
             service: service.to_owned(),
-            failures: Vec::new(),
+            // An empty set may record why (a watch that started while a provider
+            // failed): the caller is told who failed.
+            failures: set.failures().to_vec(),
         });
     }
     Ok(set)
@@ -291,6 +293,17 @@ impl Cache {
         loop {
             let entry = self.inner.entry(query)?;
             let mut receiver = entry.state.subscribe();
+            // Idle expiry removes an entry under the map's lock once nobody watches it;
+            // if it did so between our lookup and our subscription, this entry is dead
+            // (its watchers would never hear of a change): look it up again.
+            if !self
+                .inner
+                .entries
+                .get(&entry.key)
+                .is_some_and(|current| Arc::ptr_eq(&current, &entry))
+            {
+                continue;
+            }
             match self.inner.ready(&entry, true).await {
                 Ok(_) => {
                     // The first answer is the current set, not a change.
@@ -411,7 +424,7 @@ impl Inner {
                 // A first resolve has no last good answer: a failure is the answer.
                 let (set, next) = match chain.resolve(&entry.query, &entry.key.filters, None).await {
                     Ok(answer) => {
-                        let next = self.next_after(&answer);
+                        let next = self.next_after(&answer, &[]);
                         (answer.set, next)
                     }
                     // A watch of a failing query starts empty (recording why) and
@@ -456,17 +469,27 @@ impl Inner {
     /// After a clean answer: long-poll a source ahead of the one that answered that
     /// can push its first instances (its answer would win), else the answering source
     /// if it tagged its answer with a version, else refresh on the TTL.
-    fn next_after(&self, answer: &ChainAnswer) -> Next {
-        if let Some((source, version)) = &answer.pushing {
+    ///
+    /// `followed`: the source whose answer was served, or that was long-polled, before
+    /// this one. Only such a source is long-polled ahead of the one answering (it went
+    /// empty: etcd whose one replica was replaced); a source ahead that simply never
+    /// had the service is not, or every query behind an empty registry would hold a
+    /// long-poll. The stand-in's own TTL still bounds the wait.
+    fn next_after(&self, answer: &ChainAnswer, followed: &[Option<&str>]) -> Next {
+        if let Some((source, version)) = &answer.pushing
+            && followed.contains(&Some(&**source.name()))
+        {
             return Next::LongPoll {
                 source: source.clone(),
                 version: version.clone(),
+                until: Some(self.next_refresh(answer.ttl)),
             };
         }
         match &answer.version {
             Some(version) if answer.source.can_watch() => Next::LongPoll {
                 source: answer.source.clone(),
                 version: version.clone(),
+                until: None,
             },
             _ => Next::Sleep(self.next_refresh(answer.ttl)),
         }
@@ -476,10 +499,12 @@ impl Inner {
 /// What a refresh task does before it next asks the chain.
 enum Next {
     Sleep(Duration),
-    /// Long-poll this source for a change to the answer tagged `version`.
+    /// Long-poll this source for a change to the answer tagged `version`, until the
+    /// next periodic chain run (or `until` after the last one, if sooner).
     LongPoll {
         source: Arc<dyn Source>,
         version: String,
+        until: Option<Duration>,
     },
 }
 
@@ -578,6 +603,9 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
     let mut last_chain = Instant::now();
     let mut quick_returns = 0;
     let mut last_long_poll: Option<Instant> = None;
+    // The source long-polled last, if any: it stays followed while it has nothing
+    // and a later source stands in.
+    let mut long_polled: Option<Arc<str>> = None;
     loop {
         match next {
             Next::Sleep(delay) => {
@@ -589,10 +617,16 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                     },
                 }
             }
-            Next::LongPoll { source, version } => {
+            Next::LongPoll {
+                source,
+                version,
+                until,
+            } => {
                 let Some(period) = inner.upgrade().map(|i| i.settings.load().refresh_period) else {
                     return;
                 };
+                let period = until.map_or(period, |until| until.min(period));
+                long_polled = Some(source.name().clone());
                 // A burst of quick returns goes straight through; past LONG_POLL_BURST in a
                 // row, long-polls start at most one per LONG_POLL_GAP, whatever they
                 // returned (a change, or "nothing changed" from a source that ignores
@@ -632,7 +666,11 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                                 return;
                             }
                             if last_chain.elapsed() < period {
-                                next = Next::LongPoll { source, version };
+                                next = Next::LongPoll {
+                                    source,
+                                    version,
+                                    until,
+                                };
                                 continue;
                             }
                         }
@@ -655,7 +693,7 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
         {
             Ok(answer) if answer.failures.is_empty() => {
                 backoff.reset();
-                next = inner.next_after(&answer);
+                next = inner.next_after(&answer, &[served.as_deref(), long_polled.as_deref()]);
                 entry.publish(answer.set);
             }
             // A source ahead failed, but the one serving now (or one ahead of it)

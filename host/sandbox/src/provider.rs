@@ -442,7 +442,7 @@ impl Provider {
                 () = tokio::time::sleep_until(started + hard_limit + spent) => {
                     // An import in progress, or one that ended since the sleep began,
                     // moves the limit on; the import is bounded by its own timeout.
-                    if !imports.busy() && imports.spent() == spent {
+                    if (!imports.busy() || imports.used_up()) && imports.spent() == spent {
                         return Err(self.error(ProviderErrorKind::Limit(format!(
                             "time limit ({} ms per call)",
                             timeout.as_millis()
@@ -740,15 +740,29 @@ pub(crate) struct ImportTime {
     spent_ms: AtomicU64,
     /// Imports in progress.
     busy: AtomicU64,
+    /// Most milliseconds set aside per call (the call's own limit again): a guest that
+    /// keeps looking names up still ends, at twice its limit at most.
+    cap_ms: AtomicU64,
 }
 
 impl ImportTime {
-    fn reset(&self) {
+    fn reset(&self, cap: Duration) {
         self.spent_ms.store(0, Ordering::Relaxed);
+        self.cap_ms.store(cap.as_millis() as u64, Ordering::Relaxed);
     }
 
+    /// Time set aside so far, at most the cap.
     fn spent(&self) -> Duration {
-        Duration::from_millis(self.spent_ms.load(Ordering::Relaxed))
+        Duration::from_millis(
+            self.spent_ms
+                .load(Ordering::Relaxed)
+                .min(self.cap_ms.load(Ordering::Relaxed)),
+        )
+    }
+
+    /// Whether the call has used up the time it may spend in imports.
+    pub(crate) fn used_up(&self) -> bool {
+        self.spent_ms.load(Ordering::Relaxed) >= self.cap_ms.load(Ordering::Relaxed)
     }
 
     fn busy(&self) -> bool {
@@ -772,7 +786,7 @@ fn arm_deadline(store: &mut Store<ProviderState>, timeout: Duration) {
     let state = store.data_mut();
     state.deadline = Instant::now() + timeout;
     state.timeout = timeout;
-    state.imports.reset();
+    state.imports.reset(timeout);
     state.log_lines = 0;
     store.set_epoch_deadline(1);
 }

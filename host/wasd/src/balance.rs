@@ -141,11 +141,13 @@ impl BalancerBuilder {
             rebuild: Mutex::new(()),
             _watch: watch,
         });
-        let applied = first.is_some_and(|set| shared.update(&EndpointSet::from_shared(set)));
+        let first = first.map(EndpointSet::from_shared);
+        let applied = first.as_ref().is_some_and(|set| shared.update(set));
         if !applied {
             return Err(Error::NoEndpoints {
                 service: query.service().to_owned(),
-                failures: Vec::new(),
+                // Who failed, when the set is empty because of a failure.
+                failures: first.map(|set| set.failures().to_vec()).unwrap_or_default(),
             });
         }
         Ok(Balancer { shared })

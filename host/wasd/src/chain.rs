@@ -5,7 +5,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use wasd_core::{Chain, ConfigError, Error, ReloadError, Source};
+use async_trait::async_trait;
+use wasd_core::{
+    Answer, Chain, ConfigError, Error, ProviderError, ProviderErrorKind, ReloadError, Source, SourceQuery,
+};
 use wasd_sandbox::{Builtin, ModuleSource, Provider, ProviderSpec, Runtime};
 
 use crate::config::Config;
@@ -14,7 +17,8 @@ use crate::config::Config;
 /// fails the whole load; a plugin-folder module that fails is left out and reported
 /// (it may be half-copied; the file watcher retries it on its next change). With
 /// `awaiting_files` (a resolver that watches files), a listed module whose file does
-/// not exist yet is left out and reported too: it joins when the file appears.
+/// not exist yet is reported too, and holds its place with [`Missing`]: it joins when
+/// the file appears.
 pub(crate) async fn load_chain(
     runtime: &Arc<Runtime>,
     config: &Config,
@@ -27,9 +31,16 @@ pub(crate) async fn load_chain(
             && let ModuleSource::File(path) = &spec.module
             && !path.exists()
         {
-            let reason = "the module does not exist yet; it joins the chain when the file appears";
-            tracing::warn!(provider = %spec.name, module = %path.display(), "{reason}");
-            skipped.push(ReloadError::new(&spec.name, spec.module.to_string(), reason));
+            tracing::warn!(provider = %spec.name, module = %path.display(), "{MODULE_MISSING}");
+            skipped.push(ReloadError::new(
+                &spec.name,
+                spec.module.to_string(),
+                MODULE_MISSING,
+            ));
+            sources.push(Arc::new(Missing {
+                name: spec.name.as_str().into(),
+                module: path.display().to_string(),
+            }));
             continue;
         }
         match Provider::load(runtime, &spec).await {
@@ -42,6 +53,32 @@ pub(crate) async fn load_chain(
         }
     }
     Ok((Chain::new(sources), skipped))
+}
+
+/// Why a listed provider is not loaded while its module file is missing.
+pub(crate) const MODULE_MISSING: &str =
+    "the module does not exist yet; it joins the chain when the file appears";
+
+/// A listed provider whose module file does not exist yet. It holds the provider's
+/// place in the chain and fails every call, so that no later provider (pass-through)
+/// answers in its place; the reload that finds the file replaces it.
+struct Missing {
+    name: Arc<str>,
+    module: String,
+}
+
+#[async_trait]
+impl Source for Missing {
+    fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    async fn resolve(&self, _query: &SourceQuery) -> Result<Answer, ProviderError> {
+        Err(ProviderError::new(
+            &*self.name,
+            ProviderErrorKind::Unavailable(format!("its module {} does not exist yet", self.module)),
+        ))
+    }
 }
 
 /// A load failure as a reload reports it.

@@ -450,7 +450,9 @@ impl DnsResolver {
             None => vec![name.to_owned()],
             Some(resolver) => match service_hosts(resolver, name).await {
                 Ok(hosts) => hosts,
-                Err(Error::NoEndpoints { .. }) => vec![name.to_owned()],
+                // Discovery has nothing for the name: the system resolves it. A provider
+                // that failed is not papered over by the system's DNS either.
+                Err(Error::NoEndpoints { failures, .. }) if failures.is_empty() => vec![name.to_owned()],
                 Err(e) => return Err(e),
             },
         };
@@ -478,7 +480,8 @@ impl DnsResolver {
 /// The hosts of `name`'s endpoints: its HTTP ones if it has any, else any.
 async fn service_hosts(resolver: &Resolver, name: &str) -> Result<Vec<String>, Error> {
     let set = match resolver.resolve(&format!("https+http://{name}")).await {
-        Err(Error::NoEndpoints { .. }) => resolver.resolve(name).await?,
+        // Nothing anywhere for the scheme form: the bare name. A failure is no "nothing".
+        Err(Error::NoEndpoints { failures, .. }) if failures.is_empty() => resolver.resolve(name).await?,
         other => other?,
     };
     Ok(set.iter().map(|e| e.host().to_owned()).collect())

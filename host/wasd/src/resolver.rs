@@ -14,9 +14,9 @@ use wasd_core::{
     ProviderStatus, Query, Registration, ReloadError, ReloadReport, ReloadStatus, Reloader, ServiceInstance,
     Settings, Source, Watch,
 };
-use wasd_sandbox::{Prepared, Provider, Runtime};
+use wasd_sandbox::{ModuleSource, Prepared, Provider, Runtime};
 
-use crate::chain::{chain_specs, load_chain, reload_error};
+use crate::chain::{MODULE_MISSING, chain_specs, load_chain, reload_error};
 use crate::config::Config;
 use crate::files::FileWatcher;
 
@@ -172,6 +172,7 @@ impl ResolverBuilder {
             self.environment,
         )?;
         let (chain, skipped) = load_chain(&runtime, &config, self.watch_files).await?;
+        let waiting_for_files = !skipped.is_empty();
         let cell = Arc::new(ChainCell::new(chain));
         let inner = Arc::new(Inner {
             cache: Cache::new(cell.clone(), settings_of(&config), clock),
@@ -188,6 +189,12 @@ impl ResolverBuilder {
             let mut watcher = watcher;
             watcher.watch(&config);
             *inner.watcher.lock().expect("watcher lock") = Some(watcher);
+            // A module that appeared while the chain was loading (before the watcher
+            // was armed) sent no event: look once more.
+            if waiting_for_files {
+                let inner = inner.clone();
+                tokio::spawn(async move { inner.reload().await });
+            }
         }
         Ok(Resolver { inner })
     }
@@ -387,6 +394,16 @@ impl Inner {
         })?;
         let mut planned = Vec::with_capacity(specs.len());
         for spec in &specs {
+            if let ModuleSource::File(path) = &spec.module
+                && !path.exists()
+            {
+                planned.push(Err(ReloadError::new(
+                    &spec.name,
+                    spec.module.to_string(),
+                    MODULE_MISSING,
+                )));
+                continue;
+            }
             planned.push(match Prepared::read(spec).await {
                 Ok(prepared) => Ok(Planned::new(
                     &spec.name,

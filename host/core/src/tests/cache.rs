@@ -472,27 +472,50 @@ async fn a_failing_source_ahead_never_freezes_the_served_answer() {
 
 #[tokio::test(start_paused = true)]
 async fn a_push_source_that_went_empty_keeps_pushing_while_a_later_one_stands_in() {
-    // a (etcd with the one replica gone) has nothing, but tags its answer with a
-    // version it can long-poll; pass-through stands in, with no TTL to speak of.
+    // a (etcd) serves its one replica, and can push changes.
+    let a = Arc::new(
+        Fake::new("a")
+            .answering(answer(&[bare("10.0.0.1")]).with_version("v1"))
+            .watching(WatchMode::Hold),
+    );
+    let pass = Arc::new(Fake::new("pass-through").answering(answer(&[bare("svc")])));
+    let cache = cache_of(&[&a, &pass], Settings::default().with_refresh_period(secs(60)));
+    assert_eq!(cache.resolve("svc").await.unwrap(), set("a", &[bare("10.0.0.1")]));
+    let mut watch = cache.watch("svc").await.unwrap();
+    // The replica goes (a rolling restart): a has nothing, pass-through stands in...
+    a.answer(answer(&[]).with_version("v2"));
+    a.push(answer(&[]).with_version("v2"));
+    let gone = timeout(ms(10), watch.changed())
+        .await
+        .expect("the deletion was not followed");
+    assert_eq!(gone, Some(set("pass-through", &[bare("svc")])));
+    run_for(ms(300)).await;
+    // ...and a is still long-polled, from its new version...
+    assert_eq!(a.watch_calls().last().map(|c| c.version.as_str()), Some("v2"));
+    // ...so the new replica, registered 0.3 s later, wins at once.
+    a.push(answer(&[bare("10.0.0.9")]).with_version("v3"));
+    let changed = timeout(ms(10), watch.changed())
+        .await
+        .expect("a's new instance waited for the refresh period");
+    assert_eq!(changed, Some(set("a", &[bare("10.0.0.9")])));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_push_source_that_never_had_the_service_is_not_long_polled() {
+    // a (etcd) has nothing for this query and never had: what pass-through answers
+    // is refreshed on its own TTL, and a is not held in a long-poll for it.
     let a = Arc::new(
         Fake::new("a")
             .answering(answer(&[]).with_version("v1"))
             .watching(WatchMode::Hold),
     );
-    let pass = Arc::new(Fake::new("pass-through").answering(answer(&[bare("svc")])));
+    let pass = Arc::new(Fake::new("pass-through").answering(answer(&[bare("svc")]).with_ttl(secs(5))));
     let cache = cache_of(&[&a, &pass], Settings::default().with_refresh_period(secs(60)));
     assert_eq!(
         cache.resolve("svc").await.unwrap(),
         set("pass-through", &[bare("svc")])
     );
-    let mut watch = cache.watch("svc").await.unwrap();
-    run_for(ms(300)).await;
-    // a is long-polled from its version...
-    assert_eq!(a.watch_calls().first().map(|c| c.version.as_str()), Some("v1"));
-    // ...so the new replica, registered 0.3 s later, wins at once.
-    a.push(answer(&[bare("10.0.0.9")]).with_version("v2"));
-    let changed = timeout(ms(10), watch.changed())
-        .await
-        .expect("a's new instance waited for the refresh period");
-    assert_eq!(changed, Some(set("a", &[bare("10.0.0.9")])));
+    run_for(ms(10_500)).await;
+    assert!(a.watch_calls().is_empty(), "{:?}", a.watch_calls());
+    assert_eq!(pass.call_times(), [0, 5, 10].map(secs));
 }

@@ -267,12 +267,17 @@ impl ProviderState {
     /// Run a lookup, its time not counted against the provider's own time limit: the
     /// lookup is bounded by the DNS client's timeouts, and a server that does not answer
     /// is reported as such.
-    async fn timed<T>(&mut self, lookup: impl Future<Output = T>) -> T {
+    async fn timed<T>(&mut self, lookup: impl Future<Output = T>) -> Result<T, DnsError> {
         let imports = self.imports.clone();
+        if imports.used_up() {
+            return Err(DnsError::Unavailable(
+                "this call's DNS lookups used up their time (as long as the call's own limit)".into(),
+            ));
+        }
         let (result, spent) = imports.exempt(lookup).await;
         // The epoch deadline (for time the guest itself runs) moves on as much.
         self.deadline += spent;
-        result
+        Ok(result)
     }
 
     fn check_dns_grant(&self, name: &str) -> Result<(), DnsError> {
@@ -303,9 +308,11 @@ impl Host for ProviderState {
             return Ok(Err(denied));
         }
         let dns = self.dns.clone();
-        Ok(self
-            .timed(dns.lookup_srv(&name))
-            .await
+        let looked_up = match self.timed(dns.lookup_srv(&name)).await {
+            Ok(looked_up) => looked_up,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(looked_up
             .map(|records| {
                 records
                     .into_iter()
@@ -328,9 +335,11 @@ impl Host for ProviderState {
             return Ok(Err(denied));
         }
         let dns = self.dns.clone();
-        Ok(self
-            .timed(dns.lookup_addresses(&name))
-            .await
+        let looked_up = match self.timed(dns.lookup_addresses(&name)).await {
+            Ok(looked_up) => looked_up,
+            Err(e) => return Ok(Err(e)),
+        };
+        Ok(looked_up
             .map(|(addresses, ttl)| AddressAnswer { addresses, ttl })
             .map_err(wit_error))
     }

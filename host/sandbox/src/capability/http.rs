@@ -276,7 +276,11 @@ fn client_error(e: hyper_util::client::legacy::Error) -> HttpError {
     use std::error::Error as _;
     let mut source = e.source();
     while let Some(cause) = source {
-        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+        // Only a failure to connect is a connect (or TLS) error; a reset after the
+        // request went out is the connection ending.
+        if e.is_connect()
+            && let Some(io) = cause.downcast_ref::<std::io::Error>()
+        {
             let copy = std::io::Error::new(io.kind(), io.to_string());
             return if is_tls(io) {
                 HttpError::Tls(copy)
