@@ -185,8 +185,7 @@ impl ResolverBuilder {
             shutdown: watch::channel(()).0,
         });
         if self.watch_files {
-            let watcher = crate::files::start(Arc::downgrade(&inner), inner.shutdown.subscribe())?;
-            let mut watcher = watcher;
+            let mut watcher = crate::files::start(Arc::downgrade(&inner), inner.shutdown.subscribe())?;
             watcher.watch(&config);
             *inner.watcher.lock().expect("watcher lock") = Some(watcher);
             // A module that appeared while the chain was loading (before the watcher

@@ -264,10 +264,16 @@ fn first_search_domain(resolv_conf: &str) -> Option<String> {
 // The import: what a guest calls.
 
 impl ProviderState {
-    /// Run a lookup, its time not counted against the provider's own time limit: the
-    /// lookup is bounded by the DNS client's timeouts, and a server that does not answer
-    /// is reported as such.
-    async fn timed<T>(&mut self, lookup: impl Future<Output = T>) -> Result<T, DnsError> {
+    /// Run a lookup for `name` as every DNS import does: the grant first, then the
+    /// lookup with its time not counted against the provider's own time limit (it is
+    /// bounded by the DNS client's timeouts, and a server that does not answer is
+    /// reported as such), at most as long again as that limit per call.
+    async fn guarded<T>(
+        &mut self,
+        name: &str,
+        lookup: impl Future<Output = Result<T, LookupError>>,
+    ) -> Result<T, DnsError> {
+        self.check_dns_grant(name)?;
         let imports = self.imports.clone();
         if imports.used_up() {
             return Err(DnsError::Unavailable(
@@ -277,7 +283,7 @@ impl ProviderState {
         let (result, spent) = imports.exempt(lookup).await;
         // The epoch deadline (for time the guest itself runs) moves on as much.
         self.deadline += spent;
-        Ok(result)
+        result.map_err(wit_error)
     }
 
     fn check_dns_grant(&self, name: &str) -> Result<(), DnsError> {
@@ -304,44 +310,29 @@ fn wit_error(e: LookupError) -> DnsError {
 
 impl Host for ProviderState {
     async fn lookup_srv(&mut self, name: String) -> wasmtime::Result<Result<Vec<SrvRecord>, DnsError>> {
-        if let Err(denied) = self.check_dns_grant(&name) {
-            return Ok(Err(denied));
-        }
         let dns = self.dns.clone();
-        let looked_up = match self.timed(dns.lookup_srv(&name)).await {
-            Ok(looked_up) => looked_up,
-            Err(e) => return Ok(Err(e)),
-        };
-        Ok(looked_up
-            .map(|records| {
-                records
-                    .into_iter()
-                    .take(MAX_SRV_RECORDS)
-                    .map(|r| SrvRecord {
-                        priority: r.priority,
-                        weight: r.weight,
-                        port: r.port,
-                        target: r.target,
-                        addresses: r.addresses,
-                        ttl: r.ttl,
-                    })
-                    .collect()
-            })
-            .map_err(wit_error))
+        Ok(self.guarded(&name, dns.lookup_srv(&name)).await.map(|records| {
+            records
+                .into_iter()
+                .take(MAX_SRV_RECORDS)
+                .map(|r| SrvRecord {
+                    priority: r.priority,
+                    weight: r.weight,
+                    port: r.port,
+                    target: r.target,
+                    addresses: r.addresses,
+                    ttl: r.ttl,
+                })
+                .collect()
+        }))
     }
 
     async fn lookup_addresses(&mut self, name: String) -> wasmtime::Result<Result<AddressAnswer, DnsError>> {
-        if let Err(denied) = self.check_dns_grant(&name) {
-            return Ok(Err(denied));
-        }
         let dns = self.dns.clone();
-        let looked_up = match self.timed(dns.lookup_addresses(&name)).await {
-            Ok(looked_up) => looked_up,
-            Err(e) => return Ok(Err(e)),
-        };
-        Ok(looked_up
-            .map(|(addresses, ttl)| AddressAnswer { addresses, ttl })
-            .map_err(wit_error))
+        Ok(self
+            .guarded(&name, dns.lookup_addresses(&name))
+            .await
+            .map(|(addresses, ttl)| AddressAnswer { addresses, ttl }))
     }
 
     async fn kubernetes_suffix(&mut self) -> wasmtime::Result<Option<String>> {
