@@ -233,3 +233,47 @@ fn cli_resolves_through_dns_srv() {
         "basket-1.cluster.local"
     );
 }
+
+/// Time spent waiting for the DNS server is set aside from the provider's time limit:
+/// a server that does not answer is reported as such, not as the provider running out
+/// of time (its limit here is shorter than one DNS attempt).
+#[tokio::test]
+async fn a_silent_dns_server_is_not_the_providers_time_limit() {
+    // A UDP socket that never answers: every lookup waits for the DNS timeout.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let toml = format!(
+        r#"
+pass-through = false
+[dns]
+servers = ["{}"]
+timeout = "300ms"
+
+[[provider]]
+builtin = "dns-srv"
+settings = {{ suffix = "cluster.local" }}
+grants = {{ dns = ["*"] }}
+limits = {{ timeout = "100ms" }}
+"#,
+        silent.local_addr().unwrap()
+    );
+    let sandbox = Sandbox::new();
+    let r = sandbox.resolver(&toml).await.unwrap();
+    let started = std::time::Instant::now();
+    match r.resolve("basket").await {
+        Err(Error::NoEndpoints { failures, .. }) => {
+            let failure = failures[0].to_string();
+            assert!(
+                matches!(failures[0].kind, ProviderErrorKind::Unavailable(_)),
+                "{failure}"
+            );
+            assert!(!failure.contains("time limit"), "{failure}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The provider was given the DNS time (two attempts of 300 ms), not cut at 100 ms.
+    assert!(
+        started.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        started.elapsed()
+    );
+}

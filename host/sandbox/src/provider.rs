@@ -1,6 +1,7 @@
 //! One loaded provider: its compiled component, its grants and limits, and a small
 //! pool of sandboxed instances (each its own `Store`) that run its calls.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,7 +27,7 @@ use crate::capability::http::{HttpHooks, HttpPolicy, TlsFiles};
 use crate::engine::{EPOCH_TICK, Runtime};
 use crate::inspect::{RESOLVER_EXPORT, Surface};
 use crate::limits::{LimitExceeded, MemoryLimiter, StderrTail};
-use crate::quarantine::Health;
+use crate::quarantine::{Health, Mark};
 use crate::spec::{Grants, InputFile, Limits, ModuleSource, ProviderSpec};
 
 /// Idle instances kept per provider; more are created under concurrency and dropped.
@@ -89,6 +90,8 @@ struct Instance {
     registrar: Option<RegistrarGuest>,
     stderr: StderrTail,
     calls: u32,
+    /// The query of the last call, its buffers reused by the next (see [`lower_query`]).
+    query: Query,
 }
 
 /// One loaded provider: a [`Source`] whose calls run in sandboxed instances of its
@@ -105,7 +108,9 @@ pub struct Provider {
     http: Arc<HttpPolicy>,
     env: Vec<(String, String)>,
     limits: Limits,
-    idle: Mutex<Vec<Instance>>,
+    // Boxed on purpose: an instance moves into each call's future (see `instantiate`).
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<Instance>>>,
     /// Cleared when `watch` answers `unsupported`: the host polls this provider.
     watchable: AtomicBool,
     /// What it was made from; a reload whose inputs hash the same keeps it.
@@ -344,7 +349,7 @@ impl Provider {
 
     /// A fresh sandbox: no files, no network, only the granted environment variables;
     /// stdout discarded, stderr kept to explain traps.
-    async fn instantiate(&self) -> Result<Instance, ProviderError> {
+    async fn instantiate(&self) -> Result<Box<Instance>, ProviderError> {
         let stderr = StderrTail::default();
         let wasi = WasiCtx::builder().envs(&self.env).stderr(stderr.clone()).build();
         let mut store = Store::new(
@@ -393,13 +398,21 @@ impl Provider {
             Ok(loaded) => loaded,
             Err(e) => return Err(self.error(classify(&e, &stderr))),
         };
-        let mut instance = Instance {
+        // Boxed: a call's future holds the instance while it runs, and the chain boxes
+        // that future; a pointer keeps it small.
+        let mut instance = Box::new(Instance {
             store,
             resolver,
             registrar,
             stderr,
             calls: 0,
-        };
+            query: Query {
+                service: String::new(),
+                endpoint_name: None,
+                schemes: Vec::new(),
+                port: None,
+            },
+        });
         let configuration = self.configuration.clone();
         self.call(&mut instance, self.limits.timeout, async |i: &mut Instance| {
             i.resolver.call_configure(&mut i.store, &configuration).await
@@ -429,27 +442,33 @@ impl Provider {
         let stderr = instance.stderr.clone();
         let call = f(instance);
         tokio::pin!(call);
+        // The timer lives on the heap, made only when the call does not finish on its
+        // first poll (most do): registering a timer wakes the runtime's driver (a
+        // syscall, as costly as the call), and one held inline would make every call's
+        // future larger (the chain boxes it: docs/BENCHMARKS.md, "The layered host").
+        let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+        let mut spent = imports.spent();
+        let mut deadline = started + hard_limit + spent;
         loop {
-            let spent = imports.spent();
             tokio::select! {
-                // The call first: most calls finish on their first poll, and a timer that
-                // is never polled is never registered (registering one costs a wake-up
-                // of the runtime's driver, a syscall, as much as the call itself).
                 biased;
                 result = &mut call => {
                     return result.map_err(|e| self.error(classify(&e, &stderr)));
                 }
-                () = tokio::time::sleep_until(started + hard_limit + spent) => {
-                    // An import in progress, or one that ended since the sleep began,
-                    // moves the limit on; the import is bounded by its own timeout.
+                () = expire(&mut timer, deadline) => {
+                    // An import in progress, or one that ended since the deadline was
+                    // set, moves the limit on; the import is bounded by its own timeout.
                     if (!imports.busy() || imports.used_up()) && imports.spent() == spent {
                         return Err(self.error(ProviderErrorKind::Limit(format!(
                             "time limit ({} ms per call)",
                             timeout.as_millis()
                         ))));
                     }
+                    spent = imports.spent();
+                    deadline = started + hard_limit + spent;
                     if imports.busy() {
-                        tokio::time::sleep(EPOCH_TICK).await;
+                        // Look again in a tick while the import runs.
+                        deadline = deadline.max(tokio::time::Instant::now() + EPOCH_TICK);
                     }
                 }
             }
@@ -520,7 +539,7 @@ impl Provider {
         }
     }
 
-    async fn checkout(&self) -> Result<Instance, ProviderError> {
+    async fn checkout(&self) -> Result<Box<Instance>, ProviderError> {
         let pooled = self.idle.lock().expect("pool lock").pop();
         match pooled {
             Some(instance) => Ok(instance),
@@ -531,7 +550,7 @@ impl Provider {
         }
     }
 
-    fn checkin(&self, instance: Instance) {
+    fn checkin(&self, instance: Box<Instance>) {
         if instance.calls >= MAX_CALLS_PER_INSTANCE
             || instance.store.data().http_hooks.requests >= MAX_REQUESTS_PER_INSTANCE
         {
@@ -553,7 +572,7 @@ impl Provider {
                 "this provider does not export wasd:provider/registrar".into(),
             )));
         }
-        let started = Instant::now();
+        let started = self.health.mark();
         let result = self
             .with_instance(self.limits.timeout, async |i: &mut Instance| {
                 let registrar = i.registrar.as_ref().expect("loaded with the provider");
@@ -565,8 +584,7 @@ impl Provider {
     }
 
     /// Check an answer against the contract and the provider's limits, and convert it.
-    fn check_answer(&self, resolution: Resolution) -> Result<Answer, ProviderError> {
-        let started = Instant::now();
+    fn check_answer(&self, resolution: Resolution, started: Mark) -> Result<Answer, ProviderError> {
         let refuse = |reason: String| {
             let failure = self.error(ProviderErrorKind::InvalidAnswer(reason));
             self.fault(&failure);
@@ -602,13 +620,13 @@ impl Provider {
 }
 
 /// The WIT query for a core query.
-fn wit_query(query: &SourceQuery) -> Query {
-    Query {
-        service: query.service.clone(),
-        endpoint_name: query.endpoint_name.clone(),
-        schemes: query.schemes.clone(),
-        port: query.port,
-    }
+/// Copy `query` into an instance's WIT query, reusing its buffers (`clone_from`): after
+/// an instance's first call, passing the query allocates nothing.
+fn lower_query(target: &mut Query, query: &SourceQuery) {
+    target.service.clone_from(&query.service);
+    target.endpoint_name.clone_from(&query.endpoint_name);
+    target.schemes.clone_from(&query.schemes);
+    target.port = query.port;
 }
 
 /// The WIT instance for a core instance.
@@ -630,15 +648,15 @@ impl Source for Provider {
 
     /// Ask the provider. `not-found` is the same as an empty answer.
     async fn resolve(&self, query: &SourceQuery) -> Result<Answer, ProviderError> {
-        let query = wit_query(query);
-        let started = Instant::now();
+        let started = self.health.mark();
         let result = self
             .with_instance(self.limits.timeout, async |i: &mut Instance| {
-                i.resolver.call_resolve(&mut i.store, &query).await
+                lower_query(&mut i.query, query);
+                i.resolver.call_resolve(&mut i.store, &i.query).await
             })
             .await?;
         match result {
-            Ok(resolution) => self.check_answer(resolution),
+            Ok(resolution) => self.check_answer(resolution, started),
             Err(e) => {
                 // The provider ran and spoke for itself: not a fault.
                 self.health.success(started);
@@ -657,18 +675,18 @@ impl Source for Provider {
         version: &str,
         wait: Duration,
     ) -> Result<Option<Answer>, ProviderError> {
-        let query = wit_query(query);
         let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-        let started = Instant::now();
+        let started = self.health.mark();
         let result = self
             .with_instance_of(wait + self.limits.timeout, false, async |i: &mut Instance| {
+                lower_query(&mut i.query, query);
                 i.resolver
-                    .call_watch(&mut i.store, &query, version, wait_ms)
+                    .call_watch(&mut i.store, &i.query, version, wait_ms)
                     .await
             })
             .await?;
         match result {
-            Ok(Some(resolution)) => self.check_answer(resolution).map(Some),
+            Ok(Some(resolution)) => self.check_answer(resolution, started).map(Some),
             Ok(None) => {
                 self.health.success(started);
                 Ok(None)
@@ -907,4 +925,14 @@ fn check_endpoint(e: GuestEndpoint) -> Result<Endpoint, String> {
         e.path,
         e.metadata,
     ))
+}
+
+/// Wait until `deadline` on a call's timer, made on first use and moved when the
+/// deadline moves.
+async fn expire(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>, deadline: tokio::time::Instant) {
+    let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+    if sleep.deadline() != deadline {
+        sleep.as_mut().reset(deadline);
+    }
+    sleep.as_mut().await;
 }

@@ -12,6 +12,10 @@ const QUARANTINE_AFTER: u32 = 3;
 /// Quarantine length: 1 s, doubling with each new quarantine up to 60 s.
 pub const QUARANTINE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
 
+/// When a call started, as far as quarantines go: see [`Health::mark`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Mark(u64);
+
 /// A provider's fault record. After [`QUARANTINE_AFTER`] faults in a row it is not
 /// called for a while (doubling each time, as proxy-wasm's restart limits do), so a
 /// crashing provider costs nothing and the chain goes straight to the next one.
@@ -26,6 +30,8 @@ struct HealthState {
     total: u64,
     until: Option<Instant>,
     quarantined_at: Option<Instant>,
+    /// Quarantines begun so far: a call's [`Mark`].
+    quarantines: u64,
     /// The length of the next quarantine.
     lengths: Backoff,
 }
@@ -37,6 +43,7 @@ impl Default for HealthState {
             total: 0,
             until: None,
             quarantined_at: None,
+            quarantines: 0,
             lengths: Backoff::new(QUARANTINE.0, QUARANTINE.1),
         }
     }
@@ -56,11 +63,17 @@ impl Health {
         Some((left, state.in_a_row))
     }
 
+    /// Taken as a call starts, to tell [`Health::success`] which quarantines began
+    /// after it (a count, not a time: no clock read per call).
+    pub(crate) fn mark(&self) -> Mark {
+        Mark(self.inner.lock().expect("health lock").quarantines)
+    }
+
     /// A call that started at `started` went well. It ends the fault streak, but
     /// not a quarantine that began after it started (a long watch coming back).
-    pub(crate) fn success(&self, started: Instant) {
+    pub(crate) fn success(&self, started: Mark) {
         let mut state = self.inner.lock().expect("health lock");
-        if state.quarantined_at.is_some_and(|at| at > started) {
+        if state.quarantines != started.0 {
             return;
         }
         state.in_a_row = 0;
@@ -84,8 +97,10 @@ impl Health {
             return None;
         }
         let length = state.lengths.next_delay();
-        state.quarantined_at = Some(Instant::now());
-        state.until = Some(Instant::now() + length);
+        let now = Instant::now();
+        state.quarantined_at = Some(now);
+        state.until = Some(now + length);
+        state.quarantines += 1;
         Some(length)
     }
 
@@ -112,12 +127,13 @@ mod tests {
         assert!(health.quarantined().is_some());
         // Faults during a quarantine do not extend it.
         assert_eq!(health.fault(), None);
+        let before = health.mark();
         health.inner.lock().unwrap().until = Some(Instant::now());
         assert_eq!(health.fault(), Some(Duration::from_secs(2)));
         // A call that began before the quarantine does not end it.
-        health.success(Instant::now() - Duration::from_secs(5));
+        health.success(before);
         assert!(health.quarantined().is_some());
-        health.success(Instant::now());
+        health.success(health.mark());
         assert!(health.quarantined().is_none());
         assert_eq!(health.status("p").faults, 5);
         assert_eq!(health.status("p").faults_in_a_row, 0);
