@@ -192,3 +192,103 @@ grants = {{ files = ["appsettings.json"] }}
     assert_eq!(served.failures().len(), 1, "{:?}", served.failures());
     assert_eq!(served.failures()[0].provider, "flaky");
 }
+
+/// Rule 6: a module in the plugin folder (not listed in the config) that traps in
+/// `configure` at start is skipped with its error; the rest of the chain serves, in
+/// the library and in the CLI.
+#[test]
+fn an_unlisted_module_trapping_in_configure_is_skipped() {
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "appsettings.json",
+        r#"{"Services": {"basket": {"http": ["http://10.0.0.1:80"]}}}"#,
+    );
+    sandbox.write(
+        "plugins/trap-in-configure.wasm",
+        std::fs::read(fixtures::HOSTILE).unwrap(),
+    );
+    sandbox.write(
+        "wasd.toml",
+        "pass-through = false\nplugin-dir = \"plugins\"\n\
+         [[provider]]\nbuiltin = \"config\"\ngrants = { files = [\"appsettings.json\"] }\n",
+    );
+
+    // The library: the resolver starts, reports the skipped module, and serves.
+    wasd_tests::runtime().block_on(async {
+        let toml = std::fs::read_to_string(sandbox.path().join("wasd.toml")).unwrap();
+        let resolver = sandbox.resolver(&toml).await.unwrap();
+        let status = resolver.reload_status();
+        assert_eq!(status.providers, ["config"], "{status:?}");
+        let skipped = status.errors.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert!(
+            skipped.len() == 1
+                && skipped[0].contains("trap-in-configure")
+                && skipped[0].contains("trapping in configure, as asked"),
+            "{skipped:?}"
+        );
+        let set = resolver.resolve("http://basket").await.unwrap();
+        assert_eq!(strings(&set), ["http://10.0.0.1:80"]);
+    });
+
+    // The CLI: the answer, exit 0, and the skipped module named on stderr.
+    let out = run(sandbox
+        .wasd()
+        .args(["resolve", "http://basket", "--config", "wasd.toml"]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "http://10.0.0.1:80");
+    assert!(
+        out.stderr.contains("trap-in-configure") && out.stderr.contains("trapping in configure"),
+        "{}",
+        out.stderr
+    );
+}
+
+/// Rule 8: after etcd returns from an outage, watchers catch up within 5 s, however
+/// far their refresh back-off had grown (alone it reaches 30 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn watchers_catch_up_within_5s_of_etcds_return_whatever_the_back_off() {
+    let mut etcd = EtcdServer::start();
+    for service in ["hello", "world"] {
+        etcd.put_instance(service, "a", "v1", &["http://10.0.0.1:8000"], None);
+    }
+    let sandbox = Sandbox::new();
+    let url = etcd.url();
+    let resolver = sandbox
+        .resolver(&etcd_config(&url, &format!(r#"http = ["{url}"]"#)))
+        .await
+        .unwrap();
+    let mut watches = Vec::new();
+    for service in ["http://hello", "http://world"] {
+        let watch = resolver.watch(service).await.unwrap();
+        assert_eq!(strings(&watch.current()), ["http://10.0.0.1:8000"]);
+        watches.push(watch);
+    }
+    etcd.kill();
+    // Away for 40 s (the scenario, not a wait for an event): the refreshes fail at
+    // about 1, 2, 4, 8, 16 and 32 s, and the next would come 30 s later.
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let served = resolver.resolve("http://hello").await.unwrap();
+    assert_eq!(strings(&served), ["http://10.0.0.1:8000"], "the last good set");
+    assert!(
+        served.failures().iter().any(|f| f.provider == "etcd"),
+        "{:?}",
+        served.failures()
+    );
+    etcd.restart();
+    for service in ["hello", "world"] {
+        etcd.put_instance(service, "a", "v2", &["http://10.0.0.2:8000"], None);
+    }
+    let back = std::time::Instant::now();
+    for watch in &mut watches {
+        let changed = tokio::time::timeout(Duration::from_secs(30), watch.changed())
+            .await
+            .expect("the watcher never caught up")
+            .unwrap();
+        assert_eq!(strings(&changed), ["http://10.0.0.2:8000"]);
+    }
+    assert!(
+        back.elapsed() <= Duration::from_secs(5),
+        "caught up {:?} after etcd's return",
+        back.elapsed()
+    );
+}

@@ -25,6 +25,7 @@ use crate::clock::Clock;
 use crate::endpoint::{EndpointSet, SetInner};
 use crate::error::{Error, ProviderError, ProviderErrorKind};
 use crate::query::{Query, effective_schemes};
+use crate::recovery::{Recovered, Recovery};
 use crate::source::{Source, SourceQuery};
 
 /// Shortest interval between two refreshes of one answer, whatever its TTL says.
@@ -124,6 +125,9 @@ struct Inner {
     /// Dropped with `Inner`: wakes every refresh task so it can exit at once.
     shutdown: watch::Sender<()>,
     clock: Clock,
+    /// Sources failing now, and the entries waiting for them to answer again (shared
+    /// with the refresh loops, which hold the cache only weakly).
+    recovery: Arc<Recovery>,
 }
 
 /// A query reduced to what can change its answer.
@@ -195,6 +199,7 @@ impl Cache {
                 by_text: ArcSwap::default(),
                 shutdown: watch::channel(()).0,
                 clock,
+                recovery: Arc::default(),
             }),
         }
     }
@@ -548,6 +553,7 @@ async fn long_poll_once(
     wait: Duration,
     wake: &mut Wake,
     backoff: &mut Backoff,
+    catchup: &mut Catchup,
 ) -> Polled {
     // A reload cancels the long-poll (and frees the old source): the chain decides anew.
     let result = tokio::select! {
@@ -560,6 +566,7 @@ async fn long_poll_once(
     match result {
         Ok(Some(answer)) => {
             backoff.reset();
+            catchup.answered(source.name(), &[]);
             let endpoints = select(answer.endpoints, &entry.query, &entry.key.filters);
             if endpoints.is_empty() {
                 return Polled::AskChain;
@@ -569,21 +576,19 @@ async fn long_poll_once(
         }
         Ok(None) => {
             backoff.reset();
+            catchup.answered(source.name(), &[]);
             Polled::AskChain
         }
         Err(failure) => {
             // `unsupported`: the source stops offering long-polls (`can_watch`), and
             // the loop polls it on the TTL from now on.
             if !matches!(failure.kind, ProviderErrorKind::Unsupported(_)) {
-                let delay = backoff.next_delay();
-                warn_failing(
-                    entry,
-                    std::slice::from_ref(&failure),
-                    delay,
-                    "serving the last good endpoints",
-                );
+                let failures = std::slice::from_ref(&failure);
+                let delay = catchup.failed(failures, backoff.next_delay());
+                warn_failing(entry, failures, delay, "serving the last good endpoints");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
+                    () = catchup.recovered() => {}
                     woken = wake.wait() => if let Woken::Shutdown = woken {
                         return Polled::Shutdown;
                     },
@@ -606,12 +611,16 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
     // The source long-polled last, if any: it stays followed while it has nothing
     // and a later source stands in.
     let mut long_polled: Option<Arc<str>> = None;
+    let Some(mut catchup) = inner.upgrade().map(|i| Catchup::new(i.recovery.clone())) else {
+        return;
+    };
     loop {
         match next {
             Next::Sleep(delay) => {
                 quick_returns = 0;
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
+                    () = catchup.recovered() => {}
                     woken = wake.wait() => if let Woken::Shutdown = woken {
                         return;
                     },
@@ -651,9 +660,16 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                     let wait = period.saturating_sub(last_chain.elapsed()).max(MIN_REFRESH);
                     let called = Instant::now();
                     last_long_poll = Some(called);
-                    let polled =
-                        long_poll_once(&entry, &source, &version, wait, &mut wake, &mut long_poll_backoff)
-                            .await;
+                    let polled = long_poll_once(
+                        &entry,
+                        &source,
+                        &version,
+                        wait,
+                        &mut wake,
+                        &mut long_poll_backoff,
+                        &mut catchup,
+                    )
+                    .await;
                     quick_returns = if called.elapsed() < LONG_POLL_GAP {
                         quick_returns + 1
                     } else {
@@ -693,13 +709,15 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
         {
             Ok(answer) if answer.failures.is_empty() => {
                 backoff.reset();
+                catchup.answered(answer.source.name(), &[]);
                 next = inner.next_after(&answer, &[served.as_deref(), long_polled.as_deref()]);
                 entry.publish(answer.set);
             }
             // A source ahead failed, but the one serving now (or one ahead of it)
             // answered afresh: publish that, and look again soon for the failed one.
             Ok(answer) => {
-                let delay = backoff.next_delay();
+                catchup.answered(answer.source.name(), &answer.failures);
+                let delay = catchup.failed(&answer.failures, backoff.next_delay());
                 warn_failing(
                     &entry,
                     &answer.failures,
@@ -712,16 +730,75 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
             // Every source answered cleanly that the service is gone; look again
             // soon, then less often.
             Err(failures) if failures.is_empty() => {
+                catchup.answered("", &[]);
                 next = Next::Sleep(backoff.next_delay());
                 entry.publish(EndpointSet::default());
             }
             // Nothing may stand in for the failed source: its last good answer stays.
             Err(failures) => {
-                let delay = backoff.next_delay();
+                catchup.answered("", &failures);
+                let delay = catchup.failed(&failures, backoff.next_delay());
                 warn_failing(&entry, &failures, delay, "serving the last good endpoints");
                 entry.keep_with_failures(&failures);
                 next = Next::Sleep(delay);
             }
+        }
+    }
+}
+
+/// A refresh loop's part in catching up after an outage (see [`Recovery`]): the
+/// source it waits for, and what wakes it when that source answers again.
+struct Catchup {
+    recovery: Arc<Recovery>,
+    /// Identifies this loop as a source's prober.
+    ticket: Arc<()>,
+    waiting_on: Option<String>,
+    recovered: Option<Recovered>,
+}
+
+impl Catchup {
+    fn new(recovery: Arc<Recovery>) -> Catchup {
+        Catchup {
+            recovery,
+            ticket: Arc::new(()),
+            waiting_on: None,
+            recovered: None,
+        }
+    }
+
+    /// A refresh failed (the first of `failures` is the source to wait for) and would
+    /// back off for `delay`: the delay to use.
+    fn failed(&mut self, failures: &[ProviderError], delay: Duration) -> Duration {
+        let Some(first) = failures.first() else {
+            return delay;
+        };
+        let (delay, recovered) = self.recovery.after_failure(&first.provider, &self.ticket, delay);
+        self.waiting_on = Some(first.provider.clone());
+        self.recovered = Some(recovered);
+        delay
+    }
+
+    /// `source` answered (empty: none did, but all asked answered cleanly); `failures`
+    /// are the sources that did not. The source this loop waited for, if it is not
+    /// among them, answered again: everyone waiting for it is woken.
+    fn answered(&mut self, source: &str, failures: &[ProviderError]) {
+        if !source.is_empty() {
+            self.recovery.answered(source);
+        }
+        if let Some(waited) = self
+            .waiting_on
+            .take_if(|w| !failures.iter().any(|f| f.provider == *w))
+        {
+            self.recovery.answered(&waited);
+            self.recovered = None;
+        }
+    }
+
+    /// Returns when the source this loop waits for answers again; never if none.
+    async fn recovered(&mut self) {
+        match &mut self.recovered {
+            Some(recovered) => recovered.wait().await,
+            None => std::future::pending().await,
         }
     }
 }

@@ -25,6 +25,7 @@ mod clock;
 mod endpoint;
 mod error;
 mod query;
+mod recovery;
 mod registration;
 mod reload;
 mod source;

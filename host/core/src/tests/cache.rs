@@ -200,24 +200,65 @@ async fn a_changed_answer_is_published_to_watches_and_an_unchanged_one_is_not() 
 async fn failed_refreshes_back_off_to_30s_and_reset_after_a_success() {
     let a = Arc::new(Fake::new("a").answering(answer(&[bare("10.0.0.1")]).with_ttl(secs(1))));
     let cache = cache_of(&[&a], Settings::default().with_idle_timeout(secs(3600)));
+    // Two entries: the first to fail becomes the source's prober, which retries at
+    // least every 4 s (the next test); the other backs off.
+    cache.resolve("prober").await.unwrap();
+    run_for(ms(500)).await;
     cache.resolve("svc").await.unwrap();
-    // Fails from the first refresh (at 1 s) on.
+    // Fails from the first refreshes (at 1 s and 1.5 s) on.
     a.fail();
-    run_for(secs(100)).await;
-    let times = a.call_times();
-    assert_eq!(times, [0, 1, 2, 4, 8, 16, 32, 62, 92].map(secs));
+    run_for(secs(100)).await; // t = 100.5 s
+    let times = a.call_times_for("svc");
+    assert_eq!(times, [0, 1, 2, 4, 8, 16, 32, 62, 92].map(|s| secs(s) + ms(500)));
     // After the first failure: 1 s, doubling, capped at REFRESH_BACKOFF's 30 s.
     assert_eq!(crate::REFRESH_BACKOFF, (secs(1), secs(30)));
     assert_eq!(gaps(&times[1..]), [1, 2, 4, 8, 16, 30, 30].map(secs));
+    // The prober: the same back-off, capped at PROBE_PERIOD.
+    let probes = a.call_times_for("prober");
+    assert_eq!(probes[..6], [0, 1, 2, 4, 8, 12].map(secs));
+    assert!(gaps(&probes[4..]).iter().all(|gap| *gap == secs(4)), "{probes:?}");
 
-    // The source recovers; the retry at 122 s succeeds, then the TTL (1 s) applies.
+    // The source recovers; the prober's retry at 104 s succeeds and wakes svc at
+    // once (not at its own retry, 122.5 s); then the TTL (1 s) applies.
     a.answer(answer(&[bare("10.0.0.1")]).with_ttl(secs(1)));
-    run_for(ms(22_500)).await; // t = 122.5 s
-    assert_eq!(a.call_times().last(), Some(&secs(122)));
+    run_for(ms(3_750)).await; // t = 104.25 s
+    assert_eq!(a.call_times_for("svc").last(), Some(&secs(104)));
     // It fails again: the back-off starts over at 1 s.
     a.fail();
-    run_for(secs(8)).await; // t = 130.5 s
-    assert_eq!(a.call_times()[9..], [122, 123, 124, 126, 130].map(secs));
+    run_for(secs(8)).await; // t = 112.25 s
+    assert_eq!(a.call_times_for("svc")[9..], [104, 105, 106, 108, 112].map(secs));
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_entry_follows_a_returning_source_within_the_probe_period() {
+    let a = Arc::new(Fake::new("a").answering(answer(&[bare("10.0.0.1")]).with_ttl(secs(1))));
+    let cache = cache_of(&[&a], Settings::default().with_idle_timeout(secs(3600)));
+    let services = ["s1", "s2", "s3", "s4"];
+    let mut watches = Vec::new();
+    for service in services {
+        cache.resolve(service).await.unwrap();
+        watches.push(cache.watch(service).await.unwrap());
+        run_for(ms(100)).await;
+    }
+    a.fail(); // t = 0.4 s
+    // Every back-off reaches 30 s: the entries retry at 1, 2, 4, 8, 16, 32, 62 and 92 s
+    // (plus 0.1 s per entry), the prober every 4 s from 8 s on.
+    run_for(secs(92)).await; // t = 92.4 s
+    // While it failed: each entry's own back-off, plus one probe per 4 s at most.
+    assert!(a.calls() <= 4 * 9 + 92 / 4 + 1, "{} calls", a.calls());
+    // Back, right after the entries' last retries: alone, they would look again at
+    // 122 s, ~30 s from now.
+    a.answer(answer(&[bare("10.0.0.2")]).with_ttl(secs(1)));
+    let back = Instant::now();
+    for (service, watch) in services.iter().zip(&mut watches) {
+        let changed = timeout(secs(60), watch.changed()).await.expect("no change");
+        assert_eq!(changed, Some(set("a", &[bare("10.0.0.2")])), "{service}");
+        assert!(
+            back.elapsed() <= secs(4),
+            "{service} followed after {:?}",
+            back.elapsed()
+        );
+    }
 }
 
 // Rule 4: the last good answer stands while sources fail.
@@ -231,8 +272,9 @@ async fn a_failing_source_leaves_its_last_good_answer_in_place() {
     a.fail();
     // Nothing is published while it fails...
     assert!(timeout(secs(20), watch.changed()).await.is_err());
-    // ...though it was asked again (at 1, 2, 4, 8 and 16 s) ...
-    assert_eq!(a.call_times(), [0, 1, 2, 4, 8, 16].map(secs));
+    // ...though it was asked again (at 1, 2, 4 and 8 s, then every 4 s: the only
+    // entry is the source's prober) ...
+    assert_eq!(a.call_times(), [0, 1, 2, 4, 8, 12, 16].map(secs));
     // ...and resolves keep getting the last good set.
     assert_eq!(cache.resolve("svc").await.unwrap(), good);
     assert_eq!(watch.current(), good);
@@ -253,9 +295,9 @@ async fn a_later_source_does_not_replace_the_last_good_answer_of_a_failing_earli
         timeout(secs(20), watch.changed()).await.is_err(),
         "a's set was replaced"
     );
-    // a was asked again on each refresh (1, 2, 4, 8, 16 s), pass-through never: its
-    // answer could not be used while a, ahead of it, fails...
-    assert_eq!(a.call_times(), [0, 1, 2, 4, 8, 16].map(secs));
+    // a was asked again on each refresh (1, 2, 4, 8, then every 4 s as the prober),
+    // pass-through never: its answer could not be used while a, ahead of it, fails...
+    assert_eq!(a.call_times(), [0, 1, 2, 4, 8, 12, 16].map(secs));
     assert_eq!(pass.calls(), 0);
     // ...so a's last good set stands, and says why it may be stale.
     let served = cache.resolve("svc").await.unwrap();

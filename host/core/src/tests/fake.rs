@@ -175,6 +175,18 @@ impl Fake {
         self.resolves.lock().unwrap().clone()
     }
 
+    /// When each resolve of `service` started.
+    pub(super) fn call_times_for(&self, service: &str) -> Vec<Duration> {
+        let times = self.resolves.lock().unwrap().clone();
+        let queries = self.queries.lock().unwrap().clone();
+        times
+            .into_iter()
+            .zip(queries)
+            .filter(|(_, q)| q.service == service)
+            .map(|(t, _)| t)
+            .collect()
+    }
+
     /// The queries it was asked.
     pub(super) fn queries(&self) -> Vec<SourceQuery> {
         self.queries.lock().unwrap().clone()

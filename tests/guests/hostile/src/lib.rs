@@ -20,7 +20,12 @@ fn recurse(depth: u64, pad: &mut [u8; 256]) -> u64 {
 }
 
 impl Provider for Hostile {
-    fn configure(_config: Configuration) -> Result<Self, Error> {
+    fn configure(config: Configuration) -> Result<Self, Error> {
+        // Named so (in a plugin folder: the file `trap-in-configure.wasm`), it traps
+        // before it can serve anything.
+        if config.name == "trap-in-configure" {
+            panic!("hostile: trapping in configure, as asked");
+        }
         Ok(Hostile { calls: Cell::new(0) })
     }
 
