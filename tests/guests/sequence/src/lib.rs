@@ -25,6 +25,10 @@ struct Settings {
     /// that would spin if the host let it.
     #[serde(default)]
     watch_at_once: bool,
+    /// From this wall-clock time (ms since the Unix epoch) on, every call loops: a
+    /// provider that starts looping mid-run, in every instance the host makes.
+    #[serde(default)]
+    loop_from_unix_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -58,6 +62,16 @@ impl Provider for Sequence {
         if self.settings.service != "*" && query.service != self.settings.service {
             return Ok(Resolution::empty());
         }
+        if let Some(from) = self.settings.loop_from_unix_ms {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            if now >= from {
+                loop {
+                    std::hint::black_box(now);
+                }
+            }
+        }
         let call = self.calls.get();
         self.calls.set(call + 1);
         let answer = &self.settings.answers[call.min(self.settings.answers.len() - 1)];
@@ -66,6 +80,10 @@ impl Provider for Sequence {
                 "unavailable" => Error::Unavailable(format!("scripted failure at call {call}")),
                 "not-found" => Error::NotFound("scripted".into()),
                 "panic" => panic!("scripted panic at call {call}"),
+                // Never returns: the host's time limit has to stop it.
+                "loop" => loop {
+                    std::hint::black_box(call);
+                },
                 other => Error::Internal(other.to_owned()),
             });
         }
