@@ -42,7 +42,7 @@ impl DnsServer {
     /// Stop, then start again on the same port with new records.
     pub fn restart(&mut self, records: &[&str]) {
         self.stop();
-        let child = Command::new("dnsmasq")
+        let child = Command::new(dnsmasq())
             .args([
                 "-k",
                 "--conf-file=/dev/null",
@@ -88,5 +88,19 @@ fn free_port() -> u16 {
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
+    }
+}
+
+/// dnsmasq on `PATH`, or where Debian installs it (`/usr/sbin`, not on a normal user's
+/// `PATH`).
+fn dnsmasq() -> std::path::PathBuf {
+    let sbin = std::path::Path::new("/usr/sbin/dnsmasq");
+    let on_path = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).any(|dir| dir.join("dnsmasq").is_file()))
+        .unwrap_or(false);
+    if !on_path && sbin.is_file() {
+        sbin.to_path_buf()
+    } else {
+        "dnsmasq".into()
     }
 }
