@@ -3,20 +3,15 @@
 
 use libfuzzer_sys::fuzz_target;
 
+// The checks live in one file shared with the stable corpus replay test.
+#[allow(dead_code)]
+#[path = "../src/checks.rs"]
+mod checks;
+#[allow(dead_code)]
+#[path = "../../providers/etcd/src/gateway.rs"]
+mod gateway;
 #[allow(dead_code)]
 #[path = "../../providers/etcd/src/instance.rs"]
 mod instance;
 
-fuzz_target!(|value: &[u8]| {
-    if let Ok(found) = instance::Instance::parse(value) {
-        for endpoint in found.endpoints().into_iter().flatten() {
-            assert!(!endpoint.host.is_empty());
-            assert!(endpoint.scheme.is_some());
-        }
-        // What we write, we read back.
-        assert_eq!(instance::Instance::parse(&found.to_json()).unwrap(), found);
-    }
-    if let Ok(text) = std::str::from_utf8(value) {
-        let _ = instance::parse_endpoint(text);
-    }
-});
+fuzz_target!(|value: &[u8]| checks::etcd_instance(value));

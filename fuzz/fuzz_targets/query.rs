@@ -4,19 +4,15 @@
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|input: &str| {
-    match wasd::Query::parse(input) {
-        Ok(query) => {
-            assert!(!query.service().is_empty());
-            assert_eq!(query.service(), query.service().to_ascii_lowercase());
-            assert!(query.schemes().iter().all(|s| !s.is_empty()));
-            let again = wasd::Query::parse(query.as_str()).expect("an accepted query parses again");
-            assert_eq!(again, query);
-        }
-        Err(e) => {
-            let message = e.to_string();
-            assert!(message.starts_with("invalid query"), "{message}");
-            assert!(!message.contains('\n'), "one line: {message}");
-        }
-    }
-});
+// The checks live in one file shared with the stable corpus replay test.
+#[allow(dead_code)]
+#[path = "../src/checks.rs"]
+mod checks;
+#[allow(dead_code)]
+#[path = "../../providers/etcd/src/gateway.rs"]
+mod gateway;
+#[allow(dead_code)]
+#[path = "../../providers/etcd/src/instance.rs"]
+mod instance;
+
+fuzz_target!(|input: &str| checks::query(input));

@@ -1,0 +1,81 @@
+//! What each fuzz target checks, one function per target. The targets in
+//! `fuzz_targets/` call these under libFuzzer (nightly, `cargo fuzz run`); the stable
+//! test `tests/tests/fuzz_replay.rs` replays every stored corpus input through them, so
+//! a parser change that fails on a stored input fails CI.
+//!
+//! Included by `#[path]` next to the etcd provider's `gateway` and `instance` modules
+//! (the provider is a cdylib), which it reaches as `super::gateway` and
+//! `super::instance`.
+
+use super::{gateway, instance};
+
+/// `query`: a query text is rejected in one line, or parsed into something that parses
+/// again the same.
+pub fn query(input: &str) {
+    match wasd::Query::parse(input) {
+        Ok(query) => {
+            assert!(!query.service().is_empty());
+            // The service keeps its case (registries key names verbatim); endpoint
+            // names and schemes are lower-cased.
+            if let Some(name) = query.endpoint_name() {
+                assert_eq!(name, name.to_ascii_lowercase());
+            }
+            assert!(
+                query
+                    .schemes()
+                    .iter()
+                    .all(|s| !s.is_empty() && *s == s.to_ascii_lowercase())
+            );
+            let again = wasd::Query::parse(query.as_str()).expect("an accepted query parses again");
+            assert_eq!(again, query);
+        }
+        Err(e) => {
+            let message = e.to_string();
+            assert!(message.starts_with("invalid query"), "{message}");
+            assert!(!message.contains('\n'), "one line: {message}");
+        }
+    }
+}
+
+/// `config`: any TOML is a config or an error with a message.
+pub fn config(input: &str) {
+    if let Err(e) = wasd::Config::from_toml(input, std::path::Path::new("/srv")) {
+        assert!(!e.message.is_empty());
+    }
+}
+
+/// `etcd_instance`: a Kratos instance value parses into endpoints with a host and a
+/// scheme, and what we write we read back.
+pub fn etcd_instance(value: &[u8]) {
+    if let Ok(found) = instance::Instance::parse(value) {
+        for endpoint in found.endpoints().into_iter().flatten() {
+            assert!(!endpoint.host.is_empty());
+            assert!(endpoint.scheme.is_some());
+        }
+        assert_eq!(instance::Instance::parse(&found.to_json()).unwrap(), found);
+    }
+    if let Ok(text) = std::str::from_utf8(value) {
+        let _ = instance::parse_endpoint(text);
+    }
+}
+
+/// `etcd_range`: a range response body, and the instances in it.
+pub fn etcd_range(body: &[u8]) {
+    if let Ok(range) = gateway::parse_range(body) {
+        for kv in range.kvs {
+            if let Ok(found) = instance::Instance::parse(&kv.value) {
+                let _ = found.endpoints();
+            }
+        }
+    }
+}
+
+/// `etcd_watch`: a watch, keep-alive or lease-grant line, and the error message made
+/// from any body (bounded).
+pub fn etcd_watch(line: &[u8]) {
+    let _ = gateway::parse_watch_line(line);
+    let _ = gateway::parse_keep_alive(line);
+    let _ = gateway::parse_lease_grant(line);
+    let message = gateway::error_message(line);
+    assert!(message.chars().count() <= 303);
+}
