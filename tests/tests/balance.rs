@@ -151,12 +151,17 @@ settings = {{ services = {{ hello = [
         ["http://10.0.0.2:8000", "http://10.0.0.3:8000"].into()
     );
     // The v2 instances disappear: the balancer keeps them rather than pick nothing.
+    // Once the set without them has been published (the watcher sees it) and the
+    // balancer has followed it (a pick looks), it still has the two.
+    let mut watch = resolver.watch("http://hello").await.unwrap();
     sandbox.write("wasd.toml", toml(""));
-    wasd_tests::eventually(Duration::from_secs(10), "the reload did not happen", || {
-        resolver.reload_status().reloads > 0
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let without_v2 = tokio::time::timeout(Duration::from_secs(10), watch.changed())
+        .await
+        .expect("the set without v2 was never published")
+        .unwrap();
+    assert_eq!(wasd_tests::strings(&without_v2), ["http://10.0.0.1:8000"]);
+    let picked = balancer.pick().endpoint().to_string();
+    assert_ne!(picked, "http://10.0.0.1:8000");
     assert_eq!(balancer.endpoints().len(), 2);
     // No v2 at all from the start: building fails.
     let err = resolver
@@ -188,9 +193,17 @@ async fn a_removed_endpoint_stops_receiving_picks_after_one_change() {
     let picks = counts((0..30).map(|_| balancer.pick().endpoint().to_string()));
     assert!(!picks.contains_key(THREE[2]), "{picks:?}");
     assert_eq!(picks.len(), 2);
-    // Removing everything does not empty the balancer.
+    // Removing everything does not empty the balancer: once the empty set has been
+    // published (the watcher sees it) and the balancer has followed it (a pick looks),
+    // the balancer still has the two it had.
     write_catalog(&sandbox, &[]);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let empty = tokio::time::timeout(Duration::from_secs(10), watch.changed())
+        .await
+        .expect("the empty set was never published")
+        .unwrap();
+    assert!(empty.is_empty(), "{empty:?}");
+    let picked = balancer.pick().endpoint().to_string();
+    assert!(THREE[..2].contains(&picked.as_str()), "{picked}");
     assert_eq!(balancer.endpoints().len(), 2);
 }
 
@@ -239,8 +252,31 @@ async fn discover_streams_inserts_and_removes_and_never_empties() {
         unreachable!()
     };
     assert_eq!(service, "10.0.0.3:80");
-    // Emptied: no change is streamed.
+    // Emptied: once the empty set has been published (a watcher sees it), the stream,
+    // polled with it already there, streams nothing...
+    let mut watch = resolver.watch("http://catalog").await.unwrap();
     write_catalog(&sandbox, &[]);
-    let quiet = tokio::time::timeout(Duration::from_millis(2500), next_change(&mut discover)).await;
+    let empty = tokio::time::timeout(Duration::from_secs(10), watch.changed())
+        .await
+        .expect("the empty set was never published")
+        .unwrap();
+    assert!(empty.is_empty(), "{empty:?}");
+    let quiet = tokio::time::timeout(Duration::from_millis(200), next_change(&mut discover)).await;
     assert!(quiet.is_err(), "an emptied set must not remove every service");
+    // ...and the services of the set before it are removed only when endpoints come
+    // back: had the empty set removed them, only the insert would come now.
+    write_catalog(&sandbox, &THREE[..1]);
+    let mut changes = Vec::new();
+    for _ in 0..3 {
+        changes.push(describe(&next_change(&mut discover).await));
+    }
+    changes.sort();
+    assert_eq!(
+        changes,
+        [
+            "+http://10.0.0.1:80",
+            "-http://10.0.0.2:80",
+            "-http://10.0.0.3:80"
+        ]
+    );
 }
