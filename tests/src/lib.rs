@@ -178,13 +178,90 @@ pub struct Output {
     pub stderr: String,
 }
 
-/// Run a command to completion.
+/// How long a `wasd` command may run before the test kills it and fails: generous, a
+/// first compile of a Python or JavaScript component takes ~10 s on a slow machine.
+pub const RUN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Run a command to completion, within [`RUN_DEADLINE`].
 pub fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("running wasd");
-    Output {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    run_within(cmd, RUN_DEADLINE)
+}
+
+/// Run a command to completion; past `within` it is killed and the test fails (a hung
+/// child must not hang the suite).
+pub fn run_within(cmd: &mut Command, within: std::time::Duration) -> Output {
+    use std::process::Stdio;
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("running wasd");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(within) {
+        Ok(out) => {
+            let out = out.expect("waiting for wasd");
+            Output {
+                code: out.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        }
+        Err(_) => {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            panic!("{cmd:?} did not finish within {within:?}");
+        }
+    }
+}
+
+/// A child's output read line by line on a thread, each line awaited under a deadline,
+/// so a child that hangs fails the test instead of hanging it.
+pub struct Lines {
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Lines {
+    /// Read `output` (a child's stdout or stderr) from now on.
+    pub fn new(output: impl std::io::Read + Send + 'static) -> Lines {
+        use std::io::BufRead;
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(output).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines { lines }
+    }
+
+    /// The next line (without its newline); fails the test naming `what` if none
+    /// comes within `within` or the output ends.
+    pub fn next(&self, within: std::time::Duration, what: &str) -> String {
+        self.lines
+            .recv_timeout(within)
+            .unwrap_or_else(|e| panic!("waiting {within:?} for {what}: {e}"))
+    }
+
+    /// Every line until the output ends, which must happen within `within`.
+    pub fn rest(&self, within: std::time::Duration) -> Vec<String> {
+        let deadline = std::time::Instant::now() + within;
+        let mut rest = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => rest.push(line),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return rest,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("the output did not end within {within:?}; so far {rest:?}")
+                }
+            }
+        }
     }
 }
 
@@ -213,4 +290,40 @@ pub fn example_provider(language: &str) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     root.join(format!("target/example-providers/{language}.wasm"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    #[should_panic(expected = "did not finish within")]
+    fn a_hung_child_fails_the_test_instead_of_hanging_it() {
+        run_within(
+            Command::new("sleep").arg("30"),
+            std::time::Duration::from_millis(200),
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "waiting 200ms for a line")]
+    fn a_line_that_never_comes_fails_the_test() {
+        let mut child = Command::new("sleep")
+            .arg("30")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = Lines::new(child.stdout.take().unwrap());
+        let _kill = KillOnDrop(child);
+        lines.next(std::time::Duration::from_millis(200), "a line");
+    }
+
+    struct KillOnDrop(std::process::Child);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }

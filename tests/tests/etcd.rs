@@ -323,9 +323,8 @@ fn wasd_register_deregisters_on_sigterm() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let stdout = wasd_tests::Lines::new(child.stdout.take().unwrap());
+    let line = stdout.next(Duration::from_secs(30), "the registration");
     assert!(line.starts_with("registered hello/cli-1 (lease "), "{line}");
 
     let stored = etcd.get_prefix("/microservices/hello/");
@@ -354,8 +353,7 @@ fn wasd_register_deregisters_on_sigterm() {
         .status()
         .unwrap();
     assert!(status.success());
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let rest = stdout.rest(Duration::from_secs(10)).join("\n");
     let exit = child.wait().unwrap();
     assert!(exit.success(), "wasd register exited with {exit}");
     assert!(rest.contains("deregistered hello/cli-1"), "{rest}");

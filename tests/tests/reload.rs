@@ -371,19 +371,17 @@ fn wasd_watch_prints_the_change_after_a_file_edit() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let stdout = wasd_tests::Lines::new(child.stdout.take().unwrap());
+    let line = stdout.next(Duration::from_secs(30), "the current set");
     assert_eq!(line.trim(), "http://10.3.0.1:80");
 
-    std::thread::sleep(Duration::from_millis(200));
+    // The first line comes after the file watcher is armed: the edit is seen.
     let path = sandbox.path().join("appsettings.json");
     write_then_rename(
         &path,
         br#"{"Services": {"catalog": {"http": ["http://10.3.0.2:80", "http://10.3.0.3:80"]}}}"#,
     );
-    line.clear();
-    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let line = stdout.next(Duration::from_secs(10), "the change");
     assert_eq!(line.trim(), "http://10.3.0.2:80 http://10.3.0.3:80");
     let _ = child.kill();
     let _ = child.wait();
