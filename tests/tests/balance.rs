@@ -110,7 +110,8 @@ async fn pick_first_moves_on_from_a_failed_endpoint_and_comes_back() {
         let picked = balancer.pick();
         picked.failed();
     }
-    let _ = balancer.pick();
+    let picked = balancer.pick().endpoint().to_string();
+    assert!(THREE.contains(&picked.as_str()), "{picked}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

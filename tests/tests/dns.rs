@@ -132,7 +132,15 @@ async fn names_outside_the_grant_are_denied() {
     // No grant at all is the default.
     let no_grant = config(&server, r#"suffix = "cluster.local""#, "");
     let r = sandbox.resolver(&no_grant).await.unwrap();
-    assert!(r.resolve("basket").await.is_err());
+    match r.resolve("basket").await {
+        Err(Error::NoEndpoints { failures, .. }) => {
+            assert!(
+                matches!(&failures[0].kind, ProviderErrorKind::Denied(m) if m.contains("_default._tcp.basket.cluster.local")),
+                "{failures:?}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test]

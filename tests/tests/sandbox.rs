@@ -139,12 +139,14 @@ async fn no_later_provider_papers_over_an_attack() {
 async fn noisy_and_slow_but_legal_providers_work() {
     let sandbox = Sandbox::new();
     let resolver = resolver(&sandbox, &alone(LIMITS)).await;
-    // A megabyte of stderr: kept only in part, never a failure.
+    // A megabyte of stderr: never a failure (only its last 16 KiB are kept:
+    // `limits.rs` `stderr_keeps_only_its_last_16_kib`).
     assert_eq!(
         strings(&resolver.resolve("stderr").await.unwrap()),
         ["10.9.0.1:80"]
     );
-    // 20 000 log lines: the first thousand are logged, the rest dropped.
+    // 20 000 log lines: never a failure (the first thousand are logged, the rest
+    // dropped: `a_log_flood_is_cut_at_a_thousand_lines_per_call`).
     assert_eq!(
         strings(&resolver.resolve("log-flood").await.unwrap()),
         ["10.9.0.2:80"]
@@ -300,6 +302,30 @@ fn sha256_hex(bytes: &[u8]) -> String {
         })
         .unwrap();
     String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+/// A provider's log lines reach the host's log, the first thousand of one call, then
+/// one line saying the rest are dropped (through the CLI, whose log goes to stderr).
+#[test]
+fn a_log_flood_is_cut_at_a_thousand_lines_per_call() {
+    let sandbox = Sandbox::new();
+    sandbox.write("wasd.toml", alone(LIMITS));
+    let out = run(sandbox
+        .wasd()
+        .args(["resolve", "log-flood", "--config", "wasd.toml"])
+        .env("WASD_LOG", "wasd_sandbox=info"));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "10.9.0.2:80");
+    let flood: Vec<&str> = out.stderr.lines().filter(|l| l.contains("flood line")).collect();
+    assert_eq!(flood.len(), 1000, "{} flood lines", flood.len());
+    assert!(flood[0].contains("flood line 0 "), "{}", flood[0]);
+    assert!(flood[999].contains("flood line 999 "), "{}", flood[999]);
+    let dropped = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("more than 1000 log lines in one call"))
+        .count();
+    assert_eq!(dropped, 1, "{}", out.stderr.len());
 }
 
 #[test]
