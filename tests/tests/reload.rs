@@ -256,64 +256,136 @@ async fn edits_to_appsettings_and_the_host_config_apply_in_place() {
     assert!(resolver.reload_status().errors.is_empty());
 }
 
+/// What the resolve loops of `no_resolve_fails_during_hundreds_of_reloads` saw, per kind.
+#[derive(Default)]
+struct Tally {
+    /// Resolves per kind: cached texts, uncached (the chain runs every time), and new
+    /// texts (a new entry each, its first resolve through the chain).
+    cached: AtomicUsize,
+    uncached: AtomicUsize,
+    new_texts: AtomicUsize,
+    failures: AtomicUsize,
+    wrong: AtomicUsize,
+    examples: std::sync::Mutex<Vec<String>>,
+}
+
+impl Tally {
+    fn check(&self, kind: &AtomicUsize, result: Result<wasd::EndpointSet, wasd::Error>, allowed: [&str; 2]) {
+        kind.fetch_add(1, Ordering::Relaxed);
+        let problem = match result {
+            Ok(set) if allowed.iter().any(|a| strings(&set) == [*a]) => return,
+            Ok(set) => {
+                self.wrong.fetch_add(1, Ordering::Relaxed);
+                format!("a wrong answer: {:?}", strings(&set))
+            }
+            Err(e) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                format!("a failure: {e}")
+            }
+        };
+        let mut examples = self.examples.lock().unwrap();
+        if examples.len() < 5 {
+            examples.push(problem);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn no_resolve_fails_during_hundreds_of_reloads() {
+    const C: &str = "http://10.1.0.3:80";
+    const D: &str = "http://10.1.0.4:80";
     let sandbox = Sandbox::new();
-    let plugin = sandbox.write("plugins/fixed.wasm", wasm(fixtures::FIXED_A));
-    let resolver = sandbox.resolver(PLUGINS_ONLY).await.unwrap();
+    let plugin = sandbox.write("modules/fixed.wasm", wasm(fixtures::FIXED_A));
+    // `fixed` answers the service `fixed` (A or B, by module); `any` every other
+    // service (C or D, by its settings in the config).
+    let toml = |answer: &str| {
+        format!(
+            r#"pass-through = false
+[[provider]]
+name = "fixed"
+module = "{}"
+[[provider]]
+name = "any"
+module = "{}"
+settings = {{ service = "*", answers = [{{ endpoints = ["{answer}"] }}] }}
+"#,
+            plugin.display(),
+            fixtures::SEQUENCE
+        )
+    };
+    let resolver = sandbox.resolver(&toml(C)).await.unwrap();
     eventually(&resolver, "fixed", Some(&[A])).await;
     let (a, b) = (wasm(fixtures::FIXED_A), wasm(fixtures::FIXED_B));
 
     let stop = Arc::new(AtomicBool::new(false));
-    let failures = Arc::new(AtomicUsize::new(0));
-    let resolves = Arc::new(AtomicUsize::new(0));
-    let seen_b = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
     let mut tasks = Vec::new();
-    for _ in 0..4 {
-        let (resolver, stop, failures, resolves, seen_b) = (
-            resolver.clone(),
-            stop.clone(),
-            failures.clone(),
-            resolves.clone(),
-            seen_b.clone(),
-        );
+    for task in 0..4 {
+        let (resolver, stop, tally) = (resolver.clone(), stop.clone(), tally.clone());
         tasks.push(tokio::spawn(async move {
+            let fixed = wasd::Query::parse("fixed").unwrap();
+            let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
-                // Uncached queries too, so the chain itself runs on every generation.
-                for query in ["fixed", "http://fixed"] {
-                    match resolver.resolve(query).await {
-                        Ok(set) => {
-                            let got = strings(&set);
-                            assert!(got == [A] || got == [B], "an invalid set: {got:?}");
-                            if got == [B] {
-                                seen_b.store(true, Ordering::Relaxed);
-                            }
-                        }
-                        Err(e) => {
-                            eprintln!("failed resolve: {e}");
-                            failures.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    resolves.fetch_add(1, Ordering::Relaxed);
-                }
+                tally.check(&tally.cached, resolver.resolve("fixed").await, [A, B]);
+                tally.check(&tally.cached, resolver.resolve("http://other").await, [C, D]);
+                tally.check(&tally.uncached, resolver.resolve_uncached(&fixed).await, [A, B]);
+                n += 1;
+                let text = format!("http://new-{task}-{n}");
+                tally.check(&tally.new_texts, resolver.resolve(&text).await, [C, D]);
                 tokio::task::yield_now().await;
             }
         }));
     }
-    let start = resolver.reload_status().generation;
+    let before = resolver.reload_status();
+    // 120 reloads in cycles of six: a module swap, a broken config, a config edit that
+    // repairs it and changes an answer, a broken module, a module swap that repairs it,
+    // another config edit. The broken ones are refused and change nothing.
+    let config = sandbox.path().join("wasd.toml");
     for i in 0..120u32 {
-        write_then_rename(&plugin, if i.is_multiple_of(2) { &b } else { &a });
+        match i % 6 {
+            0 => write_then_rename(&plugin, &b),
+            1 => write_then_rename(&config, b"[[provider]\nmodule = "),
+            2 => write_then_rename(&config, toml(D).as_bytes()),
+            3 => write_then_rename(&plugin, b"\0asm not really"),
+            4 => write_then_rename(&plugin, &a),
+            _ => write_then_rename(&config, toml(C).as_bytes()),
+        }
         let report = resolver.reload().await;
-        assert!(report.errors.is_empty(), "{report:?}");
+        let refused = matches!(i % 6, 1 | 3);
+        assert_eq!(!report.errors.is_empty(), refused, "reload {i}: {report:?}");
     }
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
         task.await.unwrap();
     }
-    assert!(resolver.reload_status().generation >= start + 100);
-    assert_eq!(failures.load(Ordering::Relaxed), 0);
-    assert!(resolves.load(Ordering::Relaxed) > 100);
-    assert!(seen_b.load(Ordering::Relaxed));
+    let after = resolver.reload_status();
+    let (cached, uncached, new_texts) = (
+        tally.cached.load(Ordering::Relaxed),
+        tally.uncached.load(Ordering::Relaxed),
+        tally.new_texts.load(Ordering::Relaxed),
+    );
+    eprintln!(
+        "{} reloads ({} new chains): {cached} cached, {uncached} uncached and {new_texts} new-text resolves",
+        after.reloads - before.reloads,
+        after.generation - before.generation,
+    );
+    assert!(after.reloads - before.reloads >= 120, "{after:?}");
+    // Module swaps and repairs made new chains (config edits change the `any`
+    // provider's settings: new chains too).
+    assert!(after.generation - before.generation >= 60, "{after:?}");
+    assert_eq!(
+        (
+            tally.failures.load(Ordering::Relaxed),
+            tally.wrong.load(Ordering::Relaxed)
+        ),
+        (0, 0),
+        "{:?}",
+        tally.examples.lock().unwrap()
+    );
+    assert!(
+        cached >= 200 && uncached >= 100 && new_texts >= 100,
+        "{cached} {uncached} {new_texts}"
+    );
 }
 
 fn rss_bytes() -> u64 {
