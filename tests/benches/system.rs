@@ -313,11 +313,15 @@ fn reload(c: &mut Criterion) {
         })
     });
 
-    // Cached resolves on one thread, with and without a writer replacing the module
-    // every 200 ms (each write becomes one reload: longer than the debounce).
+    // Resolves on one thread, cached and uncached (the chain runs on every call, so a
+    // chain broken mid-swap would be seen), with and without a writer replacing the
+    // module every 200 ms (each write becomes one reload: longer than the debounce).
+    // Every answer is checked (one of the two versions); failures, wrong answers and
+    // reloads are counted per run, not since the resolver started.
     group.sample_size(20);
     for label in ["quiet", "reloading"] {
         let stop = Arc::new(AtomicBool::new(false));
+        let reloads_before = resolver.reload_status().reloads;
         let writer = (label == "reloading").then(|| {
             let (stop, plugin, a, b) = (stop.clone(), plugin.clone(), a.clone(), b.clone());
             std::thread::spawn(move || {
@@ -330,28 +334,41 @@ fn reload(c: &mut Criterion) {
                 n
             })
         });
-        let failures = AtomicU64::new(0);
+        let (failures, wrong) = (AtomicU64::new(0), AtomicU64::new(0));
+        let (cached, uncached) = (AtomicU64::new(0), AtomicU64::new(0));
+        // Checked without allocating: the host of the one endpoint, either version's.
+        let check = |result: Result<wasd::EndpointSet, wasd::Error>| match result {
+            Ok(set) if matches!(set.endpoints(), [e] if e.host() == "10.1.0.1" || e.host() == "10.1.0.2") => {
+            }
+            Ok(_) => drop(wrong.fetch_add(1, Ordering::Relaxed)),
+            Err(_) => drop(failures.fetch_add(1, Ordering::Relaxed)),
+        };
         group.bench_function(format!("cached_resolve_{label}"), |bench| {
             bench.to_async(&rt).iter(|| async {
-                if resolver.resolve("fixed").await.is_err() {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                }
+                cached.fetch_add(1, Ordering::Relaxed);
+                check(resolver.resolve("fixed").await);
+            })
+        });
+        group.bench_function(format!("uncached_resolve_{label}"), |bench| {
+            bench.to_async(&rt).iter(|| async {
+                uncached.fetch_add(1, Ordering::Relaxed);
+                check(resolver.resolve_uncached(&query).await);
             })
         });
         stop.store(true, Ordering::Relaxed);
-        if let Some(writer) = writer {
-            let writes = writer.join().unwrap();
-            let status = resolver.reload_status();
-            eprintln!(
-                "reload/{label}: {writes} module writes, {} reloads so far, {} failed resolves",
-                status.reloads,
-                failures.load(Ordering::Relaxed)
-            );
-        }
-        assert_eq!(
+        let writes = writer.map_or(0, |writer| writer.join().unwrap());
+        eprintln!(
+            "reload/{label}: {writes} module writes, {} reloads in this run; {} cached and {} uncached resolves, {} failed, {} wrong",
+            resolver.reload_status().reloads - reloads_before,
+            cached.load(Ordering::Relaxed),
+            uncached.load(Ordering::Relaxed),
             failures.load(Ordering::Relaxed),
-            0,
-            "resolves failed during reloads"
+            wrong.load(Ordering::Relaxed),
+        );
+        assert_eq!(
+            (failures.load(Ordering::Relaxed), wrong.load(Ordering::Relaxed)),
+            (0, 0),
+            "resolves failed or were wrong during reloads"
         );
     }
     group.finish();
