@@ -103,6 +103,7 @@ async fn pick_first_moves_on_from_a_failed_endpoint_and_comes_back() {
     assert_eq!(balancer.pick().endpoint().to_string(), THREE[1]);
     // The failed endpoint is tried last, and picked again after its ejection.
     assert_eq!(balancer.endpoints().last().unwrap().to_string(), THREE[0]);
+    // Its 300 ms ejection passes (the scenario's time, not a wait for an event).
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(balancer.pick().endpoint().to_string(), THREE[0]);
     // Every endpoint failed: picks still return one rather than nothing.

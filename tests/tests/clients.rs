@@ -404,11 +404,47 @@ async fn grpc_instance_that_stops_leaves_and_one_that_starts_joins() {
     let counts = health_checks(&channel, 20).await;
     assert_eq!(counts.values().sum::<usize>(), 20, "{counts:?}");
 
-    // greeter-1 shuts down: within a check or two it is out, and no call fails.
+    // greeter-1 shuts down: within a check or two (100 ms each) it is out. Until then
+    // a call that tonic's balancer sends its way fails with the connect error (tonic
+    // reconnects on the call; the channel does not resend it elsewhere), and only
+    // such calls fail.
+    let stopped = greeter.urls("grpc")[0].trim_start_matches("grpc://").to_owned();
     greeter.stop(0).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let counts = health_checks(&channel, 20).await;
-    assert_eq!(counts.get("greeter-2"), Some(&20), "{counts:?}");
+    let stopped_at = tokio::time::Instant::now();
+    let mut client = HealthClient::new(channel.clone());
+    let mut failed = 0;
+    let mut in_a_row_on_greeter_2 = 0;
+    while in_a_row_on_greeter_2 < 20 {
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(2),
+            "greeter-1 still picked after 2 s ({failed} calls failed)"
+        );
+        match client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+        {
+            Ok(response) => {
+                let instance = response.metadata().get("x-instance").unwrap().to_str().unwrap();
+                assert_eq!(instance, "greeter-2");
+                in_a_row_on_greeter_2 += 1;
+            }
+            Err(status) => {
+                let text = format!("{status:?}");
+                assert!(
+                    text.contains("ConnectionRefused") && text.contains(&stopped),
+                    "a failure other than greeter-1's connect error: {text}"
+                );
+                failed += 1;
+                in_a_row_on_greeter_2 = 0;
+            }
+        }
+    }
+    eprintln!(
+        "greeter-1 out {:?} after it stopped; {failed} calls failed meanwhile",
+        stopped_at.elapsed()
+    );
 
     // An instance starts at `late`: it is checked again (with back-off) and joins.
     drop(late_socket);

@@ -164,8 +164,13 @@ async fn etcd_down_mid_watch_serves_last_good_then_recovers() {
     let mut watch = resolver.watch("hello").await.unwrap();
 
     etcd.kill();
-    // Several failed watches and refreshes later, the last good set still stands.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Once a refresh has failed (the set served records it), the last good set still
+    // stands, for resolves and the watcher.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while resolver.resolve("hello").await.unwrap().failures().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "no refresh failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(strings(&watch.current()), ["http://10.0.0.1:8000"]);
     assert_eq!(
         strings(&resolver.resolve("hello").await.unwrap()),
@@ -392,7 +397,8 @@ async fn auth_and_tls_with_a_private_ca() {
         ["http://10.0.0.1:8000"]
     );
 
-    // Past the token's TTL, the same (pooled) provider instance re-authenticates.
+    // Past the token's TTL (the scenario's time passing, not a wait for an event), the
+    // same (pooled) provider instance re-authenticates.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let err = resolver.resolve("helloworld").await.unwrap_err();
     assert!(

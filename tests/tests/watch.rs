@@ -43,12 +43,19 @@ settings = {{ service = "seq", answers = [
     assert_eq!(next.provider(), Some("script"));
 
     // Call 3 (about 1 s after call 2) fails; call 4 comes 1 s later (back-off). In
-    // between, the last good set is still served.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        strings(&resolver.resolve("http://seq").await.unwrap()),
-        ["http://b:2", "http://c:3"]
-    );
+    // between, the last good set is still served, and says why it may be stale.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let served = loop {
+        let served = resolver.resolve("http://seq").await.unwrap();
+        if !served.failures().is_empty() {
+            break served;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "call 3 never failed");
+        // Polling the resolver for the failure, not waiting for it to happen.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(strings(&served), ["http://b:2", "http://c:3"]);
+    assert_eq!(served.failures()[0].provider, "script");
 
     // Call 4 answers cleanly with nothing: the service is gone.
     let gone = tokio::time::timeout(Duration::from_secs(5), watch.changed())
