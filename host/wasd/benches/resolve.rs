@@ -194,6 +194,44 @@ fn cached(c: &mut Criterion) {
     group.finish();
 }
 
+/// The native lookup as a source of the discovery core: the same host work as the
+/// Wasm path (query conversion, the chain, scheme selection, building the
+/// `EndpointSet`), without the sandbox. The fair baseline for `wasm_config`: the
+/// difference between the two is the boundary's cost alone.
+struct NativeSource {
+    name: Arc<str>,
+    config: NativeConfig,
+}
+
+#[async_trait::async_trait]
+impl wasd_core::Source for NativeSource {
+    fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    async fn resolve(
+        &self,
+        query: &wasd_core::SourceQuery,
+    ) -> Result<wasd_core::Answer, wasd_core::ProviderError> {
+        let endpoints = self
+            .config
+            .resolve(&query.service, &query.schemes)
+            .into_iter()
+            .map(|e| {
+                let mut endpoint = wasd_core::Endpoint::new(e.host);
+                if let Some(scheme) = e.scheme {
+                    endpoint = endpoint.with_scheme(scheme);
+                }
+                if let Some(port) = e.port {
+                    endpoint = endpoint.with_port(port);
+                }
+                endpoint
+            })
+            .collect();
+        Ok(wasd_core::Answer::new(endpoints))
+    }
+}
+
 fn uncached(c: &mut Criterion) {
     let (rt, dir) = setup();
     let cache = dir.path().join("cache");
@@ -205,9 +243,28 @@ fn uncached(c: &mut Criterion) {
     assert_eq!(native.resolve("catalog", &schemes).len(), 2);
     assert_eq!(rt.block_on(resolver.resolve_uncached(&query)).unwrap().len(), 2);
 
+    let through_host = wasd_core::Cache::new(
+        Arc::new(wasd_core::ChainCell::new(wasd_core::Chain::new(vec![Arc::new(
+            NativeSource {
+                name: "native".into(),
+                config: NativeConfig::new(),
+            },
+        )]))),
+        wasd_core::Settings::default(),
+        wasd_core::Clock::default(),
+    );
+    assert_eq!(
+        rt.block_on(through_host.resolve_uncached(&query)).unwrap().len(),
+        2
+    );
+
     let mut group = c.benchmark_group("uncached");
     group.bench_function("native_config", |b| {
         b.iter(|| black_box(native.resolve(black_box("catalog"), black_box(&schemes))))
+    });
+    group.bench_function("native_source_through_host", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(through_host.resolve_uncached(black_box(&query)).await.unwrap()) })
     });
     group.bench_function("wasm_config", |b| {
         b.to_async(&rt)
