@@ -8,11 +8,5 @@ use libfuzzer_sys::fuzz_target;
 #[allow(dead_code)]
 #[path = "../src/checks.rs"]
 mod checks;
-#[allow(dead_code)]
-#[path = "../../providers/etcd/src/gateway.rs"]
-mod gateway;
-#[allow(dead_code)]
-#[path = "../../providers/etcd/src/instance.rs"]
-mod instance;
 
 fuzz_target!(|input: &str| checks::query(input));

@@ -131,6 +131,15 @@ impl Observer {
         }
     }
 
+    /// Wait until the resolve loop has failed `n` times in all, at most `within`.
+    async fn failed(&mut self, n: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.failures() < n {
+            assert!(Instant::now() < deadline, "no failure: {:#?}", self.tail());
+            self.next("resolve").await;
+        }
+    }
+
     fn failures(&self) -> usize {
         self.history().iter().filter(|s| s.answer.is_err()).count()
     }
@@ -189,30 +198,39 @@ limits = {{ timeout = "3s" }}
     )
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn etcd_killed_and_restarted_on_its_data() {
-    let mut etcd = EtcdServer::start();
+/// etcd serving `hello` (v1 at 10.0.0.1), a resolver on it with pass-through on, and
+/// an observer of `http://hello` that has seen the loop go round once.
+async fn etcd_observed() -> (EtcdServer, Sandbox, Resolver, Observer) {
+    let etcd = EtcdServer::start();
     etcd.put_instance("hello", "a", "v1", &["http://10.0.0.1:8000"], None);
     let sandbox = Sandbox::new();
     let resolver = sandbox.resolver(&etcd_config(&etcd.url())).await.unwrap();
     let mut observer = Observer::start(&resolver, "http://hello").await;
     observer.next("resolve").await;
+    (etcd, sandbox, resolver, observer)
+}
 
-    etcd.kill(); // SIGKILL
-    // Down until the resolve loop has failed a few times.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while observer.failures() < 5 {
-        assert!(Instant::now() < deadline, "no failure: {:#?}", observer.tail());
-        observer.next("resolve").await;
-    }
+/// etcd, back, gets `hello` v2 (10.0.0.2): the watcher and the resolve loop follow
+/// within 5 s; how long the watcher took.
+async fn back_with_v2(etcd: &mut EtcdServer, observer: &mut Observer) -> Duration {
     etcd.restart();
     etcd.put_instance("hello", "a", "v2", &["http://10.0.0.2:8000"], None);
-    observer
+    let took = observer
         .sees("watch", &["http://10.0.0.2:8000"], Duration::from_secs(5))
         .await;
     observer
         .sees("resolve", &["http://10.0.0.2:8000"], Duration::from_secs(5))
         .await;
+    took
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn etcd_killed_and_restarted_on_its_data() {
+    let (mut etcd, _sandbox, _resolver, mut observer) = etcd_observed().await;
+    etcd.kill(); // SIGKILL
+    // Down until the resolve loop has failed a few times.
+    observer.failed(5, Duration::from_secs(15)).await;
+    back_with_v2(&mut etcd, &mut observer).await;
     let (answers, failures) = observer.check(&["etcd"], "etcd");
     assert!(
         answers > 2 && failures >= 5,
@@ -222,13 +240,7 @@ async fn etcd_killed_and_restarted_on_its_data() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn etcd_away_for_60s() {
-    let mut etcd = EtcdServer::start();
-    etcd.put_instance("hello", "a", "v1", &["http://10.0.0.1:8000"], None);
-    let sandbox = Sandbox::new();
-    let resolver = sandbox.resolver(&etcd_config(&etcd.url())).await.unwrap();
-    let mut observer = Observer::start(&resolver, "http://hello").await;
-    observer.next("resolve").await;
-
+    let (mut etcd, _sandbox, _resolver, mut observer) = etcd_observed().await;
     etcd.kill();
     // Away for a minute (the scenario, not a wait for an event).
     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -239,15 +251,8 @@ async fn etcd_away_for_60s() {
         .filter(|s| s.by == "watch")
         .collect();
     assert_eq!(watched.len(), 1, "{watched:#?}");
-    etcd.restart();
-    etcd.put_instance("hello", "a", "v2", &["http://10.0.0.2:8000"], None);
-    let took = observer
-        .sees("watch", &["http://10.0.0.2:8000"], Duration::from_secs(5))
-        .await;
+    let took = back_with_v2(&mut etcd, &mut observer).await;
     eprintln!("the watcher followed {took:?} after etcd's return");
-    observer
-        .sees("resolve", &["http://10.0.0.2:8000"], Duration::from_secs(5))
-        .await;
     observer.check(&["etcd"], "etcd");
 }
 
@@ -335,11 +340,7 @@ grants = {{ dns = ["*"] }}
     dns.stop();
     // Down until the resolve loop has failed a few times (answers cached by the DNS
     // client for their TTL come first).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while observer.failures() < 3 {
-        assert!(Instant::now() < deadline, "no failure: {:#?}", observer.tail());
-        observer.next("resolve").await;
-    }
+    observer.failed(3, Duration::from_secs(15)).await;
     dns.restart(CHANGED);
     // The TTL is 1 s; the refresh after the outage follows within its back-off's
     // probe period.

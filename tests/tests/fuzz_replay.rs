@@ -7,12 +7,6 @@ use std::path::PathBuf;
 
 #[path = "../../fuzz/src/checks.rs"]
 mod checks;
-#[allow(dead_code)]
-#[path = "../../providers/etcd/src/gateway.rs"]
-mod gateway;
-#[allow(dead_code)]
-#[path = "../../providers/etcd/src/instance.rs"]
-mod instance;
 
 /// Run `check` on every file of `fuzz/corpus/{target}`; the number of inputs. A failing
 /// input is named (its file) before the panic goes on.
