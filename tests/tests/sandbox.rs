@@ -304,6 +304,32 @@ fn sha256_hex(bytes: &[u8]) -> String {
     String::from_utf8(out.stdout).unwrap()[..64].to_owned()
 }
 
+/// A panic message is the guest's text: it reaches the caller with its control
+/// characters escaped, so it can neither clear the operator's screen nor forge a line,
+/// in the library's error and on the CLI's stderr.
+#[test]
+fn a_panic_message_cannot_drive_the_terminal() {
+    let sandbox = Sandbox::new();
+    sandbox.write("wasd.toml", alone(LIMITS));
+    wasd_tests::runtime().block_on(async {
+        let resolver = resolver(&sandbox, &alone(LIMITS)).await;
+        let err = resolver.resolve("panic-escape").await.unwrap_err().to_string();
+        assert!(!err.chars().any(char::is_control), "{err:?}");
+        assert!(err.contains(r"\u{1b}[2J\u{1b}[Hcleared\rforged"), "{err}");
+    });
+    let out = run(sandbox
+        .wasd()
+        .args(["resolve", "panic-escape", "--config", "wasd.toml"]));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert_eq!(out.stderr.lines().count(), 1, "{:?}", out.stderr);
+    assert!(
+        !out.stderr.trim_end().chars().any(char::is_control),
+        "{:?}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("cleared"), "{}", out.stderr);
+}
+
 /// A provider's log lines reach the host's log, the first thousand of one call, then
 /// one line saying the rest are dropped (through the CLI, whose log goes to stderr).
 #[test]

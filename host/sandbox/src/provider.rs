@@ -861,7 +861,8 @@ fn classify(e: &wasmtime::Error, stderr: &StderrTail) -> ProviderErrorKind {
             None => trap.to_string(),
         });
     }
-    ProviderErrorKind::Trap(format!("{e:#}"))
+    // wasmtime's text can carry guest-chosen names (a component's name section).
+    ProviderErrorKind::Trap(sanitize(&format!("{e:#}"), MAX_TEXT))
 }
 
 /// The last panic message a Rust guest wrote to stderr (`panicked at src/lib.rs:7:9:`
@@ -874,7 +875,9 @@ fn panic_message(stderr: &[u8]) -> Option<String> {
         .map(str::trim)
         .filter(|line| !line.is_empty() && !line.starts_with("note: "))
         .collect();
-    Some(message.join(" ").chars().take(300).collect())
+    // The guest wrote it: control characters escaped (no terminal sequences, no
+    // forged log lines), at most 300 characters.
+    Some(sanitize(&message.join(" "), 300))
 }
 
 fn check_endpoint(e: GuestEndpoint) -> Result<Endpoint, String> {

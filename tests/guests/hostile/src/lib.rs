@@ -63,6 +63,8 @@ impl Provider for Hostile {
                 )]))
             }
             "panic" => panic!("hostile provider panicked on purpose"),
+            // A panic message that would clear the operator's screen and forge a line.
+            "panic-escape" => panic!("\x1b[2J\x1b[Hcleared\rforged: all is well"),
             // Output: far more endpoints than any limit allows.
             "huge" => {
                 let endpoints = (0..200_000u32)
