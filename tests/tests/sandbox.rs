@@ -140,7 +140,7 @@ async fn noisy_and_slow_but_legal_providers_work() {
     let sandbox = Sandbox::new();
     let resolver = resolver(&sandbox, &alone(LIMITS)).await;
     // A megabyte of stderr: never a failure (only its last 16 KiB are kept:
-    // `limits.rs` `stderr_keeps_only_its_last_16_kib`).
+    // `limits.rs` `stderr_keeps_the_tail`).
     assert_eq!(
         strings(&resolver.resolve("stderr").await.unwrap()),
         ["10.9.0.1:80"]
