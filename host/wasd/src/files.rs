@@ -112,6 +112,8 @@ fn absolute(path: &Path) -> PathBuf {
 pub(crate) struct FileWatcher {
     watcher: notify::RecommendedWatcher,
     inputs: Arc<Mutex<Inputs>>,
+    /// Asks the reload task for a reload, as a concerning event does.
+    poke: mpsc::UnboundedSender<()>,
 }
 
 impl FileWatcher {
@@ -121,7 +123,10 @@ impl FileWatcher {
         let inputs = Inputs::of(config);
         // Never hold the lock while calling notify: its event thread takes the same
         // lock in the handler, and `watch` waits for that thread.
-        let old = std::mem::take(&mut self.inputs.lock().expect("inputs lock").folders);
+        let (old, old_files) = {
+            let mut current = self.inputs.lock().expect("inputs lock");
+            (std::mem::take(&mut current.folders), current.files.clone())
+        };
         for folder in &old {
             let _ = self.watcher.unwatch(folder);
         }
@@ -130,7 +135,14 @@ impl FileWatcher {
                 tracing::warn!(folder = %folder.display(), "cannot watch for changes: {e}");
             }
         }
+        // A folder that did not exist at the last look and does now was not watched
+        // until this moment: a file written in it meanwhile (a module dropped into a
+        // folder just made) sent no event we heard. Look once more.
+        let appeared = inputs.folders.iter().any(|folder| old_files.contains(folder));
         *self.inputs.lock().expect("inputs lock") = inputs;
+        if appeared {
+            let _ = self.poke.send(());
+        }
     }
 }
 
@@ -138,6 +150,7 @@ impl FileWatcher {
 /// after each burst of changes and ends with the resolver.
 pub(crate) fn start(weak: Weak<Inner>, mut shutdown: watch::Receiver<()>) -> Result<FileWatcher, Error> {
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let poke = tx.clone();
     let inputs = Arc::new(Mutex::new(Inputs::default()));
     let concerned = inputs.clone();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
@@ -176,5 +189,9 @@ pub(crate) fn start(weak: Weak<Inner>, mut shutdown: watch::Receiver<()>) -> Res
             }
         }
     });
-    Ok(FileWatcher { watcher, inputs })
+    Ok(FileWatcher {
+        watcher,
+        inputs,
+        poke,
+    })
 }
