@@ -23,6 +23,10 @@ use crate::resolver::{Inner, reload_from_files};
 const DEBOUNCE: Duration = Duration::from_millis(150);
 /// A burst of events never delays a reload longer than this.
 const MAX_DEBOUNCE: Duration = Duration::from_secs(2);
+/// How often inputs that do not exist yet are looked for. Events are the fast path;
+/// this is the floor under them: a folder made and written into before its watch
+/// began, or an event queue that overflowed, must not leave a module waiting for ever.
+const MISSING_POLL: Duration = Duration::from_secs(1);
 
 /// What can change the chain: the files to react to, and the folders to watch for
 /// them.
@@ -35,6 +39,9 @@ struct Inputs {
     any_in: HashSet<PathBuf>,
     /// Folders to watch (each existing, or the nearest existing ancestor).
     folders: HashSet<PathBuf>,
+    /// Inputs and folders that did not exist at the last look: looked at every
+    /// [`MISSING_POLL`] as well, in case their creation sent no event we heard.
+    missing: HashSet<PathBuf>,
 }
 
 impl Inputs {
@@ -70,6 +77,9 @@ impl Inputs {
         if let Some(parent) = path.parent() {
             self.folder(parent);
         }
+        if !path.exists() {
+            self.missing.insert(path.clone());
+        }
         self.files.insert(path);
     }
 
@@ -79,6 +89,7 @@ impl Inputs {
         let mut existing = folder;
         while !existing.is_dir() {
             self.files.insert(existing.to_path_buf());
+            self.missing.insert(existing.to_path_buf());
             match existing.parent() {
                 Some(parent) => existing = parent,
                 None => return,
@@ -117,8 +128,8 @@ pub(crate) struct FileWatcher {
 }
 
 impl FileWatcher {
-    /// Watch what `config` reads. Every folder is watched afresh each time, so one
-    /// that was deleted and made again is not lost.
+    /// Watch what `config` reads. Every wanted folder is watched again each time, so
+    /// one that was deleted and made again is not lost.
     pub(crate) fn watch(&mut self, config: &Config) {
         let inputs = Inputs::of(config);
         // Never hold the lock while calling notify: its event thread takes the same
@@ -127,7 +138,11 @@ impl FileWatcher {
             let mut current = self.inputs.lock().expect("inputs lock");
             (std::mem::take(&mut current.folders), current.files.clone())
         };
-        for folder in &old {
+        // Only folders no longer wanted are unwatched: unwatching and watching again
+        // a folder that stays would lose the events of a write made in between (a
+        // reload re-arms while a deploy tool is still writing). Watching one again is
+        // harmless, and needed for a folder deleted and made again.
+        for folder in old.difference(&inputs.folders) {
             let _ = self.watcher.unwatch(folder);
         }
         for folder in &inputs.folders {
@@ -153,6 +168,7 @@ pub(crate) fn start(weak: Weak<Inner>, mut shutdown: watch::Receiver<()>) -> Res
     let poke = tx.clone();
     let inputs = Arc::new(Mutex::new(Inputs::default()));
     let concerned = inputs.clone();
+    let awaited = inputs.clone();
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
         // Reading files (ours included, during a reload) must not trigger a reload,
         // nor may changes to files wasd does not read (logs next to the config).
@@ -166,9 +182,22 @@ pub(crate) fn start(weak: Weak<Inner>, mut shutdown: watch::Receiver<()>) -> Res
     })
     .map_err(|e| Error::engine("watch files", e))?;
     tokio::spawn(async move {
+        let mut poll = tokio::time::interval(MISSING_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 event = rx.recv() => if event.is_none() { return },
+                _ = poll.tick() => {
+                    // Each path that appeared counts once (a reload that fails on it
+                    // must not be retried every second); the reload's re-arming
+                    // recomputes what is missing.
+                    let mut inputs = awaited.lock().expect("inputs lock");
+                    let before = inputs.missing.len();
+                    inputs.missing.retain(|path| !path.exists());
+                    if inputs.missing.len() == before {
+                        continue;
+                    }
+                }
                 _ = shutdown.changed() => return,
             }
             // Wait for a quiet moment: a copy in progress sends many events.
