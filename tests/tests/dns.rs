@@ -26,20 +26,25 @@ const BASKET: &[&str] = &[
 ];
 
 fn config(server: &DnsServer, settings: &str, grants: &str) -> String {
+    config_at(&server.address(), settings, grants, "3s")
+}
+
+/// One dns-srv provider asking the DNS server at `address`, with a call limit of
+/// `limit`.
+fn config_at(address: &str, settings: &str, grants: &str, limit: &str) -> String {
     format!(
         r#"
 pass-through = false
 [dns]
-servers = ["{}"]
+servers = ["{address}"]
 timeout = "300ms"
 
 [[provider]]
 builtin = "dns-srv"
 settings = {{ {settings} }}
 grants = {{ dns = [{grants}] }}
-limits = {{ timeout = "3s" }}
-"#,
-        server.address()
+limits = {{ timeout = "{limit}" }}
+"#
     )
 }
 
@@ -249,20 +254,11 @@ fn cli_resolves_through_dns_srv() {
 async fn a_silent_dns_server_is_not_the_providers_time_limit() {
     // A UDP socket that never answers: every lookup waits for the DNS timeout.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let toml = format!(
-        r#"
-pass-through = false
-[dns]
-servers = ["{}"]
-timeout = "300ms"
-
-[[provider]]
-builtin = "dns-srv"
-settings = {{ suffix = "cluster.local" }}
-grants = {{ dns = ["*"] }}
-limits = {{ timeout = "100ms" }}
-"#,
-        silent.local_addr().unwrap()
+    let toml = config_at(
+        &silent.local_addr().unwrap().to_string(),
+        r#"suffix = "cluster.local""#,
+        r#""*""#,
+        "100ms",
     );
     let sandbox = Sandbox::new();
     let r = sandbox.resolver(&toml).await.unwrap();
