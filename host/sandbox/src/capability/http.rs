@@ -34,6 +34,18 @@ const DEFAULT_BETWEEN_BYTES_TIMEOUT: Duration = Duration::from_secs(600);
 const MAX_IDLE_PER_ORIGIN: usize = 8;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How a provider's client keeps connections: [`POOL`], or shorter in tests.
+#[derive(Debug, Clone, Copy)]
+struct Pool {
+    idle_timeout: Duration,
+    max_idle_per_origin: usize,
+}
+
+const POOL: Pool = Pool {
+    idle_timeout: IDLE_TIMEOUT,
+    max_idle_per_origin: MAX_IDLE_PER_ORIGIN,
+};
+
 /// One granted origin, with the scheme's default port made explicit so that
 /// `http://etcd` and `http://etcd:80` are the same grant.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -124,6 +136,15 @@ pub(crate) struct TlsFiles {
 
 impl HttpPolicy {
     pub(crate) fn new(provider: Arc<str>, granted: &[String], tls: TlsFiles) -> Result<HttpPolicy, String> {
+        HttpPolicy::with_pool(provider, granted, tls, POOL)
+    }
+
+    fn with_pool(
+        provider: Arc<str>,
+        granted: &[String],
+        tls: TlsFiles,
+        pool: Pool,
+    ) -> Result<HttpPolicy, String> {
         let origins = granted
             .iter()
             .map(|o| Origin::parse(o).ok_or_else(|| format!("'{o}' is not an HTTP origin")))
@@ -174,8 +195,12 @@ impl HttpPolicy {
             .enable_http1()
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(IDLE_TIMEOUT)
-            .pool_max_idle_per_host(MAX_IDLE_PER_ORIGIN)
+            .pool_idle_timeout(pool.idle_timeout)
+            .pool_max_idle_per_host(pool.max_idle_per_origin)
+            // A pooled connection the server closed just before the request went out
+            // (the keep-alive race): send again on a new one. hyper-util's default,
+            // stated because the pool relies on it.
+            .retry_canceled_requests(true)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(connector);
@@ -421,5 +446,166 @@ mod tests {
             policy(b"x")
         );
         assert!(policy(b"-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n").contains("CA file"));
+    }
+
+    /// Connections a [`KeepAlive`] server has seen.
+    #[derive(Debug, Clone, Copy, Default, PartialEq)]
+    struct Seen {
+        accepted: usize,
+        /// Closed by the client (the server read end-of-file).
+        closed_by_client: usize,
+        requests: usize,
+    }
+
+    /// A keep-alive HTTP/1.1 server on loopback that answers every request after
+    /// `hold`, optionally closing the connection after each answer without saying so
+    /// (no `connection: close`): the keep-alive race, every time.
+    struct KeepAlive {
+        url: String,
+        seen: tokio::sync::watch::Receiver<Seen>,
+    }
+
+    impl KeepAlive {
+        async fn start(hold: Duration, close_after_each: bool) -> KeepAlive {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let (tx, seen) = tokio::sync::watch::channel(Seen::default());
+            tokio::spawn(async move {
+                loop {
+                    let (mut stream, _) = listener.accept().await.unwrap();
+                    tx.send_modify(|s| s.accepted += 1);
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let mut buffer = Vec::new();
+                        let mut chunk = [0u8; 1024];
+                        loop {
+                            while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
+                                match stream.read(&mut chunk).await {
+                                    Ok(0) | Err(_) => {
+                                        tx.send_modify(|s| s.closed_by_client += 1);
+                                        return;
+                                    }
+                                    Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                                }
+                            }
+                            buffer.clear();
+                            tx.send_modify(|s| s.requests += 1);
+                            tokio::time::sleep(hold).await;
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if stream.write_all(answer).await.is_err() || close_after_each {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+            KeepAlive { url, seen }
+        }
+
+        /// Wait (at most 5 s) until the server has seen what `done` asks for.
+        async fn until(&mut self, what: &str, done: impl FnMut(&Seen) -> bool) -> Seen {
+            let waited = tokio::time::timeout(Duration::from_secs(5), self.seen.wait_for(done))
+                .await
+                .map(|seen| *seen.unwrap());
+            waited.unwrap_or_else(|_| panic!("{what}: still {:?} after 5 s", *self.seen.borrow()))
+        }
+    }
+
+    fn policy(server: &KeepAlive, pool: Pool) -> HttpPolicy {
+        HttpPolicy::with_pool(
+            "p".into(),
+            std::slice::from_ref(&server.url),
+            TlsFiles::default(),
+            pool,
+        )
+        .unwrap()
+    }
+
+    /// One GET through the provider's client, body read to the end.
+    async fn get(policy: &HttpPolicy, url: &str) -> Result<Bytes, HttpError> {
+        let empty = http_body_util::Empty::<Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let request = http::Request::get(format!("{url}/")).body(empty).unwrap();
+        let response = send(request, None, policy).await?;
+        Ok(response.into_body().collect().await?.to_bytes())
+    }
+
+    #[test]
+    fn the_shipped_pool_keeps_8_connections_per_origin_for_30s() {
+        assert_eq!(POOL.max_idle_per_origin, 8);
+        assert_eq!(POOL.idle_timeout, Duration::from_secs(30));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn at_most_8_idle_connections_are_kept_per_origin_and_reused() {
+        let mut server = KeepAlive::start(Duration::from_millis(200), false).await;
+        let policy = Arc::new(policy(&server, POOL));
+        // 20 requests at once need 20 connections; the answers' 200 ms hold keeps
+        // them all busy together.
+        for body in at_once(&policy, &server.url, 20).await {
+            assert_eq!(body.unwrap(), "ok");
+        }
+        // The client keeps 8 of them and closes the other 12.
+        let seen = server
+            .until("12 surplus connections closed", |s| s.closed_by_client >= 12)
+            .await;
+        assert_eq!((seen.accepted, seen.closed_by_client), (20, 12));
+        // 8 more at once go over the 8 kept connections: no new connection.
+        for body in at_once(&policy, &server.url, 8).await {
+            assert_eq!(body.unwrap(), "ok");
+        }
+        let seen = server.until("8 more requests", |s| s.requests >= 28).await;
+        assert_eq!((seen.accepted, seen.closed_by_client), (20, 12), "{seen:?}");
+    }
+
+    /// `n` GETs at once.
+    async fn at_once(policy: &Arc<HttpPolicy>, url: &str, n: usize) -> Vec<Result<Bytes, HttpError>> {
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let (policy, url) = (policy.clone(), url.to_owned());
+            set.spawn(async move { get(&policy, &url).await });
+        }
+        set.join_all().await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_connections_are_closed_after_the_idle_timeout() {
+        let mut server = KeepAlive::start(Duration::ZERO, false).await;
+        let idle_timeout = Duration::from_millis(300);
+        let policy = policy(&server, Pool { idle_timeout, ..POOL });
+        assert_eq!(get(&policy, &server.url).await.unwrap(), "ok");
+        let answered = std::time::Instant::now();
+        server
+            .until("the idle connection closed", |s| s.closed_by_client == 1)
+            .await;
+        // Not before its time: hyper-util's pool sweeps every idle timeout, so it goes
+        // between one and two of them.
+        assert!(answered.elapsed() >= idle_timeout, "{:?}", answered.elapsed());
+        // The client still works, over a new connection.
+        assert_eq!(get(&policy, &server.url).await.unwrap(), "ok");
+        assert_eq!(
+            server
+                .until("a new connection", |s| s.requests == 2)
+                .await
+                .accepted,
+            2
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pooled_connection_closed_by_the_server_is_not_an_error() {
+        // The server closes every connection right after its answer, without saying
+        // so: the client pools it as kept alive, and the next request finds it closed,
+        // sometimes only as the request goes out.
+        let mut server = KeepAlive::start(Duration::ZERO, true).await;
+        let policy = policy(&server, POOL);
+        for i in 0..200 {
+            let body = get(&policy, &server.url).await;
+            assert_eq!(body.unwrap_or_else(|e| panic!("request {i}: {e}")), "ok");
+        }
+        let seen = server.until("200 requests", |s| s.requests == 200).await;
+        assert_eq!(seen.accepted, 200, "one connection per request: {seen:?}");
     }
 }
