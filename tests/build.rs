@@ -14,6 +14,7 @@ fn main() {
         ("fixed-a", "wasd_fixture_fixed_a"),
         ("fixed-b", "wasd_fixture_fixed_b"),
         ("hostile", "wasd_fixture_hostile"),
+        ("big-table", "wasd_fixture_big_table"),
         ("not-a-provider", "wasd_fixture_not_a_provider"),
         ("wrong-version", "wasd_fixture_wrong_version"),
     ];

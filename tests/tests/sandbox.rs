@@ -69,6 +69,24 @@ const ATTACKS: &[(&str, &str)] = &[
         "dns",
         "provider 'hostile': capability denied: secret.internal: DnsError::Denied(\"provider 'hostile' may not look up",
     ),
+    // wasmtime-wasi's own refusals (TCP, UDP and name lookup are off), as wasi-libc
+    // reports them to the guest.
+    (
+        "tcp-connect",
+        "provider 'hostile': capability denied: tcp connect: Permission denied (os error 2)",
+    ),
+    (
+        "tcp-listen",
+        "provider 'hostile': capability denied: tcp listen: Permission denied (os error 2)",
+    ),
+    (
+        "udp-send",
+        "provider 'hostile': capability denied: udp send: Permission denied (os error 2)",
+    ),
+    (
+        "name-lookup",
+        "provider 'hostile': capability denied: looking up localhost: failed to lookup address information: Non-recoverable error",
+    ),
 ];
 
 async fn resolver(sandbox: &Sandbox, toml: &str) -> wasd::Resolver {
@@ -82,6 +100,8 @@ async fn every_attack_fails_only_its_own_call_with_a_clear_error() {
     let env = [("WASD_TEST_SECRET", "hunter2")];
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_port = udp.local_addr().unwrap().port();
     let sandbox = Sandbox::new();
     for (attack, expected) in ATTACKS {
         // A fresh provider each time, so faults do not add up to a quarantine here.
@@ -89,10 +109,10 @@ async fn every_attack_fails_only_its_own_call_with_a_clear_error() {
             .resolver_with_env(&alone(LIMITS), &env)
             .await
             .expect("the host config loads");
-        let query = if *attack == "http" {
-            format!("{attack}:{port}")
-        } else {
-            attack.to_string()
+        let query = match *attack {
+            "http" | "tcp-connect" => format!("{attack}:{port}"),
+            "udp-send" => format!("{attack}:{udp_port}"),
+            _ => attack.to_string(),
         };
         let err = resolver.resolve(&query).await.unwrap_err().to_string();
         assert!(err.contains(expected), "{attack}: {err}");
@@ -105,9 +125,18 @@ async fn every_attack_fails_only_its_own_call_with_a_clear_error() {
         let ok = resolver.resolve("unknown-service").await.unwrap_err().to_string();
         assert_eq!(ok, "no endpoints for service 'unknown-service'", "after {attack}");
     }
-    // Nothing was accepted on the port the provider was refused.
+    // Nothing was accepted on the port the provider was refused, and no datagram
+    // arrived.
     listener.set_nonblocking(true).unwrap();
     assert!(listener.accept().is_err());
+    udp.set_nonblocking(true).unwrap();
+    let mut datagram = [0u8; 64];
+    let received = udp.recv_from(&mut datagram);
+    assert_eq!(
+        received.map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::WouldBlock),
+        "a datagram arrived"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -118,12 +147,11 @@ async fn no_later_provider_papers_over_an_attack() {
         let resolver = resolver(&sandbox, &toml).await;
         // The config provider (and pass-through) behind the hostile one know the
         // service, but a failure ahead of them is the answer: one line naming it.
-        let query = if *attack == "http" {
+        let query = match *attack {
             // The attack's port is not open here: the grant check fails before any
             // connection all the same.
-            "http://http:1".to_owned()
-        } else {
-            format!("http://{attack}")
+            "http" | "tcp-connect" | "udp-send" => format!("http://{attack}:1"),
+            _ => format!("http://{attack}"),
         };
         let err = resolver.resolve(&query).await.unwrap_err().to_string();
         assert!(err.contains(expected), "{attack}: {err}");
@@ -389,4 +417,123 @@ fn bad_input_on_the_command_line_is_an_error_not_a_crash() {
         .env("services__catalog__http__1", "http://10.0.0.1:80"));
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.stdout.trim(), "http://10.0.0.1:80");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_table_past_the_limit_is_refused_when_the_instance_is_made() {
+    // big-table's function table starts at more than 200 000 elements (its build.rs);
+    // the host allows 100 000. It would answer every service if it ran. The host
+    // makes an instance to configure it as it loads, so the load is refused.
+    let sandbox = Sandbox::new();
+    let toml = format!(
+        "pass-through = true\n[[provider]]\nname = \"big-table\"\nmodule = \"{}\"\n",
+        fixtures::BIG_TABLE
+    );
+    let err = sandbox.resolver(&toml).await.err().expect("refused").to_string();
+    assert!(
+        err.contains("provider 'big-table'") && err.contains("exceeded its table limit (100000 elements)"),
+        "{err}"
+    );
+    assert!(!err.contains('\n'), "{err:?}");
+}
+
+/// The `calls` tag of the hostile provider's `count` and `fetch` answers: how many
+/// calls the instance that answered has served.
+fn calls(set: &wasd::EndpointSet) -> u64 {
+    set.endpoints()[0]
+        .metadata_value("calls")
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_is_retired_after_100_000_calls() {
+    let sandbox = Sandbox::new();
+    let resolver = resolver(&sandbox, &alone(LIMITS)).await;
+    let count: wasd::Query = "count".parse().unwrap();
+    // One call at a time: always the same pooled instance, until it has served its
+    // 100 000 calls.
+    for call in 1..=100_000u64 {
+        let set = resolver.resolve_uncached(&count).await.unwrap();
+        assert_eq!(calls(&set), call);
+    }
+    // Then a fresh one, configured again.
+    assert_eq!(calls(&resolver.resolve_uncached(&count).await.unwrap()), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_is_retired_after_1000_http_requests() {
+    use std::io::{Read, Write};
+    // A keep-alive HTTP/1.1 server that counts the requests it answers.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let requests = Arc::new(AtomicUsize::new(0));
+    {
+        let requests = requests.clone();
+        std::thread::spawn(move || {
+            for stream in server.incoming() {
+                let (mut stream, requests) = (stream.unwrap(), requests.clone());
+                std::thread::spawn(move || {
+                    let mut buffer = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    loop {
+                        while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match stream.read(&mut chunk) {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buffer.clear();
+                        requests.fetch_add(1, Ordering::SeqCst);
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+    let sandbox = Sandbox::new();
+    let toml = alone(LIMITS).replace(
+        "limits = {",
+        &format!("grants = {{ http = [\"http://127.0.0.1:{port}\"] }}\nlimits = {{"),
+    );
+    let resolver = resolver(&sandbox, &toml).await;
+    let fetch: wasd::Query = format!("fetch:{port}").parse().unwrap();
+    for call in 1..=1000u64 {
+        let set = resolver.resolve_uncached(&fetch).await.unwrap();
+        assert_eq!(calls(&set), call);
+    }
+    // Its 1 000 requests sent, the instance is replaced: the next call is a fresh
+    // instance's first.
+    assert_eq!(calls(&resolver.resolve_uncached(&fetch).await.unwrap()), 1);
+    assert_eq!(requests.load(Ordering::SeqCst), 1001);
+}
+
+#[test]
+fn guest_stdout_and_stderr_never_reach_the_operator() {
+    // At the most verbose log level, a guest's own stdout and stderr (a megabyte of
+    // it) stay out of the CLI's output: its answer is the only stdout, and nothing the
+    // guest wrote appears on stderr. Only `wasd:provider/log` lines are logged.
+    let sandbox = Sandbox::new();
+    sandbox.write("wasd.toml", alone(LIMITS));
+    for (attack, answer, written) in [
+        ("stdout", "10.9.0.5:80", "hostile-stdout"),
+        ("stderr", "10.9.0.1:80", "xxxxxxxxxxxxxxxx"),
+    ] {
+        let out = run(sandbox
+            .wasd()
+            .args(["resolve", attack, "--config", "wasd.toml"])
+            .env("WASD_LOG", "trace"));
+        assert_eq!(out.code, 0, "{attack}: {}", out.stderr);
+        assert_eq!(out.stdout, format!("{answer}\n"), "{attack}");
+        assert!(
+            !out.stderr.contains(written),
+            "{attack}: the guest's output reached stderr"
+        );
+        // Trace logging is on: the run did log (so the absence above means something).
+        assert!(out.stderr.lines().count() > 10, "{attack}: {}", out.stderr);
+    }
 }

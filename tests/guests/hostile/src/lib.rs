@@ -19,6 +19,13 @@ fn recurse(depth: u64, pad: &mut [u8; 256]) -> u64 {
     recurse(depth + 1, pad) + u64::from(pad[0])
 }
 
+/// An endpoint tagged with the instance's call count.
+fn counted(host: &str, calls: u64) -> Endpoint {
+    let mut endpoint = Endpoint::new(host, Some(80));
+    endpoint.metadata.push(("calls".into(), calls.to_string()));
+    endpoint
+}
+
 impl Provider for Hostile {
     fn configure(config: Configuration) -> Result<Self, Error> {
         // Named so (in a plugin folder: the file `trap-in-configure.wasm`), it traps
@@ -124,6 +131,57 @@ impl Provider for Hostile {
                 Ok(_) => leaked("dns"),
                 Err(e) => Err(Error::Denied(format!("secret.internal: {e:?}"))),
             },
+            // wasi:sockets, which the host links but must not let through: TCP and UDP,
+            // connecting, listening and binding, and name lookup (which would go
+            // around `grants.dns`).
+            "tcp-connect" => {
+                let port = query.port.unwrap_or(9);
+                match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                    Ok(_) => leaked("tcp-connect"),
+                    Err(e) => Err(Error::Denied(format!("tcp connect: {e} (to 127.0.0.1:{port})"))),
+                }
+            }
+            "tcp-listen" => match std::net::TcpListener::bind("127.0.0.1:0") {
+                Ok(_) => leaked("tcp-listen"),
+                Err(e) => Err(Error::Denied(format!("tcp listen: {e}"))),
+            },
+            "udp-send" => {
+                let port = query.port.unwrap_or(9);
+                let sent = std::net::UdpSocket::bind("127.0.0.1:0")
+                    .and_then(|socket| socket.send_to(b"wasd-escaped", ("127.0.0.1", port)));
+                match sent {
+                    Ok(_) => leaked("udp-send"),
+                    Err(e) => Err(Error::Denied(format!("udp send: {e} (to 127.0.0.1:{port})"))),
+                }
+            }
+            "name-lookup" => {
+                use std::net::ToSocketAddrs;
+                match ("localhost", 80).to_socket_addrs() {
+                    Ok(_) => leaked("name-lookup"),
+                    Err(e) => Err(Error::Denied(format!("looking up localhost: {e}"))),
+                }
+            }
+            // Its own stdout, which the host discards, then a normal answer.
+            "stdout" => {
+                for _ in 0..64 {
+                    println!("hostile-stdout {}", "s".repeat(100));
+                }
+                Ok(Resolution::new(vec![Endpoint::new("10.9.0.5", Some(80))]))
+            }
+            // Legal: says how many calls this instance has served, so a test sees
+            // when the host retires it.
+            "count" => Ok(Resolution::new(vec![counted("10.9.0.6", calls)])),
+            // Legal when granted: one HTTP request per call, then the same count.
+            "fetch" => {
+                let url = format!("http://127.0.0.1:{}/", query.port.unwrap_or(9));
+                match wasd_sdk::http::Request::get(url)
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                {
+                    Ok(_) => Ok(Resolution::new(vec![counted("10.9.0.7", calls)])),
+                    Err(e) => Err(e.into()),
+                }
+            }
             // Traps on every other call of an instance.
             "flaky" if calls.is_multiple_of(2) => core::arch::wasm32::unreachable(),
             "flaky" => Ok(Resolution::new(vec![Endpoint::new("10.9.0.4", Some(80))])),
