@@ -13,7 +13,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
-/// A self-signed CA and a server certificate for 127.0.0.1, made with openssl.
+/// A self-signed CA, a server certificate for 127.0.0.1 and a client certificate
+/// (for mutual TLS), made with openssl.
 pub struct TlsFiles {
     _dir: TempDir,
     /// The CA certificate (PEM), for the client's `tls.ca-file`.
@@ -21,6 +22,9 @@ pub struct TlsFiles {
     /// The server certificate and key.
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// A client certificate signed by the same CA, and its key.
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
 }
 
 impl TlsFiles {
@@ -60,11 +64,13 @@ impl TlsFiles {
         csr.extend(["-keyout", "server.key", "-out", "server.csr"]);
         openssl(&csr);
         let alt: String = names.iter().map(|n| format!(",DNS:{n}")).collect();
+        // Also for client auth: under `--client-cert-auth`, etcd's own HTTP gateway
+        // presents the server certificate to etcd's gRPC side.
         std::fs::write(
             p("ext.cnf"),
             format!(
                 "subjectAltName=IP:127.0.0.1,DNS:localhost{alt}\nbasicConstraints=CA:FALSE\n\
-                 keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+                 keyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n"
             ),
         )
         .unwrap();
@@ -85,10 +91,38 @@ impl TlsFiles {
             "-extfile",
             "ext.cnf",
         ]);
+        let mut csr = vec!["req", "-subj", "/CN=wasd-test-client"];
+        csr.extend(ec);
+        csr.extend(["-keyout", "client.key", "-out", "client.csr"]);
+        openssl(&csr);
+        std::fs::write(
+            p("client.cnf"),
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            "client.pem",
+            "-extfile",
+            "client.cnf",
+        ]);
         TlsFiles {
             ca: p("ca.pem"),
             cert: p("server.pem"),
             key: p("server.key"),
+            client_cert: p("client.pem"),
+            client_key: p("client.key"),
             _dir: dir,
         }
     }
@@ -101,6 +135,8 @@ pub struct EtcdServer {
     client_port: u16,
     peer_port: u16,
     tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// Clients must present a certificate signed by the CA (`--client-cert-auth`).
+    client_auth: bool,
     flags: Vec<String>,
     agent: ureq::Agent,
     /// Admin credentials once auth is on.
@@ -120,11 +156,29 @@ impl EtcdServer {
 
     /// Start etcd with extra command-line flags (`--auth-token-ttl=1`).
     pub fn start_with(tls: Option<&TlsFiles>, flags: &[&str]) -> EtcdServer {
+        Self::start_full(tls, false, flags)
+    }
+
+    /// Start etcd serving HTTPS that only talks to clients presenting a certificate
+    /// signed by the CA (mutual TLS); this harness presents `tls.client_cert`.
+    pub fn start_mutual_tls(tls: &TlsFiles) -> EtcdServer {
+        Self::start_full(Some(tls), true, &[])
+    }
+
+    fn start_full(tls: Option<&TlsFiles>, client_auth: bool, flags: &[&str]) -> EtcdServer {
         let mut tls_config = ureq::tls::TlsConfig::builder();
         if let Some(tls) = tls {
             let pem = std::fs::read(&tls.ca).unwrap();
             let ca = ureq::tls::Certificate::from_pem(&pem).unwrap().to_owned();
             tls_config = tls_config.root_certs(ureq::tls::RootCerts::Specific(Arc::new(vec![ca])));
+            if client_auth {
+                let cert = std::fs::read(&tls.client_cert).unwrap();
+                let cert = ureq::tls::Certificate::from_pem(&cert).unwrap().to_owned();
+                let key = std::fs::read(&tls.client_key).unwrap();
+                let key = ureq::tls::PrivateKey::from_pem(&key).unwrap().to_owned();
+                tls_config =
+                    tls_config.client_cert(Some(ureq::tls::ClientCert::new_with_certs(&[cert], key)));
+            }
         }
         let agent = ureq::Agent::new_with_config(
             ureq::config::Config::builder()
@@ -139,6 +193,7 @@ impl EtcdServer {
             client_port: free_port(),
             peer_port: free_port(),
             tls: tls.map(|t| (t.ca.clone(), t.cert.clone(), t.key.clone())),
+            client_auth,
             flags: flags.iter().map(|f| f.to_string()).collect(),
             agent,
             auth: Mutex::new(None),
@@ -172,8 +227,11 @@ impl EtcdServer {
             .args(&self.flags)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
-        if let Some((_, cert, key)) = &self.tls {
+        if let Some((ca, cert, key)) = &self.tls {
             cmd.arg("--cert-file").arg(cert).arg("--key-file").arg(key);
+            if self.client_auth {
+                cmd.arg("--client-cert-auth").arg("--trusted-ca-file").arg(ca);
+            }
         }
         self.child = Some(
             cmd.spawn()

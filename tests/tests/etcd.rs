@@ -457,6 +457,85 @@ async fn auth_and_tls_with_a_private_ca() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn mutual_tls_against_an_etcd_that_requires_client_certificates() {
+    let tls = TlsFiles::generate();
+    let etcd = EtcdServer::start_mutual_tls(&tls);
+    etcd.put_instance("hello", "a", "v1", &["http://10.0.0.1:8000"], None);
+    let file = |p: &std::path::Path| p.display().to_string();
+    let tls_line = |cert: &str, key: &str| {
+        format!(
+            "tls = {{ ca-file = \"{}\", client-cert-file = \"{cert}\", client-key-file = \"{key}\" }}",
+            file(&tls.ca)
+        )
+    };
+    let sandbox = Sandbox::new();
+
+    // With the client certificate: discovery and registration both go through.
+    let good = config(
+        &etcd.url(),
+        "",
+        &tls_line(&file(&tls.client_cert), &file(&tls.client_key)),
+    );
+    let resolver = sandbox.resolver(&good).await.unwrap();
+    assert_eq!(
+        strings(&resolver.resolve("hello").await.unwrap()),
+        ["http://10.0.0.1:8000"]
+    );
+    let mut registration = resolver
+        .register_with_ttl(
+            ServiceInstance::new("hello", ["http://10.0.0.2:8000"]),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, registration.registered())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(etcd.get_prefix("/microservices/hello/").len(), 2);
+    registration.deregister().await.unwrap();
+
+    // Without one, etcd refuses the handshake: the server's TLS alert reaches the
+    // error, naming the provider (Go sends `bad_certificate`; TLS 1.3 servers may send
+    // `certificate_required`).
+    let no_client = config(
+        &etcd.url(),
+        "",
+        &format!("tls = {{ ca-file = \"{}\" }}", file(&tls.ca)),
+    );
+    let resolver = sandbox.resolver(&no_client).await.unwrap();
+    let err = resolver.resolve("hello").await.unwrap_err().to_string();
+    assert!(
+        err.contains("provider 'etcd': upstream unavailable")
+            && err.contains("TlsAlertReceived")
+            && (err.contains("BadCertificate") || err.contains("CertificateRequired")),
+        "{err}"
+    );
+
+    // A key that is not the certificate's, or not a key at all, stops the load.
+    let mismatched = config(
+        &etcd.url(),
+        "",
+        &tls_line(&file(&tls.client_cert), &file(&tls.key)),
+    );
+    let err = sandbox.resolver(&mismatched).await.err().unwrap().to_string();
+    assert!(
+        err.contains("provider 'etcd'") && err.contains("the client certificate and key do not fit"),
+        "{err}"
+    );
+    let not_a_key = config(
+        &etcd.url(),
+        "",
+        &tls_line(&file(&tls.client_cert), &file(&tls.ca)),
+    );
+    let err = sandbox.resolver(&not_a_key).await.err().unwrap().to_string();
+    assert!(
+        err.contains("provider 'etcd'") && err.contains("the client key is not a PEM private key"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn http_to_an_origin_not_granted_is_denied() {
     let etcd = EtcdServer::start();
     etcd.put_instance("hello", "a", "v1", &["http://10.0.0.1:8000"], None);

@@ -294,24 +294,24 @@ async fn send(
     Ok(response.map(|incoming| TimedBody::new(incoming, between_bytes)))
 }
 
-/// What the guest is told when the client fails: a TLS failure (a certificate the
-/// provider's roots do not trust, say) as such, a failed TCP connect with its I/O
-/// error, anything else as hyper's or a terminated connection.
+/// What the guest is told when the client fails: a TLS failure as what it is (a
+/// certificate the provider's roots do not trust, or the server's alert: a client
+/// certificate it requires, say), which with TLS 1.3 may only show once the request
+/// is out; a failed TCP connect with its I/O error; anything else as hyper's or a
+/// terminated connection.
 fn client_error(e: hyper_util::client::legacy::Error) -> HttpError {
     use std::error::Error as _;
+    if let Some(tls) = rustls_cause(&e) {
+        return tls_error(tls);
+    }
     let mut source = e.source();
     while let Some(cause) = source {
-        // Only a failure to connect is a connect (or TLS) error; a reset after the
-        // request went out is the connection ending.
+        // Only a failure to connect is a connect error; a reset after the request went
+        // out is the connection ending.
         if e.is_connect()
             && let Some(io) = cause.downcast_ref::<std::io::Error>()
         {
-            let copy = std::io::Error::new(io.kind(), io.to_string());
-            return if is_tls(io) {
-                HttpError::Tls(copy)
-            } else {
-                HttpError::Connect(copy)
-            };
+            return HttpError::Connect(std::io::Error::new(io.kind(), io.to_string()));
         }
         source = cause.source();
     }
@@ -323,19 +323,37 @@ fn client_error(e: hyper_util::client::legacy::Error) -> HttpError {
     }
 }
 
-/// Whether rustls raised this I/O error (hyper-rustls wraps its errors in I/O errors,
-/// sometimes twice).
-fn is_tls(io: &std::io::Error) -> bool {
-    let mut inner = io.get_ref();
-    while let Some(error) = inner {
-        if error.is::<rustls::Error>() {
-            return true;
+/// The rustls error behind a client error, if any: hyper-rustls wraps them in I/O
+/// errors, sometimes twice, which hyper wraps again.
+fn rustls_cause<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut next = Some(e);
+    while let Some(error) = next {
+        if let Some(tls) = error.downcast_ref::<rustls::Error>() {
+            return Some(tls);
         }
-        inner = error
-            .downcast_ref::<std::io::Error>()
-            .and_then(std::io::Error::get_ref);
+        next = match error.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => error.source(),
+        };
     }
-    false
+    None
+}
+
+/// The wasi:http error code for a TLS failure.
+fn tls_error(e: &rustls::Error) -> HttpError {
+    tracing::debug!("HTTPS failed: {e}");
+    match e {
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+            HttpError::TlsCertificateError
+        }
+        rustls::Error::AlertReceived(alert) => HttpError::TlsAlertReceived {
+            alert_id: Some(u8::from(*alert)),
+            alert_message: Some(format!("{alert:?}")),
+        },
+        _ => HttpError::TlsProtocolError,
+    }
 }
 
 /// A response body that fails when the server goes quiet for longer than the
