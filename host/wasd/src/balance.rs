@@ -186,6 +186,30 @@ struct Snapshot {
     endpoints: Vec<Arc<Slot>>,
 }
 
+impl Snapshot {
+    /// The snapshot for a new set: its endpoints that pass the filters, keeping the
+    /// slots (counters, failure marks) of those already known. `None` when none pass:
+    /// like Kratos, a balancer never drops to an empty set.
+    fn next(old: &Snapshot, set: &EndpointSet, filters: &[Predicate]) -> Option<Snapshot> {
+        let mut kept: HashMap<&Endpoint, &Arc<Slot>> =
+            old.endpoints.iter().map(|s| (&s.endpoint, s)).collect();
+        let endpoints: Vec<Arc<Slot>> = set
+            .iter()
+            .filter(|e| filters.iter().all(|keep| keep(e)))
+            .map(|e| match kept.remove(e) {
+                Some(slot) => slot.clone(),
+                None => Arc::new(Slot {
+                    endpoint: e.clone(),
+                    outstanding: AtomicUsize::new(0),
+                    ejected_until: AtomicU64::new(0),
+                    failures_in_a_row: AtomicU64::new(0),
+                }),
+            })
+            .collect();
+        (!endpoints.is_empty()).then_some(Snapshot { endpoints })
+    }
+}
+
 /// One endpoint and what the balancer knows of it; kept across sets while the endpoint
 /// stays, so counters and failure marks survive changes.
 struct Slot {
@@ -229,32 +253,21 @@ impl Shared {
     /// Take a new set; false (keeping the old one) when no endpoint passes the filters.
     fn update(&self, set: &EndpointSet) -> bool {
         let old = self.snapshot.load();
-        let mut kept: HashMap<&Endpoint, &Arc<Slot>> =
-            old.endpoints.iter().map(|s| (&s.endpoint, s)).collect();
-        let endpoints: Vec<Arc<Slot>> = set
-            .iter()
-            .filter(|e| self.filters.iter().all(|keep| keep(e)))
-            .map(|e| match kept.remove(e) {
-                Some(slot) => slot.clone(),
-                None => Arc::new(Slot {
-                    endpoint: e.clone(),
-                    outstanding: AtomicUsize::new(0),
-                    ejected_until: AtomicU64::new(0),
-                    failures_in_a_row: AtomicU64::new(0),
-                }),
-            })
-            .collect();
-        if endpoints.is_empty() {
-            if !old.endpoints.is_empty() {
-                tracing::warn!(
-                    "no endpoint passes the balancer's filters in the new set; keeping the {} it had",
-                    old.endpoints.len()
-                );
+        match Snapshot::next(&old, set, &self.filters) {
+            Some(next) => {
+                self.snapshot.store(Arc::new(next));
+                true
             }
-            return false;
+            None => {
+                if !old.endpoints.is_empty() {
+                    tracing::warn!(
+                        "no endpoint passes the balancer's filters in the new set; keeping the {} it had",
+                        old.endpoints.len()
+                    );
+                }
+                false
+            }
         }
-        self.snapshot.store(Arc::new(Snapshot { endpoints }));
-        true
     }
 
     fn now_ms(&self) -> u64 {
@@ -407,5 +420,42 @@ impl Resolver {
             query,
             options,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(hosts: &[&str]) -> EndpointSet {
+        EndpointSet::new("test".into(), hosts.iter().map(|h| Endpoint::new(*h)).collect())
+    }
+
+    fn hosts(snapshot: &Snapshot) -> Vec<&str> {
+        snapshot.endpoints.iter().map(|s| s.endpoint.host()).collect()
+    }
+
+    #[test]
+    fn an_empty_set_is_refused_and_a_new_one_keeps_known_slots() {
+        let first = Snapshot::next(&Snapshot::default(), &set(&["a", "b"]), &[]).unwrap();
+        assert_eq!(hosts(&first), ["a", "b"]);
+        first.endpoints[1].failures_in_a_row.store(3, Ordering::Relaxed);
+
+        // An empty set never replaces endpoints: the update is refused.
+        assert!(Snapshot::next(&first, &set(&[]), &[]).is_none());
+        // Nor does a set none of whose endpoints pass the filters.
+        let only_c: Predicate = Arc::new(|e: &Endpoint| e.host() == "c");
+        assert!(Snapshot::next(&first, &set(&["a", "b"]), std::slice::from_ref(&only_c)).is_none());
+
+        // A non-empty set is taken; an endpoint that stays keeps its slot (and its
+        // failure count), a new one starts fresh, a gone one is dropped.
+        let next = Snapshot::next(&first, &set(&["b", "c"]), &[]).unwrap();
+        assert_eq!(hosts(&next), ["b", "c"]);
+        assert!(Arc::ptr_eq(&next.endpoints[0], &first.endpoints[1]));
+        assert_eq!(next.endpoints[0].failures_in_a_row.load(Ordering::Relaxed), 3);
+        assert_eq!(next.endpoints[1].failures_in_a_row.load(Ordering::Relaxed), 0);
+        // The filters apply to what is taken.
+        let filtered = Snapshot::next(&next, &set(&["b", "c"]), &[only_c]).unwrap();
+        assert_eq!(hosts(&filtered), ["c"]);
     }
 }
