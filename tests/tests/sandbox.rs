@@ -271,6 +271,49 @@ async fn a_provider_that_keeps_faulting_is_quarantined_then_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn own_errors_are_not_faults_but_refused_answers_are() {
+    let sandbox = Sandbox::new();
+    let resolver = resolver(&sandbox, &alone(LIMITS)).await;
+    let query = |text: &str| text.parse::<wasd::Query>().unwrap();
+    // A provider's own error (here `denied`) is an answer, not a fault: five in a row
+    // neither count nor quarantine it.
+    for _ in 0..5 {
+        let err = resolver
+            .resolve_uncached(&query("env"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("provider 'hostile': capability denied"), "{err}");
+    }
+    let status = resolver.provider_status();
+    assert_eq!(
+        (status[0].faults, status[0].quarantined_for),
+        (0, None),
+        "{status:?}"
+    );
+
+    // An answer the host refuses is a fault like a trap: three in a row quarantine it.
+    for _ in 0..3 {
+        let err = resolver
+            .resolve_uncached(&query("long"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("provider 'hostile': answer refused"), "{err}");
+    }
+    let err = resolver
+        .resolve_uncached(&query("count"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("provider 'hostile': quarantined: 3 faults in a row"),
+        "{err}"
+    );
+    assert_eq!(resolver.provider_status()[0].faults, 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_pinned_module_must_match_its_sha256() {
     let sandbox = Sandbox::new();
     let bytes = std::fs::read(fixtures::FIXED_A).unwrap();

@@ -540,6 +540,29 @@ module = "/opt/mine.wasm"
     }
 
     #[test]
+    fn limits_left_out_are_the_documented_defaults() {
+        // README and docs/SECURITY.md promise these; a change must be a decision.
+        let c = parse(
+            "[[provider]]\nname = \"mine\"\nlimits = { timeout = \"2s\" }\n[[provider]]\nname = \"other\"\n",
+        )
+        .unwrap();
+        let documented = Limits {
+            max_memory: 64 << 20,
+            timeout: Duration::from_secs(1),
+            max_endpoints: 10_000,
+        };
+        assert_eq!(c.providers[1].limits, documented);
+        // One limit given, the others keep their defaults.
+        assert_eq!(
+            c.providers[0].limits,
+            Limits {
+                timeout: Duration::from_secs(2),
+                ..documented
+            }
+        );
+    }
+
+    #[test]
     fn provider_by_name_lives_in_plugin_folder() {
         let c = parse("plugin-dir = \"mods\"\n[[provider]]\nname = \"static\"\n").unwrap();
         assert_eq!(
