@@ -1,5 +1,7 @@
 //! The `dns-srv` and `dns` providers against a real DNS server (dnsmasq on loopback).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use wasd::{Error, ProviderErrorKind};
@@ -280,4 +282,113 @@ async fn a_silent_dns_server_is_not_the_providers_time_limit() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// A DNS server on loopback whose every answer is malformed: for `basket-N`, kind
+/// N % 3 of a record whose data runs past the packet, an answer count larger than the
+/// answers, and a name that points to itself (a compression loop).
+struct MalformedDns {
+    address: String,
+    answered: Arc<AtomicUsize>,
+}
+
+impl MalformedDns {
+    fn start() -> MalformedDns {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let address = socket.local_addr().unwrap().to_string();
+        let answered = Arc::new(AtomicUsize::new(0));
+        let count = answered.clone();
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 512];
+            while let Ok((len, from)) = socket.recv_from(&mut buffer) {
+                let query = &buffer[..len];
+                // The question: the name's labels up to the root, then type and class.
+                let mut end = 12;
+                while end < len && query[end] != 0 {
+                    end += 1 + query[end] as usize;
+                }
+                let question_end = end + 5;
+                if question_end > len {
+                    continue;
+                }
+                let qtype = [query[end + 1], query[end + 2]];
+                count.fetch_add(1, Ordering::SeqCst);
+                // The kind of damage: `basket-N` gets kind N % 3.
+                let name = &query[12..end];
+                let n = name
+                    .windows(7)
+                    .position(|w| w == b"basket-")
+                    .and_then(|at| name.get(at + 7))
+                    .map_or(0, |digit| usize::from(digit.wrapping_sub(b'0')));
+                let mut answer = Vec::from(&query[..2]);
+                let answers: u16 = if n % 3 == 1 { 5 } else { 1 };
+                answer.extend([0x81, 0x80, 0, 1]);
+                answer.extend(answers.to_be_bytes());
+                answer.extend([0, 0, 0, 0]);
+                answer.extend(&query[12..question_end]);
+                match n % 3 {
+                    // Data length 50, three bytes of data.
+                    0 => {
+                        answer.extend([0xc0, 12]);
+                        answer.extend(qtype);
+                        answer.extend([0, 1, 0, 0, 0, 30, 0, 50, 1, 2, 3]);
+                    }
+                    // Five answers announced, one given (four bytes of an address).
+                    1 => {
+                        answer.extend([0xc0, 12]);
+                        answer.extend(qtype);
+                        answer.extend([0, 1, 0, 0, 0, 30, 0, 4, 10, 0, 0, 1]);
+                    }
+                    // The record's name is a pointer to itself.
+                    _ => {
+                        let here = answer.len() as u16;
+                        answer.extend((0xc000 | here).to_be_bytes());
+                        answer.extend(qtype);
+                        answer.extend([0, 1, 0, 0, 0, 30, 0, 4, 10, 0, 0, 1]);
+                    }
+                }
+                let _ = socket.send_to(&answer, from);
+            }
+        });
+        MalformedDns { address, answered }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_dns_answers_are_errors_not_panics() {
+    let server = MalformedDns::start();
+    let toml = config_at(&server.address, r#"suffix = "cluster.local""#, r#""*""#, "3s");
+    let sandbox = Sandbox::new();
+    let resolver = sandbox.resolver(&toml).await.unwrap();
+    // Each query gets malformed answers only: it fails as the DNS being unavailable,
+    // naming the provider, the server and the damage, and the host goes on to the next.
+    for i in 0..6 {
+        let query: wasd::Query = format!("basket-{i}").parse().unwrap();
+        match resolver.resolve_uncached(&query).await {
+            Err(Error::NoEndpoints { failures, .. }) => {
+                let failure = failures[0].to_string();
+                assert!(
+                    matches!(failures[0].kind, ProviderErrorKind::Unavailable(_)),
+                    "{failure}"
+                );
+                assert!(failure.starts_with("provider 'dns-srv'"), "{failure}");
+                // The server and what was wrong with its answer are named.
+                let damage = [
+                    "incorrect rdata length",
+                    "unexpected end of input",
+                    "label points to data",
+                ];
+                assert!(
+                    failure.contains(&format!(
+                        "DNS server {}: protocol error: decoding error: ",
+                        server.address
+                    )) && failure.contains(damage[i % 3]),
+                    "{failure}"
+                );
+            }
+            other => panic!("basket-{i}: {other:?}"),
+        }
+    }
+    // Every kind of malformed answer was served, several times.
+    assert!(server.answered.load(Ordering::SeqCst) >= 6);
 }

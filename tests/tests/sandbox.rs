@@ -580,3 +580,34 @@ fn guest_stdout_and_stderr_never_reach_the_operator() {
         assert!(out.stderr.lines().count() > 10, "{attack}: {}", out.stderr);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn time_blocked_in_an_http_call_counts_toward_the_time_limit() {
+    // A server that accepts and never answers; the guest's own HTTP timeout is 2 s,
+    // its limit 500 ms. Unlike DNS (exempt, see dns.rs), time waiting on HTTP is the
+    // provider's: the call ends at its limit, not at the guest's timeout.
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let sandbox = Sandbox::new();
+    let toml = alone(LIMITS).replace(
+        "limits = {",
+        &format!("grants = {{ http = [\"http://127.0.0.1:{port}\"] }}\nlimits = {{"),
+    );
+    let resolver = resolver(&sandbox, &toml).await;
+    let started = std::time::Instant::now();
+    let err = resolver
+        .resolve(&format!("fetch:{port}"))
+        .await
+        .unwrap_err()
+        .to_string();
+    let took = started.elapsed();
+    assert!(
+        err.contains("provider 'hostile': exceeded its time limit (500 ms per call)"),
+        "{err}"
+    );
+    assert!(
+        (Duration::from_millis(450)..Duration::from_millis(1500)).contains(&took),
+        "ended after {took:?}"
+    );
+    drop(server);
+}

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use wasd_tests::{Sandbox, strings};
+use wasd_tests::{Sandbox, eventually, strings};
 
 #[tokio::test]
 async fn watch_follows_refreshes() {
@@ -179,4 +179,43 @@ settings = {{ service = "seq", tag_calls = true, watch_at_once = true, answers =
         changes += 1;
     }
     assert!((11..=40).contains(&changes), "{changes} changes in 2 s");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watch_call_that_never_returns_is_stopped_at_its_deadline() {
+    // The provider's `watch` spins for ever. A watch call may last the time to the
+    // next refresh (2 s) plus the provider's time limit (200 ms): then it is a
+    // `timeout` fault, and the last answer is still served.
+    let sandbox = Sandbox::new();
+    let toml = format!(
+        r#"
+pass-through = false
+refresh-period = "2s"
+[[provider]]
+module = "{}"
+settings = {{ service = "seq", watch_loop = true, answers = [{{ endpoints = ["http://a:1"] }}] }}
+limits = {{ timeout = "200ms" }}
+"#,
+        wasd_tests::fixtures::SEQUENCE
+    );
+    let resolver = sandbox.resolver(&toml).await.unwrap();
+    let started = std::time::Instant::now();
+    let _watch = resolver.watch("http://seq").await.unwrap();
+    eventually(
+        Duration::from_secs(6),
+        "the spinning watch call to be stopped",
+        || resolver.provider_status()[0].faults >= 1,
+    )
+    .await;
+    let stopped = started.elapsed();
+    // Not at the bare time limit (200 ms), and not much past 2.2 s (the poll above
+    // looks every 100 ms).
+    assert!(
+        (Duration::from_millis(1900)..Duration::from_millis(3500)).contains(&stopped),
+        "stopped after {stopped:?}"
+    );
+    assert_eq!(
+        strings(&resolver.resolve("http://seq").await.unwrap()),
+        ["http://a:1"]
+    );
 }

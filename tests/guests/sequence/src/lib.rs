@@ -2,7 +2,8 @@
 //! one repeats), so tests can drive refreshes, changes and failures.
 //!
 //! `"service": "*"` answers every service; `"watch_at_once": true` makes a push provider
-//! whose `watch` answers at once with the next call's answer.
+//! whose `watch` answers at once with the next call's answer; `"watch_loop": true` one
+//! whose `watch` never returns.
 //!
 //! ```json
 //! {"service": "seq", "tag_calls": false,
@@ -25,6 +26,10 @@ struct Settings {
     /// that would spin if the host let it.
     #[serde(default)]
     watch_at_once: bool,
+    /// Version every answer, and never return from `watch`: only the host's deadline
+    /// for a watch call stops it.
+    #[serde(default)]
+    watch_loop: bool,
     /// From this wall-clock time (ms since the Unix epoch) on, every call loops: a
     /// provider that starts looping mid-run, in every instance the host makes.
     #[serde(default)]
@@ -97,13 +102,18 @@ impl Provider for Sequence {
         }
         let mut resolution = Resolution::new(endpoints);
         resolution.ttl_ms = answer.ttl_ms;
-        if self.settings.watch_at_once {
+        if self.settings.watch_at_once || self.settings.watch_loop {
             resolution.version = Some(call.to_string());
         }
         Ok(resolution)
     }
 
     fn watch(&self, query: Query, version: String, timeout_ms: u64) -> Result<Option<Resolution>, Error> {
+        if self.settings.watch_loop {
+            loop {
+                std::hint::black_box(&version);
+            }
+        }
         if !self.settings.watch_at_once {
             return Err(Error::Unsupported("scripted polling provider".into()));
         }
