@@ -24,6 +24,7 @@ use crate::chain::{ChainAnswer, ChainCell, select};
 use crate::clock::Clock;
 use crate::endpoint::{EndpointSet, SetInner};
 use crate::error::{Error, ProviderError, ProviderErrorKind};
+use crate::metrics;
 use crate::query::{Query, effective_schemes};
 use crate::recovery::{Recovered, Recovery};
 use crate::source::{Source, SourceQuery};
@@ -48,6 +49,17 @@ fn non_empty(service: &str, set: EndpointSet) -> Result<EndpointSet, Error> {
         });
     }
     Ok(set)
+}
+
+/// Count a resolve's outcome: `hit` when its entry already had a set, `miss` when the
+/// chain ran, `error` when it failed.
+#[inline]
+fn count(result: &Result<EndpointSet, Error>, cached: bool) {
+    match result {
+        Ok(_) if cached => metrics::count_hit(),
+        Ok(_) => metrics::count_miss(),
+        Err(_) => metrics::count_error(),
+    }
 }
 
 /// Least time between the starts of two long-polls of one entry, once more than
@@ -160,9 +172,9 @@ struct Entry {
 impl Entry {
     /// Publish an answer; watchers hear of it only if its endpoints differ. The same
     /// endpoints with other failures recorded replace the set silently, so resolves
-    /// report what failed now.
-    fn publish(&self, set: EndpointSet) {
-        self.state.send_if_modified(|current| {
+    /// report what failed now. Whether watchers were told.
+    fn publish(&self, set: EndpointSet) -> bool {
+        let changed = self.state.send_if_modified(|current| {
             let changed = current.as_ref() != Some(&set);
             if changed || current.as_ref().is_none_or(|c| c.failures() != set.failures()) {
                 self.current.store(Some(set.shared()));
@@ -170,6 +182,10 @@ impl Entry {
             }
             changed
         });
+        if changed {
+            metrics::count_watch_change();
+        }
+        changed
     }
 
     /// The provider whose answer is served now, if any.
@@ -243,22 +259,60 @@ impl Cache {
             && let Some(set) = &*entry.current.load()
         {
             self.inner.touch(entry);
-            return non_empty(&entry.key.service, EndpointSet::from_shared(Arc::clone(set)));
+            let result = non_empty(&entry.key.service, EndpointSet::from_shared(Arc::clone(set)));
+            count(&result, true);
+            return result;
         }
-        let parsed = Query::parse(query)?;
-        let entry = self.inner.entry(&parsed)?;
+        let (result, cached) = self.resolve_text(query).await;
+        count(&result, cached);
+        result
+    }
+
+    /// [`Cache::resolve`] of a query text not indexed yet; whether its entry had a set.
+    async fn resolve_text(&self, query: &str) -> (Result<EndpointSet, Error>, bool) {
+        let parsed = match Query::parse(query) {
+            Ok(parsed) => parsed,
+            Err(e) => return (Err(e), false),
+        };
+        let entry = match self.inner.entry(&parsed) {
+            Ok(entry) => entry,
+            Err(e) => return (Err(e), false),
+        };
+        let cached = entry.current.load().is_some();
         let set = self.inner.ready(&entry, false).await;
         if set.is_ok() {
             self.inner.index_text(query, &entry);
         }
-        non_empty(parsed.service(), set?)
+        (set.and_then(|set| non_empty(parsed.service(), set)), cached)
     }
 
     /// Resolve an already parsed query.
     pub async fn resolve_query(&self, query: &Query) -> Result<EndpointSet, Error> {
-        let entry = self.inner.entry(query)?;
-        let set = self.inner.ready(&entry, false).await?;
-        non_empty(query.service(), set)
+        let mut cached = false;
+        let result = async {
+            let entry = self.inner.entry(query)?;
+            cached = entry.current.load().is_some();
+            let set = self.inner.ready(&entry, false).await?;
+            non_empty(query.service(), set)
+        }
+        .await;
+        count(&result, cached);
+        result
+    }
+
+    /// Each cached service with the endpoints it is served (the largest set among its
+    /// cached queries), for the `wasd_endpoints` gauge.
+    pub fn endpoint_counts(&self) -> Vec<(String, usize)> {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for entry in self.inner.entries.iter() {
+            let len = entry
+                .current
+                .load_full()
+                .map_or(0, |set| EndpointSet::from_shared(set).len());
+            let count = counts.entry(entry.key.service.clone()).or_default();
+            *count = (*count).max(len);
+        }
+        counts.into_iter().collect()
     }
 
     /// Ask the providers now, bypassing (and not filling) the cache: what a cold
@@ -272,13 +326,15 @@ impl Cache {
             port: query.port(),
         };
         let chain = self.inner.chain.load();
-        match chain.resolve(&source_query, query.filters(), None).await {
+        let result = match chain.resolve(&source_query, query.filters(), None).await {
             Ok(answer) => Ok(answer.set),
             Err(failures) => Err(Error::NoEndpoints {
                 service: query.service().to_owned(),
                 failures,
             }),
-        }
+        };
+        count(&result, false);
+        result
     }
 
     /// Follow a query: the current endpoints, then every change. A query with no
@@ -309,7 +365,15 @@ impl Cache {
             {
                 continue;
             }
-            match self.inner.ready(&entry, true).await {
+            let cached = entry.current.load().is_some();
+            let ready = self.inner.ready(&entry, true).await;
+            let retry =
+                matches!(&ready, Err(Error::NoEndpoints { .. }) if !entry.live.load(Ordering::Acquire));
+            if !retry {
+                // A watch starts with a resolve (one that keeps an empty answer).
+                count(&ready, cached);
+            }
+            match ready {
                 Ok(_) => {
                     // The first answer is the current set, not a change.
                     receiver.borrow_and_update();
@@ -318,7 +382,7 @@ impl Cache {
                 // A resolve that got there first failed and dropped the entry; a watch
                 // keeps a query with no answer, so it runs the chain itself on a new
                 // entry.
-                Err(Error::NoEndpoints { .. }) if !entry.live.load(Ordering::Acquire) => continue,
+                Err(_) if retry => continue,
                 Err(e) => return Err(e),
             }
         }
@@ -711,7 +775,7 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                 backoff.reset();
                 catchup.answered(answer.source.name(), &[]);
                 next = inner.next_after(&answer, &[served.as_deref(), long_polled.as_deref()]);
-                entry.publish(answer.set);
+                refreshed(entry.publish(answer.set));
             }
             // A source ahead failed, but the one serving now (or one ahead of it)
             // answered afresh: publish that, and look again soon for the failed one.
@@ -726,13 +790,14 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                 );
                 next = Next::Sleep(delay);
                 entry.publish(answer.set);
+                metrics::count_refresh(metrics::Refresh::Failed);
             }
             // Every source answered cleanly that the service is gone; look again
             // soon, then less often.
             Err(failures) if failures.is_empty() => {
                 catchup.answered("", &[]);
                 next = Next::Sleep(backoff.next_delay());
-                entry.publish(EndpointSet::default());
+                refreshed(entry.publish(EndpointSet::default()));
             }
             // Nothing may stand in for the failed source: its last good answer stays.
             Err(failures) => {
@@ -741,9 +806,19 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                 warn_failing(&entry, &failures, delay, "serving the last good endpoints");
                 entry.keep_with_failures(&failures);
                 next = Next::Sleep(delay);
+                metrics::count_refresh(metrics::Refresh::Failed);
             }
         }
     }
+}
+
+/// Count a refresh that failed nowhere.
+fn refreshed(changed: bool) {
+    metrics::count_refresh(if changed {
+        metrics::Refresh::Changed
+    } else {
+        metrics::Refresh::Unchanged
+    });
 }
 
 /// A refresh loop's part in catching up after an outage (see [`Recovery`]): the

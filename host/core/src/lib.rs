@@ -24,6 +24,7 @@ mod chain;
 mod clock;
 mod endpoint;
 mod error;
+pub mod metrics;
 mod query;
 mod recovery;
 mod registration;

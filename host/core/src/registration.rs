@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, ProviderError, ProviderErrorKind};
+use crate::metrics;
 use crate::source::Source;
 
 /// Finds the registrar of the chain serving now; `None` once the resolver is gone.
@@ -246,6 +247,7 @@ async fn keep_registered(
     state: watch::Sender<RegistrationState>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<(), ProviderError> {
+    let mut state = Tracked::new(state, &instance.name);
     let guest = &instance;
     let mut lease: Option<String> = None;
     let mut backoff =
@@ -277,17 +279,18 @@ async fn keep_registered(
         match registered {
             Ok(granted) => {
                 tracing::info!(provider = %provider.name(), %instance, lease = %granted, ?ttl, "registered");
-                state.send_replace(RegistrationState::Registered {
+                state.send(RegistrationState::Registered {
                     lease: granted.clone(),
                 });
                 lease = Some(granted);
                 backoff.reset();
             }
             Err(failure) => {
+                metrics::count_registration_retry();
                 let retry_in = backoff.next_delay();
                 let attempts = backoff.attempts();
                 tracing::warn!(%instance, attempts, ?retry_in, "registration failed; retrying: {failure}");
-                state.send_replace(RegistrationState::Retrying {
+                state.send(RegistrationState::Retrying {
                     error: failure.to_string(),
                     attempts,
                     retry_in,
@@ -324,20 +327,24 @@ async fn keep_registered(
                     // it go rather than keep it alive for nothing.
                     let _ = provider.deregister(guest, Some(current)).await;
                     lease = None;
-                    state.send_replace(RegistrationState::Registering);
+                    state.send(RegistrationState::Registering);
                     continue 'register;
                 }
                 Err(failure) if last_alive.elapsed() >= ttl => {
+                    metrics::count_registration_retry();
                     tracing::warn!(%instance, "keep-alive failing past the TTL; registering again: {failure}");
                     lease = None;
-                    state.send_replace(RegistrationState::Retrying {
+                    state.send(RegistrationState::Retrying {
                         error: failure.to_string(),
                         attempts: 1,
                         retry_in: Duration::ZERO,
                     });
                     continue 'register;
                 }
-                Err(failure) => tracing::warn!(%instance, "keep-alive failed: {failure}"),
+                Err(failure) => {
+                    metrics::count_registration_retry();
+                    tracing::warn!(%instance, "keep-alive failed: {failure}");
+                }
             }
         }
     }
@@ -355,8 +362,56 @@ async fn keep_registered(
         Ok(()) => tracing::info!(%instance, "deregistered"),
         Err(failure) => tracing::warn!(%instance, "deregistration failed: {failure}"),
     }
-    state.send_replace(RegistrationState::Stopped);
+    state.send(RegistrationState::Stopped);
     result
+}
+
+/// A registration's state sender that keeps `wasd_registrations{service,state}` in
+/// step: one registration counts in the gauge of its current state, none once stopped.
+struct Tracked {
+    sender: watch::Sender<RegistrationState>,
+    service: String,
+    label: Option<&'static str>,
+}
+
+impl Tracked {
+    fn new(sender: watch::Sender<RegistrationState>, service: &str) -> Tracked {
+        let mut tracked = Tracked {
+            sender,
+            service: service.to_owned(),
+            label: None,
+        };
+        tracked.count(Some("registering"));
+        tracked
+    }
+
+    fn send(&mut self, state: RegistrationState) {
+        self.count(match &state {
+            RegistrationState::Registering => Some("registering"),
+            RegistrationState::Registered { .. } => Some("registered"),
+            RegistrationState::Retrying { .. } => Some("retrying"),
+            RegistrationState::Stopped => None,
+        });
+        self.sender.send_replace(state);
+    }
+
+    fn count(&mut self, label: Option<&'static str>) {
+        let gauge = |state: &'static str| ::metrics::gauge!(metrics::names::REGISTRATIONS, "service" => self.service.clone(), "state" => state);
+        if let Some(old) = self.label {
+            gauge(old).decrement(1.0);
+        }
+        if let Some(new) = label {
+            gauge(new).increment(1.0);
+        }
+        self.label = label;
+    }
+}
+
+impl Drop for Tracked {
+    /// A task that ends without `Stopped` (its runtime shut down) leaves the gauge too.
+    fn drop(&mut self) {
+        self.count(None);
+    }
 }
 
 #[cfg(test)]

@@ -301,6 +301,12 @@ impl Reloader {
             status.reloads += 1;
             status.errors = report.errors.clone();
         }
+        let result = if report.errors.is_empty() {
+            "applied"
+        } else {
+            "failed"
+        };
+        metrics::counter!(crate::metrics::names::RELOADS, "result" => result).increment(1);
         for e in &report.errors {
             tracing::warn!("reload: {e}; the previous version keeps serving");
         }

@@ -89,6 +89,8 @@ pub struct ProviderStatus {
     pub faults_in_a_row: u32,
     /// How much longer it stays quarantined (not called), if it is.
     pub quarantined_for: Option<Duration>,
+    /// Instances alive (pooled or in a call), for a source that has instances.
+    pub instances: Option<usize>,
 }
 
 impl ProviderStatus {
@@ -99,6 +101,7 @@ impl ProviderStatus {
             faults: 0,
             faults_in_a_row: 0,
             quarantined_for: None,
+            instances: None,
         }
     }
 }

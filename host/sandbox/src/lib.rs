@@ -6,6 +6,7 @@
 //! - [`Provider`] (`provider.rs`): one loaded component with its pool of instances,
 //!   call deadlines, answer checks and trap classification; it is a
 //!   [`wasd_core::Source`].
+//! - `metrics.rs`: provider calls, instances and imports, for the `metrics` facade.
 //! - `limits.rs` (memory, tables, stderr), `quarantine.rs` (a provider that keeps
 //!   faulting is left out for a while), `inspect.rs` (what a component imports and
 //!   exports, for one-line load errors and `wasd check`).
@@ -22,6 +23,7 @@ mod capability;
 mod engine;
 mod inspect;
 mod limits;
+pub mod metrics;
 mod provider;
 mod quarantine;
 mod spec;

@@ -2,7 +2,7 @@
 //! pool of sandboxed instances (each its own `Store`) that run its calls.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use crate::capability::http::{HttpHooks, HttpPolicy, TlsFiles};
 use crate::engine::{EPOCH_TICK, Runtime};
 use crate::inspect::{RESOLVER_EXPORT, Surface};
 use crate::limits::{LimitExceeded, MemoryLimiter, StderrTail};
+use crate::metrics::{Call, CallMetrics, Outcome};
 use crate::quarantine::{Health, Mark};
 use crate::spec::{Grants, InputFile, Limits, ModuleSource, ProviderSpec};
 
@@ -92,6 +93,23 @@ struct Instance {
     calls: u32,
     /// The query of the last call, its buffers reused by the next (see [`lower_query`]).
     query: Query,
+    _alive: Alive,
+}
+
+/// Counts an instance among its provider's live ones while it exists.
+struct Alive(Arc<AtomicUsize>);
+
+impl Alive {
+    fn new(count: &Arc<AtomicUsize>) -> Alive {
+        count.fetch_add(1, Ordering::Relaxed);
+        Alive(count.clone())
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// One loaded provider: a [`Source`] whose calls run in sandboxed instances of its
@@ -117,6 +135,9 @@ pub struct Provider {
     fingerprint: [u8; 32],
     health: Health,
     busy: tokio::sync::Semaphore,
+    metrics: CallMetrics,
+    /// Instances alive: pooled or in a call.
+    instances: Arc<AtomicUsize>,
 }
 
 /// A provider's inputs, read from disk: the module, granted files and TLS files. Two
@@ -314,6 +335,7 @@ impl Provider {
         let name: Arc<str> = spec.name.as_str().into();
         let http = HttpPolicy::new(name.clone(), &spec.grants.http, tls)
             .map_err(|e| load_error(format!("tls: {e}")))?;
+        let metrics = CallMetrics::new(&name);
         let provider = Provider {
             configuration: Configuration {
                 name: spec.name.clone(),
@@ -334,6 +356,8 @@ impl Provider {
             fingerprint,
             health: Health::new(),
             busy: tokio::sync::Semaphore::new(MAX_CONCURRENT_CALLS),
+            metrics,
+            instances: Arc::default(),
         };
         let instance = provider
             .instantiate()
@@ -412,6 +436,7 @@ impl Provider {
                 schemes: Vec::new(),
                 port: None,
             },
+            _alive: Alive::new(&self.instances),
         });
         let configuration = self.configuration.clone();
         self.call(&mut instance, self.limits.timeout, async |i: &mut Instance| {
@@ -565,6 +590,21 @@ impl Provider {
     /// Run one registrar call; `unsupported` when the component is not a registrar.
     async fn registrar_call<T>(
         &self,
+        call: Call,
+        f: impl AsyncFnOnce(&RegistrarGuest, &mut Store<ProviderState>) -> wasmtime::Result<Result<T, GuestError>>,
+    ) -> Result<T, ProviderError> {
+        let began = Instant::now();
+        let result = self.registrar_call_unmeasured(f).await;
+        let outcome = match &result {
+            Ok(_) => Outcome::Answered,
+            Err(failure) => Outcome::of(failure),
+        };
+        self.metrics.record(call, outcome, began);
+        result
+    }
+
+    async fn registrar_call_unmeasured<T>(
+        &self,
         f: impl AsyncFnOnce(&RegistrarGuest, &mut Store<ProviderState>) -> wasmtime::Result<Result<T, GuestError>>,
     ) -> Result<T, ProviderError> {
         if self.registrar.is_none() {
@@ -581,6 +621,71 @@ impl Provider {
             .await?;
         self.health.success(started);
         result.map_err(|e| self.error(guest_error(e)))
+    }
+
+    /// [`Source::resolve`], its metrics aside; `not_found` is set when the provider
+    /// said `not-found` (an empty answer to the chain).
+    async fn resolve_call(&self, query: &SourceQuery, not_found: &mut bool) -> Result<Answer, ProviderError> {
+        let started = self.health.mark();
+        let result = self
+            .with_instance(self.limits.timeout, async |i: &mut Instance| {
+                lower_query(&mut i.query, query);
+                i.resolver.call_resolve(&mut i.store, &i.query).await
+            })
+            .await?;
+        match result {
+            Ok(resolution) => self.check_answer(resolution, started),
+            Err(e) => {
+                // The provider ran and spoke for itself: not a fault.
+                self.health.success(started);
+                match e {
+                    GuestError::NotFound(_) => {
+                        *not_found = true;
+                        Ok(Answer::default())
+                    }
+                    e => Err(self.error(guest_error(e))),
+                }
+            }
+        }
+    }
+
+    /// [`Source::watch`], its metrics aside.
+    async fn watch_call(
+        &self,
+        query: &SourceQuery,
+        version: &str,
+        wait: Duration,
+    ) -> Result<Option<Answer>, ProviderError> {
+        let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        let started = self.health.mark();
+        let result = self
+            .with_instance_of(wait + self.limits.timeout, false, async |i: &mut Instance| {
+                lower_query(&mut i.query, query);
+                i.resolver
+                    .call_watch(&mut i.store, &i.query, version, wait_ms)
+                    .await
+            })
+            .await?;
+        match result {
+            Ok(Some(resolution)) => self.check_answer(resolution, started).map(Some),
+            Ok(None) => {
+                self.health.success(started);
+                Ok(None)
+            }
+            Err(e) => {
+                self.health.success(started);
+                match e {
+                    GuestError::NotFound(_) => Ok(Some(Answer::default())),
+                    e => {
+                        if matches!(e, GuestError::Unsupported(_)) {
+                            // The host polls this provider from now on.
+                            self.watchable.store(false, Ordering::Relaxed);
+                        }
+                        Err(self.error(guest_error(e)))
+                    }
+                }
+            }
+        }
     }
 
     /// Check an answer against the contract and the provider's limits, and convert it.
@@ -648,24 +753,16 @@ impl Source for Provider {
 
     /// Ask the provider. `not-found` is the same as an empty answer.
     async fn resolve(&self, query: &SourceQuery) -> Result<Answer, ProviderError> {
-        let started = self.health.mark();
-        let result = self
-            .with_instance(self.limits.timeout, async |i: &mut Instance| {
-                lower_query(&mut i.query, query);
-                i.resolver.call_resolve(&mut i.store, &i.query).await
-            })
-            .await?;
-        match result {
-            Ok(resolution) => self.check_answer(resolution, started),
-            Err(e) => {
-                // The provider ran and spoke for itself: not a fault.
-                self.health.success(started);
-                match e {
-                    GuestError::NotFound(_) => Ok(Answer::default()),
-                    e => Err(self.error(guest_error(e))),
-                }
-            }
-        }
+        let began = Instant::now();
+        let mut not_found = false;
+        let result = self.resolve_call(query, &mut not_found).await;
+        let outcome = match &result {
+            _ if not_found => Outcome::NotFound,
+            Ok(answer) => Outcome::of_answer(answer),
+            Err(failure) => Outcome::of(failure),
+        };
+        self.metrics.record(Call::Resolve, outcome, began);
+        result
     }
 
     /// The call may last `wait` plus the provider's usual time limit.
@@ -675,36 +772,15 @@ impl Source for Provider {
         version: &str,
         wait: Duration,
     ) -> Result<Option<Answer>, ProviderError> {
-        let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-        let started = self.health.mark();
-        let result = self
-            .with_instance_of(wait + self.limits.timeout, false, async |i: &mut Instance| {
-                lower_query(&mut i.query, query);
-                i.resolver
-                    .call_watch(&mut i.store, &i.query, version, wait_ms)
-                    .await
-            })
-            .await?;
-        match result {
-            Ok(Some(resolution)) => self.check_answer(resolution, started).map(Some),
-            Ok(None) => {
-                self.health.success(started);
-                Ok(None)
-            }
-            Err(e) => {
-                self.health.success(started);
-                match e {
-                    GuestError::NotFound(_) => Ok(Some(Answer::default())),
-                    e => {
-                        if matches!(e, GuestError::Unsupported(_)) {
-                            // The host polls this provider from now on.
-                            self.watchable.store(false, Ordering::Relaxed);
-                        }
-                        Err(self.error(guest_error(e)))
-                    }
-                }
-            }
-        }
+        let began = Instant::now();
+        let result = self.watch_call(query, version, wait).await;
+        let outcome = match &result {
+            Ok(Some(answer)) => Outcome::of_answer(answer),
+            Ok(None) => Outcome::Empty,
+            Err(failure) => Outcome::of(failure),
+        };
+        self.metrics.record(Call::Watch, outcome, began);
+        result
     }
 
     fn can_watch(&self) -> bool {
@@ -720,7 +796,9 @@ impl Source for Provider {
         let instance = wit_instance(instance);
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         let lease = self
-            .registrar_call(async |r, store| r.call_register(store, &instance, ttl_ms).await)
+            .registrar_call(Call::Register, async |r, store| {
+                r.call_register(store, &instance, ttl_ms).await
+            })
             .await?;
         if lease.len() > MAX_VERSION_LEN {
             return Err(self.error(ProviderErrorKind::InvalidAnswer(format!(
@@ -732,18 +810,24 @@ impl Source for Provider {
 
     async fn keep_alive(&self, instance: &ServiceInstance, lease: &str) -> Result<bool, ProviderError> {
         let instance = wit_instance(instance);
-        self.registrar_call(async |r, store| r.call_keep_alive(store, &instance, lease).await)
-            .await
+        self.registrar_call(Call::KeepAlive, async |r, store| {
+            r.call_keep_alive(store, &instance, lease).await
+        })
+        .await
     }
 
     async fn deregister(&self, instance: &ServiceInstance, lease: Option<&str>) -> Result<(), ProviderError> {
         let instance = wit_instance(instance);
-        self.registrar_call(async |r, store| r.call_deregister(store, &instance, lease).await)
-            .await
+        self.registrar_call(Call::Deregister, async |r, store| {
+            r.call_deregister(store, &instance, lease).await
+        })
+        .await
     }
 
     fn status(&self) -> ProviderStatus {
-        self.health.status(&self.name)
+        let mut status = self.health.status(&self.name);
+        status.instances = Some(self.instances.load(Ordering::Relaxed));
+        status
     }
 
     fn fingerprint(&self) -> Option<[u8; 32]> {

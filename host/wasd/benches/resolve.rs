@@ -43,7 +43,19 @@ fn resolver(rt: &Runtime, dir: &Path, cache: Option<&Path>) -> Resolver {
 }
 
 /// A current-thread runtime and a folder for the config and the component cache.
+///
+/// With `WASD_BENCH_METRICS=1` in the environment, a Prometheus recorder is installed
+/// first (what `wasd watch --metrics` does), so the rows show what metrics cost.
 fn setup() -> (Runtime, tempfile::TempDir) {
+    static RECORDER: std::sync::Once = std::sync::Once::new();
+    RECORDER.call_once(|| {
+        if std::env::var_os("WASD_BENCH_METRICS").is_some() {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .expect("installing the Prometheus recorder");
+            wasd::describe_metrics();
+        }
+    });
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

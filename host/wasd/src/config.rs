@@ -22,6 +22,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::observe::DEFAULT_MAX_SERVICES;
 use wasd_core::{ConfigError, DEFAULT_IDLE_TIMEOUT, DEFAULT_REFRESH_PERIOD};
 use wasd_sandbox::{
     Builtin, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_MEMORY, DEFAULT_TIMEOUT, DnsSettings, Grants, Limits,
@@ -42,6 +43,8 @@ pub struct Config {
     pub(crate) providers: Vec<ProviderSpec>,
     /// The provider that registers instances; none: the first one that can.
     pub(crate) registrar: Option<String>,
+    /// Distinct services `wasd_endpoints` gets a series for (`[metrics] max-services`).
+    pub(crate) metrics_max_services: usize,
 }
 
 #[derive(Deserialize)]
@@ -62,6 +65,14 @@ struct RawConfig {
     #[serde(default, rename = "provider")]
     providers: Vec<Spanned<RawProvider>>,
     registrar: Option<Spanned<String>>,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawMetrics {
+    max_services: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -177,6 +188,7 @@ impl Config {
                 sha256: None,
             }],
             registrar: None,
+            metrics_max_services: DEFAULT_MAX_SERVICES,
         }
     }
 
@@ -281,6 +293,7 @@ impl Config {
             },
             providers: Vec::new(),
             registrar: None,
+            metrics_max_services: raw.metrics.max_services.unwrap_or(DEFAULT_MAX_SERVICES),
         };
         for spanned in &raw.providers {
             let spec = provider_spec(&src, spanned, &config, &resolve)?;

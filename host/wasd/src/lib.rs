@@ -64,6 +64,7 @@ mod files;
 pub mod grpc;
 #[cfg(feature = "reqwest")]
 pub mod http;
+mod observe;
 mod resolver;
 
 pub use balance::{Balancer, BalancerBuilder, DEFAULT_EJECTION, Picked, Strategy};
@@ -71,6 +72,7 @@ pub use check::check;
 pub use config::Config;
 #[cfg(feature = "tower")]
 pub use discover::Discover;
+pub use observe::{DEFAULT_MAX_SERVICES, OTHER_SERVICES, describe_metrics};
 pub use resolver::{Resolver, ResolverBuilder};
 pub use wasd_core::{
     ConfigError, DEFAULT_IDLE_TIMEOUT, DEFAULT_REFRESH_PERIOD, DEFAULT_REGISTRATION_TTL, Endpoint,

@@ -44,6 +44,8 @@ enum Command {
         /// Print one JSON object per line instead.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Load the configuration and every provider module, and explain what is wrong.
     Check {
@@ -77,6 +79,8 @@ enum Command {
         /// Print one JSON object per state change instead.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
 }
 
@@ -106,6 +110,41 @@ fn key_value(text: &str) -> Result<(String, String), String> {
 
 fn duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|e| format!("'{text}' is not a duration like \"15s\" ({e})"))
+}
+
+#[derive(Args)]
+struct MetricsArgs {
+    /// Serve Prometheus metrics over HTTP on this address (`127.0.0.1:9464`); any path
+    /// answers.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+}
+
+/// Histogram buckets for durations, in seconds: a cached-path provider call takes
+/// microseconds, a registry round trip milliseconds, a slow upstream seconds.
+const DURATION_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+impl MetricsArgs {
+    /// Install the Prometheus exporter. Before the resolver is built: providers
+    /// register their metrics as they load.
+    fn serve(&self) -> anyhow::Result<()> {
+        let Some(address) = self.metrics else {
+            return Ok(());
+        };
+        let failed =
+            |e: metrics_exporter_prometheus::BuildError| anyhow::anyhow!("serving metrics on {address}: {e}");
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(address)
+            .set_buckets(DURATION_BUCKETS)
+            .map_err(failed)?
+            .install()
+            .map_err(failed)?;
+        wasd::describe_metrics();
+        Ok(())
+    }
 }
 
 #[derive(Args)]
@@ -209,8 +248,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             filters,
             config,
             json,
+            metrics,
         } => {
             let parsed = filters.query(&query)?;
+            metrics.serve()?;
             let resolver = config.resolver(true).await?;
             let mut watch = resolver.watch_query(&parsed).await?;
             let print = |set: &EndpointSet| -> anyhow::Result<()> {
@@ -268,7 +309,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ttl,
             config,
             json,
+            metrics,
         } => {
+            metrics.serve()?;
             let mut instance = ServiceInstance::new(service, endpoints);
             if let Some(id) = id {
                 instance.id = id;

@@ -30,7 +30,7 @@ pub struct Resolver {
 }
 
 pub(crate) struct Inner {
-    cache: Cache,
+    pub(crate) cache: Cache,
     reloader: Reloader,
     runtime: Arc<Runtime>,
     loader: ConfigLoader,
@@ -184,6 +184,7 @@ impl ResolverBuilder {
             watcher: Mutex::new(None),
             shutdown: watch::channel(()).0,
         });
+        crate::observe::spawn_reporter(Arc::downgrade(&inner), config.metrics_max_services);
         if self.watch_files {
             let mut watcher = crate::files::start(Arc::downgrade(&inner), inner.shutdown.subscribe())?;
             watcher.watch(&config);

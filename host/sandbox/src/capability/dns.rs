@@ -281,6 +281,8 @@ impl ProviderState {
             ));
         }
         let (result, spent) = imports.exempt(lookup).await;
+        metrics::histogram!(crate::metrics::names::DNS_LOOKUP_DURATION, "provider" => self.name.to_string())
+            .record(spent.as_secs_f64());
         // The epoch deadline (for time the guest itself runs) moves on as much.
         self.deadline += spent;
         result.map_err(wit_error)

@@ -259,7 +259,15 @@ impl WasiHttpHooks for HttpHooks {
                 );
                 return Err(HttpError::HttpRequestDenied);
             }
-            let response = send(request, options, &policy).await?;
+            let started = std::time::Instant::now();
+            let response = send(request, options, &policy).await;
+            metrics::histogram!(
+                crate::metrics::names::HTTP_REQUEST_DURATION,
+                "provider" => policy.provider.to_string(),
+                "origin" => format!("{}://{}", if origin.https { "https" } else { "http" }, origin.address())
+            )
+            .record(started.elapsed().as_secs_f64());
+            let response = response?;
             // The connection runs on its own task (it outlives the response when pooled).
             let io = async { Ok(()) };
             Ok((response.map(BodyExt::boxed_unsync), Box::new(io) as IoFuture))

@@ -1,0 +1,398 @@
+//! Metrics as Prometheus scrapes them: `wasd watch --metrics ADDR`, fetched with curl
+//! and read by prometheus_client's exposition parser (scripts/python-clients), both
+//! written by others.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use std::sync::OnceLock;
+
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use serde_json::Value;
+use wasd::ServiceInstance;
+use wasd_tests::{DnsServer, EtcdServer, Lines, Sandbox, run_within, workspace_root};
+
+/// The Python of the venv with prometheus_client, installed on first use.
+fn python() -> String {
+    let out = run_within(
+        &mut Command::new(workspace_root().join("scripts/python-clients")),
+        Duration::from_secs(300),
+    );
+    assert_eq!(out.code, 0, "scripts/python-clients: {}", out.stderr);
+    out.stdout.trim().to_owned()
+}
+
+/// One sample as the parser reads it.
+#[derive(Debug)]
+struct Sample {
+    family: String,
+    kind: String,
+    name: String,
+    labels: HashMap<String, String>,
+    value: f64,
+}
+
+/// Parse an exposition with prometheus_client; panics (with the parser's error) if it
+/// is not valid.
+fn parse(python: &str, text: &str) -> Vec<Sample> {
+    const SCRIPT: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = []
+for family in text_string_to_metric_families(open(sys.argv[1]).read()):
+    for s in family.samples:
+        out.append([family.name, family.type, s.name, s.labels, s.value])
+print(json.dumps(out))
+"#;
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    let out = run_within(
+        Command::new(python).args(["-c", SCRIPT]).arg(file.path()),
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        out.code, 0,
+        "the parser refused the exposition: {}\n{text}",
+        out.stderr
+    );
+    let rows: Vec<Value> = serde_json::from_str(&out.stdout).unwrap();
+    rows.into_iter()
+        .map(|row| Sample {
+            family: row[0].as_str().unwrap().to_owned(),
+            kind: row[1].as_str().unwrap().to_owned(),
+            name: row[2].as_str().unwrap().to_owned(),
+            labels: serde_json::from_value(row[3].clone()).unwrap(),
+            value: row[4].as_f64().unwrap(),
+        })
+        .collect()
+}
+
+/// GET the metrics with curl.
+fn scrape(address: &str) -> Option<String> {
+    let out = run_within(
+        Command::new("curl").args(["-sS", "--max-time", "5", &format!("http://{address}/metrics")]),
+        Duration::from_secs(10),
+    );
+    (out.code == 0).then_some(out.stdout)
+}
+
+/// The value of the sample named `name` with exactly these labels.
+fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && s.labels.len() == labels.len()
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+}
+
+fn kind<'a>(samples: &'a [Sample], family: &str) -> Option<&'a str> {
+    samples
+        .iter()
+        .find(|s| s.family == family)
+        .map(|s| s.kind.as_str())
+}
+
+#[test]
+fn watch_serves_valid_prometheus_metrics() {
+    let python = python();
+    let sandbox = Sandbox::new();
+    sandbox.write_services(
+        "basket",
+        "http",
+        &["http://10.0.0.1:8080", "http://10.0.0.2:8080"],
+    );
+    let address = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().to_string()
+    };
+    let mut child = sandbox
+        .wasd()
+        .args(["watch", "http://basket", "--metrics", &address])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = Lines::new(child.stdout.take().unwrap());
+    let first = stdout.next(Duration::from_secs(60), "the current set");
+    assert_eq!(first.trim(), "http://10.0.0.1:8080 http://10.0.0.2:8080");
+
+    // The reporter publishes once a second: scrape until the gauges are there.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let samples = loop {
+        if let Some(text) = scrape(&address) {
+            let samples = parse(&python, &text);
+            if value(&samples, "wasd_endpoints", &[("service", "basket")]).is_some() {
+                break samples;
+            }
+        }
+        assert!(Instant::now() < deadline, "no wasd_endpoints gauge within 10 s");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+
+    // A change to the file: the provider is reloaded, the watcher told, the gauge
+    // follows.
+    sandbox.write_services(
+        "basket",
+        "http",
+        &[
+            "http://10.0.0.1:8080",
+            "http://10.0.0.2:8080",
+            "http://10.0.0.3:8080",
+        ],
+    );
+    let changed = stdout.next(Duration::from_secs(10), "the change");
+    assert_eq!(changed.split(' ').count(), 3, "{changed}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let later = loop {
+        if let Some(text) = scrape(&address) {
+            let samples = parse(&python, &text);
+            if value(&samples, "wasd_endpoints", &[("service", "basket")]) == Some(3.0) {
+                break samples;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "wasd_endpoints did not follow the change within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(value(&later, "wasd_reloads_total", &[("result", "applied")]).unwrap() >= 1.0);
+    assert_eq!(value(&later, "wasd_watch_changes_total", &[]), Some(2.0));
+
+    // Types as Prometheus conventions want them (the parser drops `_total` from a
+    // counter family's name).
+    assert_eq!(kind(&samples, "wasd_resolves"), Some("counter"));
+    assert_eq!(kind(&samples, "wasd_provider_calls"), Some("counter"));
+    assert_eq!(
+        kind(&samples, "wasd_provider_call_duration_seconds"),
+        Some("histogram")
+    );
+    assert_eq!(kind(&samples, "wasd_cache_entries"), Some("gauge"));
+    assert_eq!(kind(&samples, "wasd_endpoints"), Some("gauge"));
+
+    // What this run did: one query, a miss that the config provider answered with two
+    // endpoints; one cached entry.
+    assert_eq!(
+        value(&samples, "wasd_resolves_total", &[("outcome", "miss")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&samples, "wasd_endpoints", &[("service", "basket")]),
+        Some(2.0)
+    );
+    assert_eq!(value(&samples, "wasd_cache_entries", &[]), Some(1.0));
+    let answered = [
+        ("provider", "config"),
+        ("call", "resolve"),
+        ("outcome", "answered"),
+    ];
+    assert!(value(&samples, "wasd_provider_calls_total", &answered).unwrap() >= 1.0);
+    let timed = [("provider", "config"), ("call", "resolve")];
+    assert!(value(&samples, "wasd_provider_call_duration_seconds_count", &timed).unwrap() >= 1.0);
+    assert!(value(&samples, "wasd_provider_call_duration_seconds_sum", &timed).unwrap() > 0.0);
+    assert_eq!(
+        value(&samples, "wasd_provider_quarantined", &[("provider", "config")]),
+        Some(0.0)
+    );
+    assert!(value(&samples, "wasd_provider_instances", &[("provider", "config")]).unwrap() >= 1.0);
+}
+
+#[test]
+fn a_metrics_address_in_use_is_a_clear_error() {
+    let sandbox = Sandbox::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let out = wasd_tests::run(sandbox.wasd().args(["watch", "basket", "--metrics", &address]));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .starts_with(&format!("wasd: serving metrics on {address}: ")),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+}
+
+/// The recorder the library tests of this file share (one per process, as for any
+/// embedder): installed before any resolver is built.
+fn snapshotter() -> &'static Snapshotter {
+    static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
+    SNAPSHOTTER.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder
+            .install()
+            .expect("the only recorder of this test process");
+        snapshotter
+    })
+}
+
+/// A series as the debugging recorder reports it: name, labels (sorted), value.
+type Series = (String, Vec<(String, String)>, DebugValue);
+
+/// Every series' change since the last snapshot.
+fn series() -> Vec<Series> {
+    snapshotter()
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let mut labels: Vec<(String, String)> = key
+                .key()
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            labels.sort();
+            (key.key().name().to_owned(), labels, value)
+        })
+        .collect()
+}
+
+/// Two snapshots of changes as one: counters and gauges added, histograms joined.
+fn merged(first: Vec<Series>, second: Vec<Series>) -> Vec<Series> {
+    let mut all = first;
+    for (name, labels, value) in second {
+        match all.iter_mut().find(|(n, l, _)| *n == name && *l == labels) {
+            None => all.push((name, labels, value)),
+            Some((_, _, existing)) => match (existing, value) {
+                (DebugValue::Counter(a), DebugValue::Counter(b)) => *a += b,
+                (DebugValue::Gauge(a), DebugValue::Gauge(b)) => *a = (a.into_inner() + b.into_inner()).into(),
+                (DebugValue::Histogram(a), DebugValue::Histogram(b)) => a.extend(b),
+                (existing, value) => panic!("{name}: {existing:?} then {value:?}"),
+            },
+        }
+    }
+    all
+}
+
+fn find<'a>(series: &'a [Series], name: &str, labels: &[(&str, &str)]) -> Option<&'a DebugValue> {
+    series
+        .iter()
+        .find(|(n, l, _)| {
+            n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+        })
+        .map(|(_, _, value)| value)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn imports_registrations_and_reloads_are_measured() {
+    snapshotter();
+    let etcd = EtcdServer::start();
+    let dns = DnsServer::start(
+        30,
+        &[
+            "--srv-host=_default._tcp.basket.cluster.local,basket-1.cluster.local,8080,0,10",
+            "--host-record=basket-1.cluster.local,10.0.0.1",
+        ],
+    );
+    let sandbox = Sandbox::new();
+    let url = etcd.url();
+    let toml = format!(
+        r#"
+pass-through = false
+[dns]
+servers = ["{dns}"]
+[[provider]]
+builtin = "etcd"
+settings = {{ endpoints = ["{url}"] }}
+grants = {{ http = ["{url}"] }}
+[[provider]]
+builtin = "dns-srv"
+settings = {{ suffix = "cluster.local" }}
+grants = {{ dns = ["cluster.local"] }}
+"#,
+        dns = dns.address()
+    );
+    let config = sandbox.write("wasd.toml", &toml);
+    let resolver = wasd::Resolver::builder()
+        .config_file(&config)
+        .watch_files(false)
+        .build()
+        .await
+        .unwrap();
+    let mut registration = resolver
+        .register_with_ttl(
+            ServiceInstance::new("metered", ["http://10.1.0.1:80"]),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), registration.registered())
+        .await
+        .unwrap()
+        .unwrap();
+    let registered = series();
+    assert_eq!(resolver.resolve("metered").await.unwrap().len(), 1);
+    assert_eq!(resolver.resolve("basket").await.unwrap().len(), 1);
+    registration.deregister().await.unwrap();
+    // A config that no longer parses: a failed reload.
+    std::fs::write(&config, "this is not toml").unwrap();
+    assert!(!resolver.reload().await.errors.is_empty());
+    let after = series();
+
+    // The debugging recorder hands out changes since the last snapshot: while
+    // registered, the gauge had counted it under `registered` (and no longer under
+    // `registering`); deregistering took it out again.
+    fn state(series: &[Series], state: &str) -> f64 {
+        match find(
+            series,
+            "wasd_registrations",
+            &[("service", "metered"), ("state", state)],
+        ) {
+            Some(DebugValue::Gauge(value)) => value.into_inner(),
+            other => panic!("wasd_registrations {state}: {other:?}"),
+        }
+    }
+    assert_eq!(state(&registered, "registered"), 1.0);
+    assert_eq!(state(&registered, "registering"), 0.0);
+    assert_eq!(state(&after, "registered"), -1.0);
+    let after = merged(registered, after);
+    assert_eq!(
+        (state(&after, "registered"), state(&after, "registering")),
+        (0.0, 0.0)
+    );
+    // The registrar's calls, and the HTTP requests and DNS lookups behind the answers.
+    let calls = |call, outcome| match find(
+        &after,
+        "wasd_provider_calls_total",
+        &[("provider", "etcd"), ("call", call), ("outcome", outcome)],
+    ) {
+        Some(DebugValue::Counter(n)) => *n,
+        other => panic!("{call} {outcome}: {other:?}"),
+    };
+    assert_eq!(calls("register", "answered"), 1);
+    assert_eq!(calls("deregister", "answered"), 1);
+    let origin = url.as_str();
+    match find(
+        &after,
+        "wasd_http_request_duration_seconds",
+        &[("provider", "etcd"), ("origin", origin)],
+    ) {
+        Some(DebugValue::Histogram(samples)) => assert!(samples.len() >= 3, "{samples:?}"),
+        other => panic!("HTTP requests to {origin}: {other:?}"),
+    }
+    match find(
+        &after,
+        "wasd_dns_lookup_duration_seconds",
+        &[("provider", "dns-srv")],
+    ) {
+        Some(DebugValue::Histogram(samples)) => assert!(!samples.is_empty()),
+        other => panic!("DNS lookups: {other:?}"),
+    }
+    match find(&after, "wasd_reloads_total", &[("result", "failed")]) {
+        Some(DebugValue::Counter(n)) => assert!(*n >= 1),
+        other => panic!("failed reloads: {other:?}"),
+    }
+}
