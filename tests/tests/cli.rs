@@ -323,3 +323,60 @@ fn components_are_compiled_once_and_cached() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(cached.iter().map(|p| stamp(p)).collect::<Vec<_>>(), before);
 }
+
+/// `wasd ARGS` on a terminal: util-linux `script` runs it on a pty (in the sandbox,
+/// with a clean environment and this compile cache) and relays what it wrote.
+fn on_a_terminal(sandbox: &Sandbox, args: &str, cache: &std::path::Path) -> wasd_tests::Output {
+    let mut script = std::process::Command::new("script");
+    script.current_dir(sandbox.path()).env_clear();
+    for keep in ["PATH", "HOME"] {
+        if let Some(value) = std::env::var_os(keep) {
+            script.env(keep, value);
+        }
+    }
+    let command = format!("{} {args}", wasd_tests::wasd_bin().display());
+    run(script
+        .args(["-qec", &command, "/dev/null"])
+        .env("TERM", "xterm")
+        .env("XDG_CACHE_HOME", cache))
+}
+
+#[test]
+fn a_first_compile_shows_progress_on_a_terminal_and_a_note_in_the_log() {
+    // A fresh compile cache: the built-in providers compile on this run.
+    let sandbox = Sandbox::new();
+    let cache = sandbox.path().join("cache");
+
+    // On a terminal: a spinner naming the provider, its size, and why.
+    let out = on_a_terminal(&sandbox, "resolve basket", &cache);
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("compiling provider 'config' (") && out.stdout.contains(" MB, first run only)"),
+        "{:?}",
+        out.stdout
+    );
+    // Compiled now: no spinner on the next run.
+    let again = on_a_terminal(&sandbox, "resolve basket", &cache);
+    assert_eq!(again.code, 0, "{}{}", again.stdout, again.stderr);
+    assert!(!again.stdout.contains("compiling"), "{:?}", again.stdout);
+
+    // Not a terminal: nothing but the answer, even when compiling; at debug level,
+    // one line says it.
+    let quiet = run(sandbox
+        .wasd()
+        .args(["resolve", "basket"])
+        .env("XDG_CACHE_HOME", sandbox.path().join("fresh")));
+    assert_eq!(quiet.code, 0, "{}", quiet.stderr);
+    assert_eq!(quiet.stderr, "");
+    let logged = run(sandbox
+        .wasd()
+        .args(["resolve", "basket"])
+        .env("XDG_CACHE_HOME", sandbox.path().join("fresh-2"))
+        .env("WASD_LOG", "wasd_sandbox=debug"));
+    let notes: Vec<&str> = logged
+        .stderr
+        .lines()
+        .filter(|l| l.contains("compiling provider 'config' (") && l.contains(" MB, first run only)"))
+        .collect();
+    assert_eq!(notes.len(), 1, "{}", logged.stderr);
+}

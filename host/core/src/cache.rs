@@ -18,6 +18,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use dashmap::DashMap;
 use tokio::sync::{OnceCell, watch};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::chain::{ChainAnswer, ChainCell, select};
@@ -326,7 +327,11 @@ impl Cache {
             port: query.port(),
         };
         let chain = self.inner.chain.load();
-        let result = match chain.resolve(&source_query, query.filters(), None).await {
+        let span = tracing::debug_span!("resolve", service = %query.service(), uncached = true);
+        let walk = chain
+            .resolve(&source_query, query.filters(), None)
+            .instrument(span);
+        let result = match walk.await {
             Ok(answer) => Ok(answer.set),
             Err(failures) => Err(Error::NoEndpoints {
                 service: query.service().to_owned(),
@@ -491,7 +496,12 @@ impl Inner {
                 };
                 let chain = self.chain.load();
                 // A first resolve has no last good answer: a failure is the answer.
-                let (set, next) = match chain.resolve(&entry.query, &entry.key.filters, None).await {
+                // A miss: the span the providers' calls (and their imports) nest under.
+                let span = tracing::debug_span!("resolve", service = %entry.key.service);
+                let walk = chain
+                    .resolve(&entry.query, &entry.key.filters, None)
+                    .instrument(span);
+                let (set, next) = match walk.await {
                     Ok(answer) => {
                         let next = self.next_after(&answer, &[]);
                         (answer.set, next)
@@ -621,7 +631,9 @@ async fn long_poll_once(
 ) -> Polled {
     // A reload cancels the long-poll (and frees the old source): the chain decides anew.
     let result = tokio::select! {
-        result = source.watch(&entry.query, version, wait) => result,
+        result = source
+            .watch(&entry.query, version, wait)
+            .instrument(tracing::debug_span!("long_poll", service = %entry.key.service)) => result,
         woken = wake.wait() => return match woken {
             Woken::Shutdown => Polled::Shutdown,
             Woken::Reload => Polled::AskChain,
@@ -767,8 +779,10 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
         last_chain = Instant::now();
         let chain = inner.chain.load();
         let served = entry.served();
+        let span = tracing::debug_span!("refresh", service = %entry.key.service);
         match chain
             .resolve(&entry.query, &entry.key.filters, served.as_deref())
+            .instrument(span)
             .await
         {
             Ok(answer) if answer.failures.is_empty() => {

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::error::{Error, ProviderError, ProviderErrorKind};
@@ -167,14 +168,11 @@ impl Registration {
         let (state_tx, state) = watch::channel(RegistrationState::Registering);
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let name = provider.name().to_string();
-        let task = tokio::spawn(keep_registered(
-            provider,
-            current,
-            instance.clone(),
-            ttl,
-            state_tx,
-            stopped,
-        ));
+        // Each step (register, keep-alive, deregister) is a provider call under it.
+        let span = tracing::debug_span!("registration", service = %instance.name, id = %instance.id);
+        let task = tokio::spawn(
+            keep_registered(provider, current, instance.clone(), ttl, state_tx, stopped).instrument(span),
+        );
         Ok(Registration {
             instance,
             provider: name,

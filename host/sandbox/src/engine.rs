@@ -33,6 +33,10 @@ pub struct Runtime {
     _ticker: EpochTicker,
 }
 
+/// The tracing target of the `compile` span (fields `provider`, `megabytes`, `note`),
+/// entered while a component is compiled because the cache did not have it.
+pub const COMPILE_TARGET: &str = "wasd_sandbox::compile";
+
 impl Runtime {
     /// Start the engine (and its epoch thread, which also ticks `clock`), caching
     /// precompiled components in `cache_dir`, looking DNS names up as `dns` says, and
@@ -94,18 +98,21 @@ impl Runtime {
     /// of milliseconds of CPU, so it runs on the blocking pool, off the resolve path.
     /// `digest` is the module's sha256 (the caller has it already: pins and reload
     /// fingerprints use it too).
+    /// `provider` names it in the `compile` span (see [`COMPILE_TARGET`]).
     pub(crate) async fn compile(
         self: &Arc<Self>,
         bytes: Arc<[u8]>,
         digest: [u8; 32],
+        provider: &str,
     ) -> Result<Component, String> {
         let runtime = self.clone();
-        tokio::task::spawn_blocking(move || runtime.compile_blocking(&bytes, &digest))
+        let provider = provider.to_owned();
+        tokio::task::spawn_blocking(move || runtime.compile_blocking(&bytes, &digest, &provider))
             .await
             .map_err(|e| format!("compilation task failed: {e}"))?
     }
 
-    fn compile_blocking(&self, bytes: &[u8], digest: &[u8; 32]) -> Result<Component, String> {
+    fn compile_blocking(&self, bytes: &[u8], digest: &[u8; 32], provider: &str) -> Result<Component, String> {
         let cached = self
             .cache_dir
             .as_ref()
@@ -123,6 +130,23 @@ impl Runtime {
                 }
             }
         }
+        // Seconds for a Python or JavaScript provider: said (the CLI shows a spinner
+        // for this span on a terminal), and timed.
+        let megabytes = bytes.len() as f64 / 1e6;
+        let when = if cached.is_some() {
+            "first run only"
+        } else {
+            "no compile cache"
+        };
+        let _compiling = tracing::info_span!(
+            target: COMPILE_TARGET,
+            "compile",
+            provider,
+            megabytes,
+            note = when
+        )
+        .entered();
+        tracing::debug!(target: COMPILE_TARGET, "compiling provider '{provider}' ({megabytes:.1} MB, {when})");
         let component = Component::new(&self.engine, bytes).map_err(|e| format!("{e:#}"))?;
         if let Some(path) = &cached
             && let Err(e) = write_atomically(path, &component)

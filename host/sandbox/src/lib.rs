@@ -31,7 +31,7 @@ mod spec;
 pub use builtin::Builtin;
 pub use capability::dns::{DEFAULT_DNS_TIMEOUT, DnsSettings};
 pub use capability::http::normalize_origin;
-pub use engine::Runtime;
+pub use engine::{COMPILE_TARGET, Runtime};
 pub use inspect::{CheckReport, check};
 pub use provider::{Prepared, Provider};
 pub use quarantine::QUARANTINE;

@@ -151,6 +151,26 @@ impl Outcome {
     }
 }
 
+/// The span of one provider call: the imports it makes (DNS lookups, HTTP requests)
+/// nest under it, and it nests under the resolve or refresh that made it. Its
+/// `outcome` is recorded as it ends.
+pub(crate) fn call_span(provider: &str, call: Call) -> tracing::Span {
+    tracing::debug_span!(
+        "provider_call",
+        provider = %provider,
+        call = call.label(),
+        outcome = tracing::field::Empty
+    )
+}
+
+/// Record how the current provider call ended on its span.
+pub(crate) fn record_outcome(outcome: Outcome) {
+    // Spans are off unless debug logging is: then there is nothing to record.
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        tracing::Span::current().record("outcome", outcome.label());
+    }
+}
+
 /// One provider's call metrics.
 pub(crate) struct CallMetrics {
     provider: String,

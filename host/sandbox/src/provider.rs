@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
+use tracing::Instrument;
 use wasd_core::text::{MAX_TEXT, excerpt, hex, sanitize};
 use wasd_core::{
     Answer, Endpoint, Error, ProviderError, ProviderErrorKind, ProviderStatus, ServiceInstance, Source,
@@ -27,7 +28,7 @@ use crate::capability::http::{HttpHooks, HttpPolicy, TlsFiles};
 use crate::engine::{EPOCH_TICK, Runtime};
 use crate::inspect::{RESOLVER_EXPORT, Surface};
 use crate::limits::{LimitExceeded, MemoryLimiter, StderrTail};
-use crate::metrics::{Call, CallMetrics, Outcome};
+use crate::metrics::{Call, CallMetrics, Outcome, call_span, record_outcome};
 use crate::quarantine::{Health, Mark};
 use crate::spec::{Grants, InputFile, Limits, ModuleSource, ProviderSpec};
 
@@ -270,7 +271,7 @@ impl Provider {
     /// Compile (or load precompiled) what [`Prepared::read`] read.
     pub(crate) async fn compile(runtime: &Arc<Runtime>, prepared: &Prepared) -> Result<Component, Error> {
         runtime
-            .compile(prepared.bytes.clone(), prepared.digest)
+            .compile(prepared.bytes.clone(), prepared.digest, &prepared.spec.name)
             .await
             .map_err(|e| prepared.spec.load_error(format!("not a loadable component: {e}")))
     }
@@ -593,14 +594,19 @@ impl Provider {
         call: Call,
         f: impl AsyncFnOnce(&RegistrarGuest, &mut Store<ProviderState>) -> wasmtime::Result<Result<T, GuestError>>,
     ) -> Result<T, ProviderError> {
-        let began = Instant::now();
-        let result = self.registrar_call_unmeasured(f).await;
-        let outcome = match &result {
-            Ok(_) => Outcome::Answered,
-            Err(failure) => Outcome::of(failure),
-        };
-        self.metrics.record(call, outcome, began);
-        result
+        async {
+            let began = Instant::now();
+            let result = self.registrar_call_unmeasured(f).await;
+            let outcome = match &result {
+                Ok(_) => Outcome::Answered,
+                Err(failure) => Outcome::of(failure),
+            };
+            self.metrics.record(call, outcome, began);
+            record_outcome(outcome);
+            result
+        }
+        .instrument(call_span(&self.name, call))
+        .await
     }
 
     async fn registrar_call_unmeasured<T>(
@@ -753,16 +759,22 @@ impl Source for Provider {
 
     /// Ask the provider. `not-found` is the same as an empty answer.
     async fn resolve(&self, query: &SourceQuery) -> Result<Answer, ProviderError> {
-        let began = Instant::now();
-        let mut not_found = false;
-        let result = self.resolve_call(query, &mut not_found).await;
-        let outcome = match &result {
-            _ if not_found => Outcome::NotFound,
-            Ok(answer) => Outcome::of_answer(answer),
-            Err(failure) => Outcome::of(failure),
-        };
-        self.metrics.record(Call::Resolve, outcome, began);
-        result
+        let span = call_span(&self.name, Call::Resolve);
+        async {
+            let began = Instant::now();
+            let mut not_found = false;
+            let result = self.resolve_call(query, &mut not_found).await;
+            let outcome = match &result {
+                _ if not_found => Outcome::NotFound,
+                Ok(answer) => Outcome::of_answer(answer),
+                Err(failure) => Outcome::of(failure),
+            };
+            self.metrics.record(Call::Resolve, outcome, began);
+            record_outcome(outcome);
+            result
+        }
+        .instrument(span)
+        .await
     }
 
     /// The call may last `wait` plus the provider's usual time limit.
@@ -772,15 +784,21 @@ impl Source for Provider {
         version: &str,
         wait: Duration,
     ) -> Result<Option<Answer>, ProviderError> {
-        let began = Instant::now();
-        let result = self.watch_call(query, version, wait).await;
-        let outcome = match &result {
-            Ok(Some(answer)) => Outcome::of_answer(answer),
-            Ok(None) => Outcome::Empty,
-            Err(failure) => Outcome::of(failure),
-        };
-        self.metrics.record(Call::Watch, outcome, began);
-        result
+        let span = call_span(&self.name, Call::Watch);
+        async {
+            let began = Instant::now();
+            let result = self.watch_call(query, version, wait).await;
+            let outcome = match &result {
+                Ok(Some(answer)) => Outcome::of_answer(answer),
+                Ok(None) => Outcome::Empty,
+                Err(failure) => Outcome::of(failure),
+            };
+            self.metrics.record(Call::Watch, outcome, began);
+            record_outcome(outcome);
+            result
+        }
+        .instrument(span)
+        .await
     }
 
     fn can_watch(&self) -> bool {

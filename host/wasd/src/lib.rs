@@ -79,7 +79,9 @@ pub use wasd_core::{
     EndpointSet, Error, ProviderError, ProviderErrorKind, ProviderStatus, Query, Registration,
     RegistrationState, ReloadError, ReloadReport, ReloadStatus, ServiceInstance, Watch,
 };
-pub use wasd_sandbox::{CheckReport, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_MEMORY, DEFAULT_TIMEOUT};
+pub use wasd_sandbox::{
+    COMPILE_TARGET, CheckReport, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_MEMORY, DEFAULT_TIMEOUT,
+};
 
 /// This endpoint cannot be used by a client, for `reason`.
 #[cfg(any(feature = "reqwest", feature = "tonic"))]

@@ -7,6 +7,10 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 use std::time::Duration;
+use tracing_subscriber::Layer;
+use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use wasd::{Config, EndpointSet, Query, RegistrationState, Resolver, ServiceInstance};
 
@@ -186,6 +190,72 @@ impl ConfigArgs {
     }
 }
 
+/// Shows a spinner with the elapsed time on stderr while a provider compiles: the
+/// sandbox's `compile` span ([`wasd::COMPILE_TARGET`]) from its start to its end.
+#[derive(Default)]
+struct CompileProgress {
+    spinners: std::sync::Mutex<std::collections::HashMap<tracing::span::Id, indicatif::ProgressBar>>,
+}
+
+/// The fields of a `compile` span.
+#[derive(Default)]
+struct CompileFields {
+    provider: String,
+    megabytes: f64,
+    note: String,
+}
+
+impl tracing::field::Visit for CompileFields {
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        if field.name() == "megabytes" {
+            self.megabytes = value;
+        }
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        match field.name() {
+            "provider" => self.provider = value.to_owned(),
+            "note" => self.note = value.to_owned(),
+            _ => {}
+        }
+    }
+
+    fn record_debug(&mut self, _field: &tracing::field::Field, _value: &dyn std::fmt::Debug) {}
+}
+
+impl<S: tracing::Subscriber> Layer<S> for CompileProgress {
+    fn on_new_span(
+        &self,
+        attributes: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut fields = CompileFields::default();
+        attributes.record(&mut fields);
+        let spinner = indicatif::ProgressBar::new_spinner().with_message(format!(
+            "compiling provider '{}' ({:.1} MB, {})",
+            fields.provider.escape_default(),
+            fields.megabytes,
+            fields.note
+        ));
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
+            spinner.set_style(style);
+        }
+        spinner.enable_steady_tick(Duration::from_millis(100));
+        spinner.tick();
+        self.spinners
+            .lock()
+            .expect("spinner lock")
+            .insert(id.clone(), spinner);
+    }
+
+    fn on_close(&self, id: tracing::span::Id, _: tracing_subscriber::layer::Context<'_, S>) {
+        if let Some(spinner) = self.spinners.lock().expect("spinner lock").remove(&id) {
+            spinner.finish_and_clear();
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     // At the default level only wasd's own warnings show: a dependency's (a connect
@@ -201,11 +271,39 @@ async fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("off,wasd=warn,wasd_core=warn,wasd_sandbox=warn")
     });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    // With logging asked for, each span's end is a line with its time (a resolve, each
+    // provider call in it, each DNS lookup or HTTP request in those), so a slow answer
+    // shows where the time went.
+    let spans = if std::env::var_os("WASD_LOG").is_some() {
+        FmtSpan::CLOSE
+    } else {
+        FmtSpan::NONE
+    };
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_span_events(spans);
+    type Logs = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
+    let logs: Logs = match std::env::var("WASD_LOG_FORMAT").as_deref() {
+        Err(_) | Ok("text") => Box::new(logs.with_ansi(terminal).with_filter(filter)),
+        // One JSON object per line, with the chain of spans it happened in.
+        Ok("json") => Box::new(logs.json().with_span_list(true).with_filter(filter)),
+        Ok(other) => {
+            eprintln!(
+                "wasd: WASD_LOG_FORMAT is '{}'; it takes `text` (the default) or `json`",
+                other.escape_default()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    // A spinner while a provider compiles (a Python or JavaScript one takes seconds on
+    // its first run), on a terminal only.
+    let progress = terminal.then(|| {
+        CompileProgress::default().with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            meta.target() == wasd::COMPILE_TARGET && meta.is_span()
+        }))
+    });
+    tracing_subscriber::registry().with(logs).with(progress).init();
     match run(Cli::parse()).await {
         Ok(code) => code,
         Err(e) => {

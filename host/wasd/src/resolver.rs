@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
+use tracing::Instrument;
 use wasd_core::{
     Cache, ChainCell, Clock, ConfigError, DEFAULT_REGISTRATION_TTL, EndpointSet, Error, Latest, Planned,
     ProviderStatus, Query, Registration, ReloadError, ReloadReport, ReloadStatus, Reloader, ServiceInstance,
@@ -346,6 +347,12 @@ impl Inner {
     /// Read the config and every provider's inputs, load what changed, swap; then
     /// apply the config's settings and watch what it names.
     pub(crate) async fn reload(&self) -> ReloadReport {
+        self.reload_serially()
+            .instrument(tracing::debug_span!("reload"))
+            .await
+    }
+
+    async fn reload_serially(&self) -> ReloadReport {
         let _serial = self.reloading.lock().await;
         let config = self.loader.load().map_err(|e| {
             let source = self

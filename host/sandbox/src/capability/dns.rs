@@ -13,6 +13,7 @@ use hickory_resolver::lookup::Lookup;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{Name, RData};
 use tokio::sync::OnceCell;
+use tracing::Instrument;
 
 use crate::bindings::wasd::provider::dns::{AddressAnswer, DnsError, Host, SrvRecord};
 use crate::provider::ProviderState;
@@ -280,7 +281,8 @@ impl ProviderState {
                 "this call's DNS lookups used up their time (as long as the call's own limit)".into(),
             ));
         }
-        let (result, spent) = imports.exempt(lookup).await;
+        let span = tracing::debug_span!("dns_lookup", lookup = %name.escape_default());
+        let (result, spent) = imports.exempt(lookup.instrument(span)).await;
         metrics::histogram!(crate::metrics::names::DNS_LOOKUP_DURATION, "provider" => self.name.to_string())
             .record(spent.as_secs_f64());
         // The epoch deadline (for time the guest itself runs) moves on as much.

@@ -20,6 +20,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::pem::PemObject;
+use tracing::Instrument;
 use wasmtime_wasi_http::{
     Error as HttpError, RequestOptions, WasiBody, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
 };
@@ -247,31 +248,41 @@ impl WasiHttpHooks for HttpHooks {
         // per request the guest makes.
         self.requests = self.requests.saturating_add(1);
         let policy = self.policy.clone();
-        Box::new(async move {
+        // wasmtime-wasi-http sends from a task of its own: it runs in the provider
+        // call's span, so the request's span nests (and ends) inside it.
+        let call = tracing::Span::current();
+        let sent = async move {
             let origin = Origin::of(request.uri()).ok_or(HttpError::HttpRequestUriInvalid)?;
+            let named = format!(
+                "{}://{}",
+                if origin.https { "https" } else { "http" },
+                origin.address()
+            );
             if !policy.origins.contains(&origin) {
                 // The guest gets the denial as its error, which names the origin; the
                 // caller sees it in the provider's failure, once.
                 tracing::debug!(
                     provider = %policy.provider,
-                    origin = %format_args!("{}://{}", if origin.https { "https" } else { "http" }, origin.address()),
+                    origin = %named,
                     "HTTP request denied: the origin is not in the provider's grants.http"
                 );
                 return Err(HttpError::HttpRequestDenied);
             }
             let started = std::time::Instant::now();
-            let response = send(request, options, &policy).await;
+            let span = tracing::debug_span!("http_request", origin = %named);
+            let response = send(request, options, &policy).instrument(span).await;
             metrics::histogram!(
                 crate::metrics::names::HTTP_REQUEST_DURATION,
                 "provider" => policy.provider.to_string(),
-                "origin" => format!("{}://{}", if origin.https { "https" } else { "http" }, origin.address())
+                "origin" => named
             )
             .record(started.elapsed().as_secs_f64());
             let response = response?;
             // The connection runs on its own task (it outlives the response when pooled).
             let io = async { Ok(()) };
             Ok((response.map(BodyExt::boxed_unsync), Box::new(io) as IoFuture))
-        })
+        };
+        Box::new(sent.instrument(call))
     }
 }
 

@@ -1,6 +1,6 @@
-//! Metrics as Prometheus scrapes them: `wasd watch --metrics ADDR`, fetched with curl
-//! and read by prometheus_client's exposition parser (scripts/python-clients), both
-//! written by others.
+//! Observing wasd: metrics as Prometheus scrapes them (`wasd watch --metrics ADDR`,
+//! fetched with curl and read by prometheus_client's exposition parser, both written by
+//! others), metrics as an embedder's recorder sees them, and the spans of a resolve.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -395,4 +395,121 @@ grants = {{ dns = ["cluster.local"] }}
         Some(DebugValue::Counter(n)) => assert!(*n >= 1),
         other => panic!("failed reloads: {other:?}"),
     }
+}
+
+/// One JSON log line's span, by name and fields.
+fn span_named<'a>(spans: &'a [Value], name: &str) -> Option<&'a Value> {
+    spans.iter().find(|s| s["name"] == name)
+}
+
+#[test]
+fn a_resolve_miss_shows_each_provider_call_and_import_in_its_spans() {
+    // etcd first (it has nothing for basket: an HTTP request), then dns-srv (DNS
+    // lookups that answer).
+    let etcd = EtcdServer::start();
+    let dns = DnsServer::start(
+        30,
+        &[
+            "--srv-host=_default._tcp.basket.cluster.local,basket-1.cluster.local,8080,0,10",
+            "--host-record=basket-1.cluster.local,10.0.0.1",
+        ],
+    );
+    let sandbox = Sandbox::new();
+    let url = etcd.url();
+    sandbox.write(
+        "wasd.toml",
+        format!(
+            r#"
+pass-through = false
+[dns]
+servers = ["{dns}"]
+[[provider]]
+builtin = "etcd"
+settings = {{ endpoints = ["{url}"] }}
+grants = {{ http = ["{url}"] }}
+[[provider]]
+builtin = "dns-srv"
+settings = {{ suffix = "cluster.local" }}
+grants = {{ dns = ["cluster.local"] }}
+"#,
+            dns = dns.address()
+        ),
+    );
+    let out = wasd_tests::run(
+        sandbox
+            .wasd()
+            .args(["resolve", "basket", "--config", "wasd.toml"])
+            .env("WASD_LOG", "debug")
+            .env("WASD_LOG_FORMAT", "json"),
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout.trim(), "10.0.0.1:8080");
+    // Every line is a JSON object; span ends carry their time.
+    let lines: Vec<Value> = out
+        .stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let closed = |name: &str| -> Vec<&Value> {
+        lines
+            .iter()
+            .filter(|l| l["fields"]["message"] == "close" && l["span"]["name"] == name)
+            .collect()
+    };
+    for line in closed("provider_call") {
+        assert!(line["fields"]["time.busy"].is_string(), "{line}");
+    }
+    // The import spans nest in their provider's call, which nests in the resolve.
+    let inside = |import: &str, provider: &str| {
+        let found = closed(import);
+        let line = found
+            .iter()
+            .find(|l| {
+                let spans = l["spans"].as_array().unwrap();
+                span_named(spans, "provider_call").is_some_and(|c| c["provider"] == provider)
+                    && span_named(spans, "resolve").is_some_and(|r| r["service"] == "basket")
+            })
+            .unwrap_or_else(|| panic!("no {import} inside {provider}'s call inside the resolve: {found:?}"));
+        assert!(line["fields"]["time.busy"].is_string(), "{line}");
+    };
+    inside("http_request", "etcd");
+    inside("dns_lookup", "dns-srv");
+    // What each import asked for.
+    assert!(
+        closed("http_request")
+            .iter()
+            .all(|l| l["span"]["origin"] == url.as_str())
+    );
+    assert!(
+        closed("dns_lookup")
+            .iter()
+            .any(|l| l["span"]["lookup"] == "_default._tcp.basket.cluster.local"),
+        "{:?}",
+        closed("dns_lookup")
+    );
+    // Each call's span says how it ended.
+    let outcome = |provider: &str| {
+        closed("provider_call")
+            .iter()
+            .find(|l| l["span"]["provider"] == provider)
+            .map(|l| l["span"]["outcome"].clone())
+    };
+    assert_eq!(outcome("etcd"), Some(Value::from("empty")));
+    assert_eq!(outcome("dns-srv"), Some(Value::from("answered")));
+}
+
+#[test]
+fn an_unknown_log_format_is_a_clear_error() {
+    let sandbox = Sandbox::new();
+    let out = wasd_tests::run(
+        sandbox
+            .wasd()
+            .args(["resolve", "basket"])
+            .env("WASD_LOG_FORMAT", "xml"),
+    );
+    assert_eq!(out.code, 1);
+    assert_eq!(
+        out.stderr,
+        "wasd: WASD_LOG_FORMAT is 'xml'; it takes `text` (the default) or `json`\n"
+    );
 }
