@@ -74,23 +74,28 @@ impl TlsFiles {
             ),
         )
         .unwrap();
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            "server.pem",
-            "-extfile",
-            "ext.cnf",
-        ]);
+        // Sign a request with the CA, with these extensions.
+        let sign = |name: &str, extensions: &str| {
+            let (csr, pem) = (format!("{name}.csr"), format!("{name}.pem"));
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &pem,
+                "-extfile",
+                extensions,
+            ]);
+        };
+        sign("server", "ext.cnf");
         let mut csr = vec!["req", "-subj", "/CN=wasd-test-client"];
         csr.extend(ec);
         csr.extend(["-keyout", "client.key", "-out", "client.csr"]);
@@ -100,23 +105,7 @@ impl TlsFiles {
             "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
         )
         .unwrap();
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "client.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-out",
-            "client.pem",
-            "-extfile",
-            "client.cnf",
-        ]);
+        sign("client", "client.cnf");
         TlsFiles {
             ca: p("ca.pem"),
             cert: p("server.pem"),

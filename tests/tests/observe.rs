@@ -286,9 +286,10 @@ fn find<'a>(series: &'a [Series], name: &str, labels: &[(&str, &str)]) -> Option
         .map(|(_, _, value)| value)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn imports_registrations_and_reloads_are_measured() {
-    snapshotter();
+/// A real etcd (empty) and a dnsmasq serving basket, and a sandbox whose `wasd.toml`
+/// asks etcd first (an HTTP request that finds nothing), then dns-srv (DNS lookups
+/// that answer `10.0.0.1:8080`).
+fn etcd_then_dns() -> (EtcdServer, DnsServer, Sandbox) {
     let etcd = EtcdServer::start();
     let dns = DnsServer::start(
         30,
@@ -299,8 +300,10 @@ async fn imports_registrations_and_reloads_are_measured() {
     );
     let sandbox = Sandbox::new();
     let url = etcd.url();
-    let toml = format!(
-        r#"
+    sandbox.write(
+        "wasd.toml",
+        format!(
+            r#"
 pass-through = false
 [dns]
 servers = ["{dns}"]
@@ -313,9 +316,18 @@ builtin = "dns-srv"
 settings = {{ suffix = "cluster.local" }}
 grants = {{ dns = ["cluster.local"] }}
 "#,
-        dns = dns.address()
+            dns = dns.address()
+        ),
     );
-    let config = sandbox.write("wasd.toml", &toml);
+    (etcd, dns, sandbox)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn imports_registrations_and_reloads_are_measured() {
+    snapshotter();
+    let (etcd, _dns, sandbox) = etcd_then_dns();
+    let url = etcd.url();
+    let config = sandbox.path().join("wasd.toml");
     let resolver = wasd::Resolver::builder()
         .config_file(&config)
         .watch_files(false)
@@ -406,35 +418,8 @@ fn span_named<'a>(spans: &'a [Value], name: &str) -> Option<&'a Value> {
 fn a_resolve_miss_shows_each_provider_call_and_import_in_its_spans() {
     // etcd first (it has nothing for basket: an HTTP request), then dns-srv (DNS
     // lookups that answer).
-    let etcd = EtcdServer::start();
-    let dns = DnsServer::start(
-        30,
-        &[
-            "--srv-host=_default._tcp.basket.cluster.local,basket-1.cluster.local,8080,0,10",
-            "--host-record=basket-1.cluster.local,10.0.0.1",
-        ],
-    );
-    let sandbox = Sandbox::new();
+    let (etcd, _dns, sandbox) = etcd_then_dns();
     let url = etcd.url();
-    sandbox.write(
-        "wasd.toml",
-        format!(
-            r#"
-pass-through = false
-[dns]
-servers = ["{dns}"]
-[[provider]]
-builtin = "etcd"
-settings = {{ endpoints = ["{url}"] }}
-grants = {{ http = ["{url}"] }}
-[[provider]]
-builtin = "dns-srv"
-settings = {{ suffix = "cluster.local" }}
-grants = {{ dns = ["cluster.local"] }}
-"#,
-            dns = dns.address()
-        ),
-    );
     let out = wasd_tests::run(
         sandbox
             .wasd()
