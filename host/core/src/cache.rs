@@ -55,11 +55,11 @@ fn non_empty(service: &str, set: EndpointSet) -> Result<EndpointSet, Error> {
 /// Count a resolve's outcome: `hit` when its entry already had a set, `miss` when the
 /// chain ran, `error` when it failed.
 #[inline]
-fn count(result: &Result<EndpointSet, Error>, cached: bool) {
-    match result {
-        Ok(_) if cached => metrics::count_hit(),
-        Ok(_) => metrics::count_miss(),
-        Err(_) => metrics::count_error(),
+fn count(answered: bool, cached: bool) {
+    match (answered, cached) {
+        (true, true) => metrics::count_hit(),
+        (true, false) => metrics::count_miss(),
+        (false, _) => metrics::count_error(),
     }
 }
 
@@ -261,11 +261,11 @@ impl Cache {
         {
             self.inner.touch(entry);
             let result = non_empty(&entry.key.service, EndpointSet::from_shared(Arc::clone(set)));
-            count(&result, true);
+            count(result.is_ok(), true);
             return result;
         }
         let (result, cached) = self.resolve_text(query).await;
-        count(&result, cached);
+        count(result.is_ok(), cached);
         result
     }
 
@@ -279,26 +279,25 @@ impl Cache {
             Ok(entry) => entry,
             Err(e) => return (Err(e), false),
         };
-        let cached = entry.current.load().is_some();
-        let set = self.inner.ready(&entry, false).await;
-        if set.is_ok() {
-            self.inner.index_text(query, &entry);
+        match self.inner.ready(&entry, false).await {
+            Ok((set, cached)) => {
+                self.inner.index_text(query, &entry);
+                (non_empty(parsed.service(), set), cached)
+            }
+            Err(e) => (Err(e), false),
         }
-        (set.and_then(|set| non_empty(parsed.service(), set)), cached)
     }
 
     /// Resolve an already parsed query.
     pub async fn resolve_query(&self, query: &Query) -> Result<EndpointSet, Error> {
-        let mut cached = false;
         let result = async {
             let entry = self.inner.entry(query)?;
-            cached = entry.current.load().is_some();
-            let set = self.inner.ready(&entry, false).await?;
-            non_empty(query.service(), set)
+            let (set, cached) = self.inner.ready(&entry, false).await?;
+            Ok((non_empty(query.service(), set)?, cached))
         }
         .await;
-        count(&result, cached);
-        result
+        count(result.is_ok(), matches!(result, Ok((_, true))));
+        result.map(|(set, _)| set)
     }
 
     /// Each cached service with the endpoints it is served (the largest set among its
@@ -338,7 +337,7 @@ impl Cache {
                 failures,
             }),
         };
-        count(&result, false);
+        count(result.is_ok(), false);
         result
     }
 
@@ -370,13 +369,12 @@ impl Cache {
             {
                 continue;
             }
-            let cached = entry.current.load().is_some();
             let ready = self.inner.ready(&entry, true).await;
             let retry =
                 matches!(&ready, Err(Error::NoEndpoints { .. }) if !entry.live.load(Ordering::Acquire));
             if !retry {
                 // A watch starts with a resolve (one that keeps an empty answer).
-                count(&ready, cached);
+                count(ready.is_ok(), matches!(ready, Ok((_, true))));
             }
             match ready {
                 Ok(_) => {
@@ -478,12 +476,16 @@ impl Inner {
         });
     }
 
-    /// The entry's current set, running the chain first if nobody has yet. With
-    /// `keep_empty`, a query without endpoints stays cached (and refreshed) as an
-    /// empty set instead of failing.
-    async fn ready(self: &Arc<Self>, entry: &Arc<Entry>, keep_empty: bool) -> Result<EndpointSet, Error> {
+    /// The entry's current set, running the chain first if nobody has yet, and whether
+    /// it was there already (a cache hit). With `keep_empty`, a query without endpoints
+    /// stays cached (and refreshed) as an empty set instead of failing.
+    async fn ready(
+        self: &Arc<Self>,
+        entry: &Arc<Entry>,
+        keep_empty: bool,
+    ) -> Result<(EndpointSet, bool), Error> {
         if let Some(set) = &*entry.current.load() {
-            return Ok(EndpointSet::from_shared(Arc::clone(set)));
+            return Ok((EndpointSet::from_shared(Arc::clone(set)), true));
         }
         let init = entry
             .init
@@ -537,7 +539,7 @@ impl Inner {
                 failures: failures.clone(),
             });
         }
-        Ok(entry.state.borrow().clone().unwrap_or_default())
+        Ok((entry.state.borrow().clone().unwrap_or_default(), false))
     }
 
     fn next_refresh(&self, ttl: Option<Duration>) -> Duration {

@@ -594,13 +594,27 @@ impl Provider {
         call: Call,
         f: impl AsyncFnOnce(&RegistrarGuest, &mut Store<ProviderState>) -> wasmtime::Result<Result<T, GuestError>>,
     ) -> Result<T, ProviderError> {
-        async {
-            let began = Instant::now();
+        self.measured(call, async {
             let result = self.registrar_call_unmeasured(f).await;
             let outcome = match &result {
                 Ok(_) => Outcome::Answered,
                 Err(failure) => Outcome::of(failure),
             };
+            (result, outcome)
+        })
+        .await
+    }
+
+    /// Run one call in its span, then record how it ended (the outcome `run` gives
+    /// with its result) in the metrics and on the span.
+    async fn measured<T>(
+        &self,
+        call: Call,
+        run: impl Future<Output = (Result<T, ProviderError>, Outcome)>,
+    ) -> Result<T, ProviderError> {
+        async {
+            let began = Instant::now();
+            let (result, outcome) = run.await;
             self.metrics.record(call, outcome, began);
             record_outcome(outcome);
             result
@@ -759,9 +773,7 @@ impl Source for Provider {
 
     /// Ask the provider. `not-found` is the same as an empty answer.
     async fn resolve(&self, query: &SourceQuery) -> Result<Answer, ProviderError> {
-        let span = call_span(&self.name, Call::Resolve);
-        async {
-            let began = Instant::now();
+        self.measured(Call::Resolve, async {
             let mut not_found = false;
             let result = self.resolve_call(query, &mut not_found).await;
             let outcome = match &result {
@@ -769,11 +781,8 @@ impl Source for Provider {
                 Ok(answer) => Outcome::of_answer(answer),
                 Err(failure) => Outcome::of(failure),
             };
-            self.metrics.record(Call::Resolve, outcome, began);
-            record_outcome(outcome);
-            result
-        }
-        .instrument(span)
+            (result, outcome)
+        })
         .await
     }
 
@@ -784,20 +793,15 @@ impl Source for Provider {
         version: &str,
         wait: Duration,
     ) -> Result<Option<Answer>, ProviderError> {
-        let span = call_span(&self.name, Call::Watch);
-        async {
-            let began = Instant::now();
+        self.measured(Call::Watch, async {
             let result = self.watch_call(query, version, wait).await;
             let outcome = match &result {
                 Ok(Some(answer)) => Outcome::of_answer(answer),
                 Ok(None) => Outcome::Empty,
                 Err(failure) => Outcome::of(failure),
             };
-            self.metrics.record(Call::Watch, outcome, began);
-            record_outcome(outcome);
-            result
-        }
-        .instrument(span)
+            (result, outcome)
+        })
         .await
     }
 
