@@ -163,6 +163,21 @@ impl Sandbox {
     }
 }
 
+/// Register `instance` for `ttl` with the resolver's registrar and wait (at most 10 s)
+/// until the registry has it.
+pub async fn register(
+    resolver: &wasd::Resolver,
+    instance: wasd::ServiceInstance,
+    ttl: std::time::Duration,
+) -> wasd::Registration {
+    let mut registration = resolver.register_with_ttl(instance, ttl).await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), registration.registered())
+        .await
+        .expect("registered within 10 s")
+        .unwrap();
+    registration
+}
+
 /// The endpoints of a set as strings, in order.
 pub fn strings(set: &wasd::EndpointSet) -> Vec<String> {
     set.iter().map(ToString::to_string).collect()

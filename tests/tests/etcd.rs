@@ -9,7 +9,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wasd::{Query, RegistrationState, ServiceInstance};
-use wasd_tests::{EtcdServer, Sandbox, TlsFiles, eventually, run, strings};
+use wasd_tests::{EtcdServer, Sandbox, TlsFiles, eventually, register, run, strings};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -405,17 +405,12 @@ async fn auth_and_tls_with_a_private_ca() {
         matches!(&err, wasd::Error::NoEndpoints { failures, .. } if failures.is_empty()),
         "{err}"
     );
-    let mut registration = resolver
-        .register_with_ttl(
-            ServiceInstance::new("hello", ["http://10.0.0.2:8000"]),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-    tokio::time::timeout(WAIT, registration.registered())
-        .await
-        .unwrap()
-        .unwrap();
+    let registration = register(
+        &resolver,
+        ServiceInstance::new("hello", ["http://10.0.0.2:8000"]),
+        Duration::from_secs(5),
+    )
+    .await;
     assert_eq!(etcd.get_prefix("/microservices/hello/").len(), 2);
     registration.deregister().await.unwrap();
 
@@ -481,17 +476,12 @@ async fn mutual_tls_against_an_etcd_that_requires_client_certificates() {
         strings(&resolver.resolve("hello").await.unwrap()),
         ["http://10.0.0.1:8000"]
     );
-    let mut registration = resolver
-        .register_with_ttl(
-            ServiceInstance::new("hello", ["http://10.0.0.2:8000"]),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-    tokio::time::timeout(WAIT, registration.registered())
-        .await
-        .unwrap()
-        .unwrap();
+    let registration = register(
+        &resolver,
+        ServiceInstance::new("hello", ["http://10.0.0.2:8000"]),
+        Duration::from_secs(5),
+    )
+    .await;
     assert_eq!(etcd.get_prefix("/microservices/hello/").len(), 2);
     registration.deregister().await.unwrap();
 

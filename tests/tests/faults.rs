@@ -262,14 +262,8 @@ async fn etcd_wiped_registrations_return_within_10s_and_discovery_follows() {
     let sandbox = Sandbox::new();
     let resolver = sandbox.resolver(&etcd_config(&etcd.url())).await.unwrap();
     let instance = wasd::ServiceInstance::new("hello", ["http://10.0.0.1:8000"]);
-    let mut registration = resolver
-        .register_with_ttl(instance, Duration::from_secs(3))
-        .await
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), registration.registered())
-        .await
-        .unwrap()
-        .unwrap();
+    // Kept registered until the end of the test.
+    let _registration = wasd_tests::register(&resolver, instance, Duration::from_secs(3)).await;
     let mut observer = Observer::start(&resolver, "http://hello").await;
     observer
         .sees("watch", &["http://10.0.0.1:8000"], Duration::from_secs(1))

@@ -12,7 +12,7 @@ use std::sync::OnceLock;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use serde_json::Value;
 use wasd::ServiceInstance;
-use wasd_tests::{DnsServer, EtcdServer, Lines, Sandbox, run_within, workspace_root};
+use wasd_tests::{DnsServer, EtcdServer, Lines, Sandbox, register, run_within, workspace_root};
 
 /// The Python of the venv with prometheus_client, installed on first use.
 fn python() -> String {
@@ -78,6 +78,22 @@ fn scrape(address: &str) -> Option<String> {
     (out.code == 0).then_some(out.stdout)
 }
 
+/// Scrape and parse until `done` holds of the samples, for at most 10 s. The process
+/// publishes its gauges once a second and cannot tell us when: a scrape is the event.
+fn scrape_until(python: &str, address: &str, what: &str, done: impl Fn(&[Sample]) -> bool) -> Vec<Sample> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(text) = scrape(address) {
+            let samples = parse(python, &text);
+            if done(&samples) {
+                return samples;
+            }
+        }
+        assert!(Instant::now() < deadline, "no {what} within 10 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The value of the sample named `name` with exactly these labels.
 fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     samples
@@ -124,17 +140,9 @@ fn watch_serves_valid_prometheus_metrics() {
     assert_eq!(first.trim(), "http://10.0.0.1:8080 http://10.0.0.2:8080");
 
     // The reporter publishes once a second: scrape until the gauges are there.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let samples = loop {
-        if let Some(text) = scrape(&address) {
-            let samples = parse(&python, &text);
-            if value(&samples, "wasd_endpoints", &[("service", "basket")]).is_some() {
-                break samples;
-            }
-        }
-        assert!(Instant::now() < deadline, "no wasd_endpoints gauge within 10 s");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let samples = scrape_until(&python, &address, "a wasd_endpoints gauge", |samples| {
+        value(samples, "wasd_endpoints", &[("service", "basket")]).is_some()
+    });
 
     // A change to the file: the provider is reloaded, the watcher told, the gauge
     // follows.
@@ -149,20 +157,12 @@ fn watch_serves_valid_prometheus_metrics() {
     );
     let changed = stdout.next(Duration::from_secs(10), "the change");
     assert_eq!(changed.split(' ').count(), 3, "{changed}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let later = loop {
-        if let Some(text) = scrape(&address) {
-            let samples = parse(&python, &text);
-            if value(&samples, "wasd_endpoints", &[("service", "basket")]) == Some(3.0) {
-                break samples;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "wasd_endpoints did not follow the change within 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let later = scrape_until(
+        &python,
+        &address,
+        "wasd_endpoints following the change",
+        |samples| value(samples, "wasd_endpoints", &[("service", "basket")]) == Some(3.0),
+    );
     let _ = child.kill();
     let _ = child.wait();
     assert!(value(&later, "wasd_reloads_total", &[("result", "applied")]).unwrap() >= 1.0);
@@ -334,17 +334,12 @@ async fn imports_registrations_and_reloads_are_measured() {
         .build()
         .await
         .unwrap();
-    let mut registration = resolver
-        .register_with_ttl(
-            ServiceInstance::new("metered", ["http://10.1.0.1:80"]),
-            Duration::from_secs(5),
-        )
-        .await
-        .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), registration.registered())
-        .await
-        .unwrap()
-        .unwrap();
+    let registration = register(
+        &resolver,
+        ServiceInstance::new("metered", ["http://10.1.0.1:80"]),
+        Duration::from_secs(5),
+    )
+    .await;
     let registered = series();
     assert_eq!(resolver.resolve("metered").await.unwrap().len(), 1);
     assert_eq!(resolver.resolve("basket").await.unwrap().len(), 1);
