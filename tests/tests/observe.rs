@@ -493,3 +493,153 @@ fn an_unknown_log_format_is_a_clear_error() {
         "wasd: WASD_LOG_FORMAT is 'xml'; it takes `text` (the default) or `json`\n"
     );
 }
+
+/// One provider of `wasd resolve --explain --json`'s `providers`, by name.
+fn explained<'a>(explanation: &'a Value, provider: &str) -> &'a Value {
+    explanation["providers"]
+        .as_array()
+        .and_then(|steps| steps.iter().find(|s| s["provider"] == provider))
+        .unwrap_or_else(|| panic!("{provider} is not explained: {explanation}"))
+}
+
+#[test]
+fn explain_shows_each_provider_its_imports_the_dropped_endpoints_and_the_failure() {
+    let (mut etcd, _dns, sandbox) = etcd_then_dns();
+    let url = etcd.url();
+    let explain = |args: &[&str]| {
+        wasd_tests::run(
+            sandbox
+                .wasd()
+                .args(["resolve", "basket", "--config", "wasd.toml", "--explain"])
+                .args(args),
+        )
+    };
+
+    // etcd has nothing (one HTTP request to its origin), dns-srv answers (DNS lookups).
+    let out = explain(&["--json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let json: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout));
+    assert_eq!(json["query"], "basket");
+    assert_eq!(
+        json["cache"],
+        Value::Null,
+        "a one-shot resolve has no cache entry"
+    );
+    let etcd_step = explained(&json, "etcd");
+    assert_eq!(etcd_step["outcome"], "declined", "{etcd_step}");
+    let requests = etcd_step["imports"].as_array().unwrap();
+    assert!(!requests.is_empty(), "{etcd_step}");
+    for request in requests {
+        assert_eq!(request["kind"], "http");
+        assert_eq!(request["target"], url.as_str());
+        assert!(
+            request["detail"].as_str().unwrap().starts_with("POST /v3/"),
+            "{request}"
+        );
+        assert_eq!(request["result"], "200 OK");
+    }
+    let dns_step = explained(&json, "dns-srv");
+    assert_eq!(
+        (&dns_step["outcome"], &dns_step["endpoints"], &dns_step["kept"]),
+        (&Value::from("answered"), &Value::from(1), &Value::from(1)),
+        "{dns_step}"
+    );
+    assert!(dns_step["elapsed_ms"].as_f64().unwrap() > 0.0);
+    let lookups = dns_step["imports"].as_array().unwrap();
+    assert!(
+        lookups.iter().any(|l| l["kind"] == "dns"
+            && l["target"] == "_default._tcp.basket.cluster.local"
+            && l["detail"] == "SRV"
+            && l["result"] == "1 record"),
+        "{lookups:?}"
+    );
+    assert_eq!(json["answer"]["endpoints"][0]["endpoint"], "10.0.0.1:8080");
+    assert_eq!(json["dropped"], Value::Array(vec![]));
+
+    // A filter no endpoint matches: the endpoint is dropped, naming the filter.
+    let out = explain(&["--json", "--filter", "zone=eu"]);
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    assert_eq!(out.stderr, "wasd: no endpoints for service 'basket'\n");
+    let json: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(explained(&json, "dns-srv")["kept"], 0);
+    assert_eq!(
+        json["dropped"],
+        serde_json::json!([{
+            "endpoint": "10.0.0.1:8080",
+            "provider": "dns-srv",
+            "reason": "metadata_filter",
+            "detail": "metadata filter zone=eu not matched",
+        }])
+    );
+
+    // etcd down: its failure is the answer, with its reason; dns-srv is not asked.
+    etcd.kill();
+    let out = explain(&[]);
+    assert_eq!(out.code, 1, "{}", out.stdout);
+    let line = |prefix: &str| {
+        out.stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no '{prefix}' line: {}", out.stdout))
+            .to_owned()
+    };
+    let etcd_line = line("provider   etcd ");
+    assert!(
+        etcd_line.contains(&format!("failed: upstream unavailable: etcd at {url}")),
+        "{etcd_line}"
+    );
+    assert!(
+        out.stdout
+            .contains(&format!("\n  import   http POST /v3/kv/range {url} → ")),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        line("provider   dns-srv ").contains("not asked: 'etcd' failed"),
+        "{}",
+        out.stdout
+    );
+    assert!(line("answer ").starts_with("answer     none: "), "{}", out.stdout);
+    assert!(
+        out.stderr.starts_with("wasd: ") && out.stderr.contains("etcd"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_embedder_explains_a_cached_query_with_its_freshness() {
+    let (_etcd, _dns, sandbox) = etcd_then_dns();
+    let resolver = wasd::Resolver::builder()
+        .config_file(sandbox.path().join("wasd.toml"))
+        .build()
+        .await
+        .unwrap();
+    let explanation = resolver.explain("basket").await.unwrap();
+    assert!(explanation.cache.is_none());
+    resolver.resolve("basket").await.unwrap();
+
+    let explanation = resolver.explain("basket").await.unwrap();
+    let Some(cache) = &explanation.cache else {
+        panic!("the resolved query is not cached: {explanation}")
+    };
+    assert!(!cache.is_stale());
+    assert_eq!(cache.set.provider(), Some("dns-srv"));
+    // dnsmasq's TTL is 30 s: the entry is refreshed within it.
+    let refresh_in = cache.refresh_in.expect("refreshed on its TTL");
+    assert!(
+        refresh_in <= Duration::from_secs(30) && refresh_in > Duration::from_secs(20),
+        "{refresh_in:?}"
+    );
+    let text = explanation.to_string();
+    assert!(text.contains("cache      fresh: 1 endpoint answered"), "{text}");
+    assert!(
+        text.contains("  import   dns SRV _default._tcp.basket.cluster.local → 1 record"),
+        "{text}"
+    );
+    assert!(
+        resolver.explain("https+://basket").await.is_err(),
+        "a query that does not parse is an error"
+    );
+}

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use arc_swap::{ArcSwap, ArcSwapOption};
@@ -25,6 +25,7 @@ use crate::chain::{ChainAnswer, ChainCell, select};
 use crate::clock::Clock;
 use crate::endpoint::{EndpointSet, SetInner};
 use crate::error::{Error, ProviderError, ProviderErrorKind};
+use crate::explain::{CacheState, DropReason, Explanation, Trace};
 use crate::metrics;
 use crate::query::{Query, effective_schemes};
 use crate::recovery::{Recovered, Recovery};
@@ -153,6 +154,27 @@ struct Key {
     filters: Vec<(String, String)>,
 }
 
+impl Key {
+    fn of(query: &Query, schemes: Vec<String>) -> Key {
+        Key {
+            service: query.service().to_owned(),
+            endpoint_name: query.endpoint_name().map(str::to_owned),
+            schemes,
+            port: query.port(),
+            filters: query.filters().to_vec(),
+        }
+    }
+
+    fn source_query(&self) -> SourceQuery {
+        SourceQuery {
+            service: self.service.clone(),
+            endpoint_name: self.endpoint_name.clone(),
+            schemes: self.schemes.clone(),
+            port: self.port,
+        }
+    }
+}
+
 struct Entry {
     key: Key,
     query: SourceQuery,
@@ -168,6 +190,23 @@ struct Entry {
     /// failures too, so concurrent first resolves of a failing query cost one run.
     init: OnceCell<Result<(), Vec<ProviderError>>>,
     last_used_ms: AtomicU64,
+    /// When the set was last given or confirmed, and what the refresh task does next.
+    times: Mutex<Times>,
+}
+
+/// An entry's timeline, for explanations: written by the refresh task as it goes,
+/// never on the cached path.
+#[derive(Default)]
+struct Times {
+    /// A provider last gave or confirmed the set served.
+    answered: Option<Instant>,
+    /// The next refresh from the chain, while the task sleeps.
+    refresh_at: Option<Instant>,
+    /// The source long-polled for a change, while the task long-polls.
+    long_poll: Option<Arc<str>>,
+    /// The first of the refreshes in a row that failed, the set served being the last
+    /// good one.
+    stale_since: Option<Instant>,
 }
 
 impl Entry {
@@ -187,6 +226,59 @@ impl Entry {
             metrics::count_watch_change();
         }
         changed
+    }
+
+    /// The set served was given (or confirmed) now; `next` is what the refresh task
+    /// does next.
+    fn answered(&self, next: &Next) {
+        let now = Instant::now();
+        let mut times = self.times.lock().unwrap_or_else(|e| e.into_inner());
+        times.answered = Some(now);
+        times.stale_since = None;
+        match next {
+            Next::Sleep(delay) => {
+                times.refresh_at = Some(now + *delay);
+                times.long_poll = None;
+            }
+            Next::LongPoll { source, .. } => {
+                times.refresh_at = None;
+                times.long_poll = Some(source.name().clone());
+            }
+        }
+    }
+
+    /// A long-poll gave a new set, or said the set had not changed.
+    fn confirmed(&self) {
+        let mut times = self.times.lock().unwrap_or_else(|e| e.into_inner());
+        times.answered = Some(Instant::now());
+        times.stale_since = None;
+    }
+
+    /// A refresh failed: the last good set stays, and the chain is asked again in
+    /// `retry_in`.
+    fn kept(&self, retry_in: Duration) {
+        let now = Instant::now();
+        let mut times = self.times.lock().unwrap_or_else(|e| e.into_inner());
+        times.stale_since.get_or_insert(now);
+        times.refresh_at = Some(now + retry_in);
+        times.long_poll = None;
+    }
+
+    /// The entry as an explanation reports it; `None` before its first answer.
+    fn cache_state(&self) -> Option<CacheState> {
+        if !self.live.load(Ordering::Acquire) {
+            return None;
+        }
+        let set = self.state.borrow().clone()?;
+        let now = Instant::now();
+        let times = self.times.lock().unwrap_or_else(|e| e.into_inner());
+        Some(CacheState {
+            set,
+            age: times.answered.map_or(Duration::ZERO, |at| now - at),
+            refresh_in: times.refresh_at.map(|at| at.saturating_duration_since(now)),
+            long_poll: times.long_poll.as_deref().map(str::to_owned),
+            stale_for: times.stale_since.map(|since| now - since),
+        })
     }
 
     /// The provider whose answer is served now, if any.
@@ -318,13 +410,7 @@ impl Cache {
     /// Ask the providers now, bypassing (and not filling) the cache: what a cold
     /// resolve costs, or a diagnostic that must not be served from the cache.
     pub async fn resolve_uncached(&self, query: &Query) -> Result<EndpointSet, Error> {
-        let schemes = self.inner.schemes_for(query)?;
-        let source_query = SourceQuery {
-            service: query.service().to_owned(),
-            endpoint_name: query.endpoint_name().map(str::to_owned),
-            schemes,
-            port: query.port(),
-        };
+        let source_query = Key::of(query, self.inner.schemes_for(query)?).source_query();
         let chain = self.inner.chain.load();
         let span = tracing::debug_span!("resolve", service = %query.service(), uncached = true);
         let walk = chain
@@ -339,6 +425,71 @@ impl Cache {
         };
         count(result.is_ok(), false);
         result
+    }
+
+    /// Explain a query's answer: a walk of the chain recorded step by step (see
+    /// [`Explanation`]), with the state of the query's cache entry before it. The walk
+    /// follows the rules a refresh of that entry would (past a failure, only the
+    /// provider serving now may answer); it neither fills nor changes the cache.
+    pub async fn explain(&self, query: &Query) -> Explanation {
+        let allowed_schemes = self.inner.settings.load().allowed_schemes.clone();
+        let mut explanation = Explanation {
+            query: query.clone(),
+            schemes: Vec::new(),
+            allowed_schemes,
+            cache: None,
+            steps: Vec::new(),
+            dropped: Vec::new(),
+            result: Ok(EndpointSet::default()),
+        };
+        let schemes = match self.inner.schemes_for(query) {
+            Ok(schemes) => schemes,
+            Err(e) => {
+                explanation.result = Err(e);
+                return explanation;
+            }
+        };
+        explanation.schemes.clone_from(&schemes);
+        let key = Key::of(query, schemes);
+        let entry = self.inner.entries.get(&key).map(|entry| entry.clone());
+        explanation.cache = entry.as_ref().and_then(|entry| entry.cache_state());
+        let served = entry.as_ref().and_then(|entry| entry.served());
+        let mut trace = Trace::default();
+        let span = tracing::debug_span!("explain", service = %query.service());
+        let walk = self
+            .inner
+            .chain
+            .load()
+            .explain(
+                &key.source_query(),
+                query.filters(),
+                served.as_deref(),
+                &mut trace,
+            )
+            .instrument(span)
+            .await;
+        explanation.result = match walk {
+            Ok(answer) => Ok(answer.set),
+            Err(failures) => Err(Error::NoEndpoints {
+                service: query.service().to_owned(),
+                failures,
+            }),
+        };
+        explanation.steps = trace.steps;
+        explanation.dropped = trace.dropped;
+        // The chain knows only the schemes it was given: one the query asked for, or
+        // any for a query without schemes, was left out by allowed-schemes.
+        for dropped in &mut explanation.dropped {
+            if let DropReason::SchemeNotAsked { scheme } = &dropped.reason
+                && (query.schemes().is_empty()
+                    || query.schemes().iter().any(|s| s.eq_ignore_ascii_case(scheme)))
+            {
+                dropped.reason = DropReason::SchemeNotAllowed {
+                    scheme: scheme.clone(),
+                };
+            }
+        }
+        explanation
     }
 
     /// Follow a query: the current endpoints, then every change. A query with no
@@ -403,14 +554,7 @@ impl Inner {
     }
 
     fn entry(self: &Arc<Self>, query: &Query) -> Result<Arc<Entry>, Error> {
-        let schemes = self.schemes_for(query)?;
-        let key = Key {
-            service: query.service().to_owned(),
-            endpoint_name: query.endpoint_name().map(str::to_owned),
-            schemes,
-            port: query.port(),
-            filters: query.filters().to_vec(),
-        };
+        let key = Key::of(query, self.schemes_for(query)?);
         let entry = match self.entries.get(&key) {
             Some(entry) => entry.clone(),
             None => self
@@ -418,18 +562,14 @@ impl Inner {
                 .entry(key.clone())
                 .or_insert_with(|| {
                     Arc::new(Entry {
-                        query: SourceQuery {
-                            service: key.service.clone(),
-                            endpoint_name: key.endpoint_name.clone(),
-                            schemes: key.schemes.clone(),
-                            port: key.port,
-                        },
+                        query: key.source_query(),
                         key,
                         state: watch::channel(None).0,
                         current: Arc::new(ArcSwapOption::empty()),
                         live: AtomicBool::new(true),
                         init: OnceCell::new(),
                         last_used_ms: AtomicU64::new(0),
+                        times: Mutex::default(),
                     })
                 })
                 .clone(),
@@ -506,14 +646,18 @@ impl Inner {
                 let (set, next) = match walk.await {
                     Ok(answer) => {
                         let next = self.next_after(&answer, &[]);
+                        entry.answered(&next);
                         (answer.set, next)
                     }
                     // A watch of a failing query starts empty (recording why) and
                     // retries.
-                    Err(failures) if keep_empty => (
-                        EndpointSet::default().with_failures(failures),
-                        Next::Sleep(REFRESH_BACKOFF.0),
-                    ),
+                    Err(failures) if keep_empty => {
+                        entry.kept(REFRESH_BACKOFF.0);
+                        (
+                            EndpointSet::default().with_failures(failures),
+                            Next::Sleep(REFRESH_BACKOFF.0),
+                        )
+                    }
                     Err(failures) => {
                         // Not cached: the next resolve makes a new entry and asks the
                         // providers again. Done here, once, by the run that failed.
@@ -650,9 +794,11 @@ async fn long_poll_once(
                 return Polled::AskChain;
             }
             entry.publish(EndpointSet::new(source.name().clone(), endpoints));
+            entry.confirmed();
             Polled::Changed(answer.version)
         }
         Ok(None) => {
+            entry.confirmed();
             backoff.reset();
             catchup.answered(source.name(), &[]);
             Polled::AskChain
@@ -792,6 +938,7 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                 catchup.answered(answer.source.name(), &[]);
                 next = inner.next_after(&answer, &[served.as_deref(), long_polled.as_deref()]);
                 refreshed(entry.publish(answer.set));
+                entry.answered(&next);
             }
             // A source ahead failed, but the one serving now (or one ahead of it)
             // answered afresh: publish that, and look again soon for the failed one.
@@ -806,6 +953,7 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                 );
                 next = Next::Sleep(delay);
                 entry.publish(answer.set);
+                entry.answered(&next);
                 metrics::count_refresh(metrics::Refresh::Failed);
             }
             // Every source answered cleanly that the service is gone; look again
@@ -814,6 +962,7 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                 catchup.answered("", &[]);
                 next = Next::Sleep(backoff.next_delay());
                 refreshed(entry.publish(EndpointSet::default()));
+                entry.answered(&next);
             }
             // Nothing may stand in for the failed source: its last good answer stays.
             Err(failures) => {
@@ -821,6 +970,7 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                 let delay = catchup.failed(&failures, backoff.next_delay());
                 warn_failing(&entry, &failures, delay, "serving the last good endpoints");
                 entry.keep_with_failures(&failures);
+                entry.kept(delay);
                 next = Next::Sleep(delay);
                 metrics::count_refresh(metrics::Refresh::Failed);
             }

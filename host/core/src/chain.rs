@@ -8,8 +8,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
+use tokio::time::Instant;
+
 use crate::endpoint::{Endpoint, EndpointSet, filter_by_metadata, select_by_scheme};
 use crate::error::ProviderError;
+use crate::explain::{DropReason, Dropped, Import, Imports, Step, StepOutcome, Trace};
 use crate::source::{Source, SourceQuery};
 
 /// Sources in the order they are asked.
@@ -87,27 +90,104 @@ impl Chain {
         filters: &[(String, String)],
         served: Option<&str>,
     ) -> Result<ChainAnswer, Vec<ProviderError>> {
+        self.walk(query, filters, served, None).await
+    }
+
+    /// [`Chain::resolve`], recording every step in `trace`: each source's outcome, time
+    /// and imports (through [`Source::resolve_explained`]), the sources not asked and
+    /// why, and the endpoints the query dropped.
+    pub async fn explain(
+        &self,
+        query: &SourceQuery,
+        filters: &[(String, String)],
+        served: Option<&str>,
+        trace: &mut Trace,
+    ) -> Result<ChainAnswer, Vec<ProviderError>> {
+        self.walk(query, filters, served, Some(trace)).await
+    }
+
+    /// The one walk behind [`Chain::resolve`] and [`Chain::explain`], so that an
+    /// explanation follows exactly the rules a resolve does.
+    async fn walk(
+        &self,
+        query: &SourceQuery,
+        filters: &[(String, String)],
+        served: Option<&str>,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<ChainAnswer, Vec<ProviderError>> {
         // Past a failure, sources up to this position may still answer.
         let limit = served.and_then(|name| self.sources.iter().position(|s| &**s.name() == name));
-        let mut failures = Vec::new();
+        let mut failures: Vec<ProviderError> = Vec::new();
         let mut pushing = None;
+        let mut won: Option<ChainAnswer> = None;
         for (position, source) in self.sources.iter().enumerate() {
-            if !failures.is_empty() && limit.is_none_or(|limit| position > limit) {
-                break;
+            let stopped = !failures.is_empty() && limit.is_none_or(|limit| position > limit);
+            if won.is_some() || stopped {
+                let Some(trace) = trace.as_deref_mut() else { break };
+                // The rest of the chain, not asked, for the record.
+                let outcome = match &won {
+                    Some(won) => StepOutcome::Skipped {
+                        answered_by: won.source.name().to_string(),
+                    },
+                    None => StepOutcome::NotAsked {
+                        failed: failures[0].provider.clone(),
+                    },
+                };
+                trace
+                    .steps
+                    .push(step(source, outcome, Duration::ZERO, Vec::new()));
+                continue;
             }
-            match source.resolve(query).await {
+            let (result, imports, elapsed) = match &trace {
+                None => (source.resolve(query).await, Vec::new(), Duration::ZERO),
+                Some(_) => {
+                    let imports = Imports::new();
+                    let started = Instant::now();
+                    let result = source.resolve_explained(query, &imports).await;
+                    (result, imports.take(), started.elapsed())
+                }
+            };
+            match result {
                 Ok(answer) => {
-                    let endpoints = select(answer.endpoints, query, filters);
+                    let answered = answer.endpoints.len();
+                    let endpoints = match trace.as_deref_mut() {
+                        None => select(answer.endpoints, query, filters),
+                        Some(trace) => {
+                            let provider = source.name();
+                            let endpoints =
+                                select_with(answer.endpoints, query, filters, |endpoint, reason| {
+                                    trace.dropped.push(Dropped {
+                                        provider: provider.to_string(),
+                                        endpoint,
+                                        reason,
+                                    });
+                                });
+                            let outcome = if answered == 0 {
+                                StepOutcome::Declined
+                            } else {
+                                StepOutcome::Answered {
+                                    endpoints: answered,
+                                    kept: endpoints.len(),
+                                }
+                            };
+                            trace.steps.push(step(source, outcome, elapsed, imports));
+                            endpoints
+                        }
+                    };
                     if !endpoints.is_empty() {
-                        return Ok(ChainAnswer {
+                        won = Some(ChainAnswer {
                             set: EndpointSet::new(source.name().clone(), endpoints)
                                 .with_failures(failures.clone()),
                             ttl: answer.ttl,
-                            failures,
+                            failures: std::mem::take(&mut failures),
                             source: source.clone(),
                             version: answer.version,
-                            pushing,
+                            pushing: pushing.take(),
                         });
+                        if trace.is_none() {
+                            break;
+                        }
+                        continue;
                     }
                     if pushing.is_none()
                         && let Some(version) = answer.version
@@ -118,11 +198,28 @@ impl Chain {
                 }
                 Err(failure) => {
                     tracing::debug!(service = %query.service, "{failure}");
+                    if let Some(trace) = trace.as_deref_mut() {
+                        trace.steps.push(step(
+                            source,
+                            StepOutcome::Failed(failure.clone()),
+                            elapsed,
+                            imports,
+                        ));
+                    }
                     failures.push(failure);
                 }
             }
         }
-        Err(failures)
+        won.ok_or(failures)
+    }
+}
+
+fn step(source: &Arc<dyn Source>, outcome: StepOutcome, elapsed: Duration, imports: Vec<Import>) -> Step {
+    Step {
+        provider: source.name().to_string(),
+        outcome,
+        elapsed,
+        imports,
     }
 }
 
@@ -133,7 +230,18 @@ pub(crate) fn select(
     query: &SourceQuery,
     filters: &[(String, String)],
 ) -> Vec<Endpoint> {
-    select_by_scheme(filter_by_metadata(endpoints, filters), &query.schemes)
+    select_with(endpoints, query, filters, |_, _| {})
+}
+
+/// [`select`], telling `dropped` each endpoint left out and why.
+fn select_with(
+    endpoints: Vec<Endpoint>,
+    query: &SourceQuery,
+    filters: &[(String, String)],
+    mut dropped: impl FnMut(Endpoint, DropReason),
+) -> Vec<Endpoint> {
+    let endpoints = filter_by_metadata(endpoints, filters, &mut dropped);
+    select_by_scheme(endpoints, &query.schemes, &mut dropped)
 }
 
 /// The chain serving now, and its generation. Resolves load it without a lock; a

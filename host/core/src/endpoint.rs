@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::error::ProviderError;
+use crate::explain::DropReason;
 
 /// Where one instance of a service can be reached.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -261,25 +262,36 @@ impl<'a> IntoIterator for &'a EndpointSet {
     }
 }
 
-/// Keep the endpoints whose metadata holds every `(key, value)` filter.
+/// Keep the endpoints whose metadata holds every `(key, value)` filter; the others go
+/// to `dropped`, with the first filter they miss.
 pub(crate) fn filter_by_metadata(
     mut endpoints: Vec<Endpoint>,
     filters: &[(String, String)],
+    dropped: &mut impl FnMut(Endpoint, DropReason),
 ) -> Vec<Endpoint> {
-    if !filters.is_empty() {
-        endpoints.retain(|e| {
-            filters
-                .iter()
-                .all(|(k, v)| e.metadata.iter().any(|(ek, ev)| ek == k && ev == v))
-        });
+    if filters.is_empty() {
+        return endpoints;
+    }
+    let missed = |e: &Endpoint| {
+        filters
+            .iter()
+            .find(|(k, v)| !e.metadata.iter().any(|(ek, ev)| ek == k && ev == v))
+    };
+    for endpoint in endpoints.extract_if(.., |e| missed(e).is_some()) {
+        let (key, value) = missed(&endpoint).cloned().unwrap_or_default();
+        dropped(endpoint, DropReason::Metadata { key, value });
     }
     endpoints
 }
 
 /// Keep the endpoints of the most preferred scheme that has any, never a mix
-/// (Microsoft's rule). Endpoints without a scheme always stay; with no schemes to
-/// prefer, everything stays.
-pub(crate) fn select_by_scheme(endpoints: Vec<Endpoint>, schemes: &[String]) -> Vec<Endpoint> {
+/// (Microsoft's rule); the others go to `dropped`. Endpoints without a scheme always
+/// stay; with no schemes to prefer, everything stays.
+pub(crate) fn select_by_scheme(
+    mut endpoints: Vec<Endpoint>,
+    schemes: &[String],
+    dropped: &mut impl FnMut(Endpoint, DropReason),
+) -> Vec<Endpoint> {
     if schemes.is_empty() {
         return endpoints;
     }
@@ -289,13 +301,18 @@ pub(crate) fn select_by_scheme(endpoints: Vec<Endpoint>, schemes: &[String]) -> 
             .map(|s| schemes.iter().position(|p| p.eq_ignore_ascii_case(s)))
     };
     let best = endpoints.iter().filter_map(|e| rank(e).flatten()).min();
+    for endpoint in endpoints.extract_if(.., |e| rank(e).is_some_and(|r| r.is_none() || r != best)) {
+        let scheme = endpoint.scheme.clone().unwrap_or_default();
+        let reason = match (rank(&endpoint).flatten(), best) {
+            (Some(_), Some(best)) => DropReason::SchemePreference {
+                scheme,
+                preferred: schemes[best].clone(),
+            },
+            _ => DropReason::SchemeNotAsked { scheme },
+        };
+        dropped(endpoint, reason);
+    }
     endpoints
-        .into_iter()
-        .filter(|e| match rank(e) {
-            None => true,
-            Some(r) => r.is_some() && r == best,
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -343,6 +360,8 @@ mod tests {
         v.iter().map(|s| s.to_string()).collect()
     }
 
+    fn ignore(_: Endpoint, _: DropReason) {}
+
     #[test]
     fn most_preferred_scheme_wins_and_never_mixes() {
         let all = vec![
@@ -353,23 +372,72 @@ mod tests {
         ];
         let hosts = |v: Vec<Endpoint>| v.into_iter().map(|e| e.host).collect::<Vec<_>>();
         assert_eq!(
-            hosts(select_by_scheme(all.clone(), &s(&["https", "http"]))),
+            hosts(select_by_scheme(all.clone(), &s(&["https", "http"]), &mut ignore)),
             ["b", "c"]
         );
         assert_eq!(
-            hosts(select_by_scheme(all.clone(), &s(&["http", "https"]))),
+            hosts(select_by_scheme(all.clone(), &s(&["http", "https"]), &mut ignore)),
             ["a"]
         );
         assert_eq!(
-            hosts(select_by_scheme(all.clone(), &s(&["ftp"]))),
+            hosts(select_by_scheme(all.clone(), &s(&["ftp"]), &mut ignore)),
             Vec::<String>::new()
         );
-        assert_eq!(select_by_scheme(all.clone(), &[]).len(), 4);
+        assert_eq!(select_by_scheme(all.clone(), &[], &mut ignore).len(), 4);
         // Fallback: no https endpoint, so http.
         let http_only = vec![ep(Some("http"), "a", None), ep(None, "bare", Some(1))];
         assert_eq!(
-            hosts(select_by_scheme(http_only, &s(&["https", "http"]))),
+            hosts(select_by_scheme(http_only, &s(&["https", "http"]), &mut ignore)),
             ["a", "bare"]
+        );
+    }
+
+    #[test]
+    fn every_dropped_endpoint_is_told_with_its_reason() {
+        let mut tagged = ep(Some("https"), "a", None);
+        tagged.metadata.push(("zone".into(), "eu".into()));
+        let mut other_zone = ep(Some("https"), "b", None);
+        other_zone.metadata.push(("zone".into(), "us".into()));
+        let all = vec![
+            tagged,
+            other_zone,
+            ep(Some("http"), "c", None),
+            ep(Some("grpc"), "d", None),
+            ep(None, "e", Some(1)),
+        ];
+        let mut dropped = Vec::new();
+        let mut note = |e: Endpoint, reason: DropReason| dropped.push((e.host, reason));
+        let filters = [("zone".to_owned(), "eu".to_owned())];
+        let kept = filter_by_metadata(all.clone(), &filters, &mut note);
+        assert_eq!(kept.len(), 1, "only a has zone=eu");
+        let kept = select_by_scheme(all, &s(&["https", "http"]), &mut note);
+        let kept: Vec<_> = kept.into_iter().map(|e| e.host).collect();
+        assert_eq!(kept, ["a", "b", "e"]);
+        let metadata = || DropReason::Metadata {
+            key: "zone".into(),
+            value: "eu".into(),
+        };
+        assert_eq!(
+            dropped,
+            [
+                ("b".to_owned(), metadata()),
+                ("c".to_owned(), metadata()),
+                ("d".to_owned(), metadata()),
+                ("e".to_owned(), metadata()),
+                (
+                    "c".to_owned(),
+                    DropReason::SchemePreference {
+                        scheme: "http".into(),
+                        preferred: "https".into()
+                    }
+                ),
+                (
+                    "d".to_owned(),
+                    DropReason::SchemeNotAsked {
+                        scheme: "grpc".into()
+                    }
+                ),
+            ]
         );
     }
 }

@@ -24,6 +24,7 @@ mod chain;
 mod clock;
 mod endpoint;
 mod error;
+mod explain;
 pub mod metrics;
 mod query;
 mod recovery;
@@ -40,6 +41,9 @@ pub use chain::{Chain, ChainAnswer, ChainCell};
 pub use clock::Clock;
 pub use endpoint::{Endpoint, EndpointSet, SetInner};
 pub use error::{ConfigError, Error, ProviderError, ProviderErrorKind};
+pub use explain::{
+    CacheState, DropReason, Dropped, Explanation, Import, ImportKind, Imports, Step, StepOutcome, Trace,
+};
 pub use query::Query;
 pub use registration::{
     DEFAULT_REGISTRATION_TTL, REGISTRATION_BACKOFF, RegistrarSource, Registration, RegistrationState,

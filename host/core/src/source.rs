@@ -8,6 +8,7 @@ use async_trait::async_trait;
 
 use crate::endpoint::Endpoint;
 use crate::error::{ProviderError, ProviderErrorKind};
+use crate::explain::Imports;
 use crate::registration::ServiceInstance;
 
 /// A query as a source sees it: parsed, with the allowed schemes applied.
@@ -119,6 +120,17 @@ pub trait Source: Send + Sync + 'static {
 
     /// Answer a query.
     async fn resolve(&self, query: &SourceQuery) -> Result<Answer, ProviderError>;
+
+    /// [`Source::resolve`], noting in `imports` the host imports the call makes (DNS
+    /// lookups, HTTP requests), for an explanation. The default notes nothing.
+    async fn resolve_explained(
+        &self,
+        query: &SourceQuery,
+        imports: &Imports,
+    ) -> Result<Answer, ProviderError> {
+        let _ = imports;
+        self.resolve(query).await
+    }
 
     /// Wait up to `wait` for the answer tagged `version` to change: `Ok(None)` when
     /// nothing changed. The default answers `unsupported`.

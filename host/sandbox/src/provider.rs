@@ -11,8 +11,8 @@ use sha2::{Digest, Sha256};
 use tracing::Instrument;
 use wasd_core::text::{MAX_TEXT, excerpt, hex, sanitize};
 use wasd_core::{
-    Answer, Endpoint, Error, ProviderError, ProviderErrorKind, ProviderStatus, ServiceInstance, Source,
-    SourceQuery,
+    Answer, Endpoint, Error, Imports, ProviderError, ProviderErrorKind, ProviderStatus, ServiceInstance,
+    Source, SourceQuery,
 };
 use wasmtime::component::{Component, InstancePre, ResourceTable};
 use wasmtime::{Store, UpdateDeadline};
@@ -75,6 +75,16 @@ pub(crate) struct ProviderState {
     pub(crate) imports: Arc<ImportTime>,
     /// Log lines the current call has written.
     pub(crate) log_lines: u32,
+    /// Where the current call notes its DNS lookups, when it is being explained.
+    pub(crate) journal: Option<Imports>,
+}
+
+impl ProviderState {
+    /// Note this call's imports in `journal` (an explained resolve), or stop noting.
+    fn note_imports(&mut self, journal: Option<&Imports>) {
+        self.journal = journal.cloned();
+        self.http_hooks.journal = journal.cloned();
+    }
 }
 
 impl WasiView for ProviderState {
@@ -394,6 +404,7 @@ impl Provider {
                 timeout: self.limits.timeout,
                 imports: Arc::default(),
                 log_lines: 0,
+                journal: None,
             },
         );
         store.limiter(|state| &mut state.limiter);
@@ -643,14 +654,46 @@ impl Provider {
         result.map_err(|e| self.error(guest_error(e)))
     }
 
-    /// [`Source::resolve`], its metrics aside; `not_found` is set when the provider
-    /// said `not-found` (an empty answer to the chain).
-    async fn resolve_call(&self, query: &SourceQuery, not_found: &mut bool) -> Result<Answer, ProviderError> {
+    /// [`Source::resolve`] and [`Source::resolve_explained`] (noting imports in
+    /// `journal`): one call, measured.
+    async fn resolve_measured(
+        &self,
+        query: &SourceQuery,
+        journal: Option<&Imports>,
+    ) -> Result<Answer, ProviderError> {
+        self.measured(Call::Resolve, async {
+            let mut not_found = false;
+            let result = self.resolve_call(query, journal, &mut not_found).await;
+            let outcome = match &result {
+                _ if not_found => Outcome::NotFound,
+                Ok(answer) => Outcome::of_answer(answer),
+                Err(failure) => Outcome::of(failure),
+            };
+            (result, outcome)
+        })
+        .await
+    }
+
+    /// [`Provider::resolve_measured`], its metrics aside; `not_found` is set when the
+    /// provider said `not-found` (an empty answer to the chain).
+    async fn resolve_call(
+        &self,
+        query: &SourceQuery,
+        journal: Option<&Imports>,
+        not_found: &mut bool,
+    ) -> Result<Answer, ProviderError> {
         let started = self.health.mark();
         let result = self
             .with_instance(self.limits.timeout, async |i: &mut Instance| {
                 lower_query(&mut i.query, query);
-                i.resolver.call_resolve(&mut i.store, &i.query).await
+                if journal.is_none() {
+                    return i.resolver.call_resolve(&mut i.store, &i.query).await;
+                }
+                i.store.data_mut().note_imports(journal);
+                let result = i.resolver.call_resolve(&mut i.store, &i.query).await;
+                // Pooled, the instance serves unexplained calls next.
+                i.store.data_mut().note_imports(None);
+                result
             })
             .await?;
         match result {
@@ -773,17 +816,16 @@ impl Source for Provider {
 
     /// Ask the provider. `not-found` is the same as an empty answer.
     async fn resolve(&self, query: &SourceQuery) -> Result<Answer, ProviderError> {
-        self.measured(Call::Resolve, async {
-            let mut not_found = false;
-            let result = self.resolve_call(query, &mut not_found).await;
-            let outcome = match &result {
-                _ if not_found => Outcome::NotFound,
-                Ok(answer) => Outcome::of_answer(answer),
-                Err(failure) => Outcome::of(failure),
-            };
-            (result, outcome)
-        })
-        .await
+        self.resolve_measured(query, None).await
+    }
+
+    /// Its DNS lookups and HTTP requests are noted as they end.
+    async fn resolve_explained(
+        &self,
+        query: &SourceQuery,
+        imports: &Imports,
+    ) -> Result<Answer, ProviderError> {
+        self.resolve_measured(query, Some(imports)).await
     }
 
     /// The call may last `wait` plus the provider's usual time limit.

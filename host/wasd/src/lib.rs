@@ -75,9 +75,10 @@ pub use discover::Discover;
 pub use observe::{DEFAULT_MAX_SERVICES, OTHER_SERVICES, describe_metrics};
 pub use resolver::{Resolver, ResolverBuilder};
 pub use wasd_core::{
-    ConfigError, DEFAULT_IDLE_TIMEOUT, DEFAULT_REFRESH_PERIOD, DEFAULT_REGISTRATION_TTL, Endpoint,
-    EndpointSet, Error, ProviderError, ProviderErrorKind, ProviderStatus, Query, Registration,
-    RegistrationState, ReloadError, ReloadReport, ReloadStatus, ServiceInstance, Watch,
+    CacheState, ConfigError, DEFAULT_IDLE_TIMEOUT, DEFAULT_REFRESH_PERIOD, DEFAULT_REGISTRATION_TTL,
+    DropReason, Dropped, Endpoint, EndpointSet, Error, Explanation, Import, ImportKind, ProviderError,
+    ProviderErrorKind, ProviderStatus, Query, Registration, RegistrationState, ReloadError, ReloadReport,
+    ReloadStatus, ServiceInstance, Step, StepOutcome, Watch,
 };
 pub use wasd_sandbox::{
     COMPILE_TARGET, CheckReport, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_MEMORY, DEFAULT_TIMEOUT,

@@ -12,7 +12,7 @@ use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use wasd::{Config, EndpointSet, Query, RegistrationState, Resolver, ServiceInstance};
+use wasd::{Config, EndpointSet, Explanation, Query, RegistrationState, Resolver, ServiceInstance};
 
 /// Service discovery whose providers are sandboxed WebAssembly components.
 #[derive(Parser)]
@@ -36,6 +36,12 @@ enum Command {
         /// Print one JSON object instead.
         #[arg(long)]
         json: bool,
+        /// Explain the answer instead: the schemes asked for, each provider in chain
+        /// order with its outcome, time and the DNS names and HTTP origins it asked,
+        /// the endpoints dropped and why, and the cache state. Exits 1 when the
+        /// query has no endpoints, after explaining why.
+        #[arg(long)]
+        explain: bool,
     },
     /// Print a query's endpoints, then one line per change, until interrupted.
     Watch {
@@ -327,9 +333,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             filters,
             config,
             json,
+            explain,
         } => {
             let parsed = filters.query(&query)?;
             let resolver = config.resolver(false).await?;
+            if explain {
+                let explanation = resolver.explain_query(&parsed).await;
+                let mut out = std::io::stdout().lock();
+                if json {
+                    writeln!(out, "{}", explanation_json(&explanation))?;
+                } else {
+                    writeln!(out, "{explanation}")?;
+                }
+                out.flush()?;
+                // Explained, then said once more as the error it is.
+                explanation.result?;
+                return Ok(ExitCode::SUCCESS);
+            }
             let set = resolver.resolve_query(&parsed).await?;
             let mut out = std::io::stdout().lock();
             if json {
@@ -503,6 +523,67 @@ fn set_json(query: &Query, set: &EndpointSet) -> serde_json::Value {
             "provider": f.provider,
             "error": f.kind.to_string(),
         })).collect::<Vec<_>>(),
+    })
+}
+
+/// The `--explain --json` shape; fields are only ever added.
+fn explanation_json(explanation: &Explanation) -> serde_json::Value {
+    let millis = |d: Duration| d.as_secs_f64() * 1000.0;
+    let failure = |f: &wasd::ProviderError| json!({ "provider": f.provider, "error": f.kind.to_string() });
+    let query = &explanation.query;
+    json!({
+        "query": query.as_str(),
+        "service": query.service(),
+        "endpoint_name": query.endpoint_name(),
+        "port": query.port(),
+        "query_schemes": query.schemes(),
+        "filters": query.filters().iter().map(|(k, v)| json!({ "key": k, "value": v })).collect::<Vec<_>>(),
+        "allowed_schemes": explanation.allowed_schemes,
+        // What the providers were asked for: the query's schemes that are allowed.
+        "schemes": explanation.schemes,
+        "cache": explanation.cache.as_ref().map(|cache| json!({
+            "state": if cache.is_stale() { "stale" } else { "fresh" },
+            "provider": cache.set.provider(),
+            "endpoints": cache.set.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "age_ms": millis(cache.age),
+            "refresh_in_ms": cache.refresh_in.map(millis),
+            "long_poll": cache.long_poll,
+            "stale_for_ms": cache.stale_for.map(millis),
+            "failures": cache.set.failures().iter().map(failure).collect::<Vec<_>>(),
+        })),
+        "providers": explanation.steps.iter().map(|step| {
+            let mut line = json!({
+                "provider": step.provider,
+                "outcome": step.outcome.label(),
+                "detail": step.outcome.to_string(),
+                "elapsed_ms": millis(step.elapsed),
+                "imports": step.imports.iter().map(|import| json!({
+                    "kind": import.kind.label(),
+                    "target": import.target,
+                    "detail": import.detail,
+                    "result": import.result,
+                    "elapsed_ms": millis(import.elapsed),
+                })).collect::<Vec<_>>(),
+            });
+            if let (Some(line), wasd::StepOutcome::Answered { endpoints, kept }) = (line.as_object_mut(), &step.outcome) {
+                line.insert("endpoints".into(), json!(endpoints));
+                line.insert("kept".into(), json!(kept));
+            }
+            if let (Some(line), wasd::StepOutcome::Failed(f)) = (line.as_object_mut(), &step.outcome) {
+                line.insert("error".into(), json!(f.kind.to_string()));
+            }
+            line
+        }).collect::<Vec<_>>(),
+        "dropped": explanation.dropped.iter().map(|dropped| json!({
+            "endpoint": dropped.endpoint.to_string(),
+            "provider": dropped.provider,
+            "reason": dropped.reason.label(),
+            "detail": dropped.reason.to_string(),
+        })).collect::<Vec<_>>(),
+        "answer": match &explanation.result {
+            Ok(set) => set_json(query, set),
+            Err(e) => json!({ "error": e.to_string() }),
+        },
     })
 }
 

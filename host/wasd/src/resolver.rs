@@ -11,9 +11,9 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
 use tracing::Instrument;
 use wasd_core::{
-    Cache, ChainCell, Clock, ConfigError, DEFAULT_REGISTRATION_TTL, EndpointSet, Error, Latest, Planned,
-    ProviderStatus, Query, Registration, ReloadError, ReloadReport, ReloadStatus, Reloader, ServiceInstance,
-    Settings, Source, Watch,
+    Cache, ChainCell, Clock, ConfigError, DEFAULT_REGISTRATION_TTL, EndpointSet, Error, Explanation, Latest,
+    Planned, ProviderStatus, Query, Registration, ReloadError, ReloadReport, ReloadStatus, Reloader,
+    ServiceInstance, Settings, Source, Watch,
 };
 use wasd_sandbox::{ModuleSource, Prepared, Provider, Runtime};
 
@@ -276,6 +276,21 @@ impl Resolver {
     /// resolve costs, or a diagnostic that must not be served from the cache.
     pub async fn resolve_uncached(&self, query: &Query) -> Result<EndpointSet, Error> {
         self.inner.cache.resolve_uncached(query).await
+    }
+
+    /// Explain a query's answer: the parsed query and the schemes asked for, each
+    /// provider in chain order with what it said, how long it took and the DNS names
+    /// and HTTP origins it asked, the endpoints dropped and why, and the state of the
+    /// query's cache entry. The providers are asked afresh, as a refresh of the entry
+    /// would ask them; the cache is neither filled nor changed. `Err` only for a query
+    /// that does not parse: a failed resolve is explained like an answered one.
+    pub async fn explain(&self, query: &str) -> Result<Explanation, Error> {
+        Ok(self.explain_query(&Query::parse(query)?).await)
+    }
+
+    /// [`Resolver::explain`] for an already parsed query (with its filters).
+    pub async fn explain_query(&self, query: &Query) -> Explanation {
+        self.inner.cache.explain(query).await
     }
 
     /// Follow a query: the current endpoints, then every change. A query with no

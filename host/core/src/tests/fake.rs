@@ -11,8 +11,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::{
-    Answer, Cache, Chain, ChainCell, Clock, Endpoint, EndpointSet, ProviderError, ProviderErrorKind,
-    ServiceInstance, Settings, Source, SourceQuery,
+    Answer, Cache, Chain, ChainCell, Clock, Endpoint, EndpointSet, Import, ImportKind, Imports,
+    ProviderError, ProviderErrorKind, ServiceInstance, Settings, Source, SourceQuery,
 };
 
 /// Shorthand for seconds.
@@ -213,6 +213,28 @@ impl Source for Fake {
         }
         // The reply as of the end of the call, as a real slow upstream would give.
         self.reply.lock().unwrap().clone()
+    }
+
+    /// Notes one DNS import, as a DNS provider's call would: the service's name under
+    /// the fake's, taking the fake's whole delay.
+    async fn resolve_explained(
+        &self,
+        query: &SourceQuery,
+        imports: &Imports,
+    ) -> Result<Answer, ProviderError> {
+        let result = self.resolve(query).await;
+        let said = match &result {
+            Ok(answer) => format!("{} records", answer.endpoints.len()),
+            Err(failure) => failure.kind.to_string(),
+        };
+        imports.push(Import::new(
+            ImportKind::Dns,
+            format!("{}.{}", query.service, self.name),
+            "SRV",
+            said,
+            *self.delay.lock().unwrap(),
+        ));
+        result
     }
 
     async fn watch(

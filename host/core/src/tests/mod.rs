@@ -6,6 +6,7 @@
 
 mod cache;
 mod chain;
+mod explain;
 mod fake;
 mod registration;
 mod reload;

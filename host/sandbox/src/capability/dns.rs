@@ -18,6 +18,7 @@ use tracing::Instrument;
 use crate::bindings::wasd::provider::dns::{AddressAnswer, DnsError, Host, SrvRecord};
 use crate::provider::ProviderState;
 use crate::spec::Grants;
+use wasd_core::{Import, ImportKind};
 
 /// Most SRV records passed back for one lookup.
 const MAX_SRV_RECORDS: usize = 1024;
@@ -272,6 +273,34 @@ impl ProviderState {
     async fn guarded<T>(
         &mut self,
         name: &str,
+        record_type: &'static str,
+        lookup: impl Future<Output = Result<T, LookupError>>,
+        count: impl Fn(&T) -> usize,
+    ) -> Result<T, DnsError> {
+        let began = Instant::now();
+        let result = self.guarded_lookup(name, lookup).await;
+        if let Some(journal) = &self.journal {
+            let said = match &result {
+                Ok(records) => match count(records) {
+                    1 => "1 record".to_owned(),
+                    n => format!("{n} records"),
+                },
+                Err(e) => dns_error_text(e),
+            };
+            journal.push(Import::new(
+                ImportKind::Dns,
+                name.escape_default().to_string(),
+                record_type,
+                said,
+                began.elapsed(),
+            ));
+        }
+        result
+    }
+
+    async fn guarded_lookup<T>(
+        &mut self,
+        name: &str,
         lookup: impl Future<Output = Result<T, LookupError>>,
     ) -> Result<T, DnsError> {
         self.check_dns_grant(name)?;
@@ -303,6 +332,17 @@ impl ProviderState {
     }
 }
 
+/// A DNS error as an explanation shows it.
+fn dns_error_text(e: &DnsError) -> String {
+    match e {
+        DnsError::NotFound => "no such name".to_owned(),
+        DnsError::NoRecords => "no records of that type".to_owned(),
+        DnsError::Unavailable(m) => format!("unavailable: {m}"),
+        DnsError::InvalidName(m) => format!("invalid name: {m}"),
+        DnsError::Denied(m) => format!("denied: {m}"),
+    }
+}
+
 fn wit_error(e: LookupError) -> DnsError {
     match e {
         LookupError::NotFound => DnsError::NotFound,
@@ -315,26 +355,31 @@ fn wit_error(e: LookupError) -> DnsError {
 impl Host for ProviderState {
     async fn lookup_srv(&mut self, name: String) -> wasmtime::Result<Result<Vec<SrvRecord>, DnsError>> {
         let dns = self.dns.clone();
-        Ok(self.guarded(&name, dns.lookup_srv(&name)).await.map(|records| {
-            records
-                .into_iter()
-                .take(MAX_SRV_RECORDS)
-                .map(|r| SrvRecord {
-                    priority: r.priority,
-                    weight: r.weight,
-                    port: r.port,
-                    target: r.target,
-                    addresses: r.addresses,
-                    ttl: r.ttl,
-                })
-                .collect()
-        }))
+        Ok(self
+            .guarded(&name, "SRV", dns.lookup_srv(&name), Vec::len)
+            .await
+            .map(|records| {
+                records
+                    .into_iter()
+                    .take(MAX_SRV_RECORDS)
+                    .map(|r| SrvRecord {
+                        priority: r.priority,
+                        weight: r.weight,
+                        port: r.port,
+                        target: r.target,
+                        addresses: r.addresses,
+                        ttl: r.ttl,
+                    })
+                    .collect()
+            }))
     }
 
     async fn lookup_addresses(&mut self, name: String) -> wasmtime::Result<Result<AddressAnswer, DnsError>> {
         let dns = self.dns.clone();
         Ok(self
-            .guarded(&name, dns.lookup_addresses(&name))
+            .guarded(&name, "A/AAAA", dns.lookup_addresses(&name), |(addresses, _)| {
+                addresses.len()
+            })
             .await
             .map(|(addresses, ttl)| AddressAnswer { addresses, ttl }))
     }

@@ -21,6 +21,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use tracing::Instrument;
+use wasd_core::{Import, ImportKind, Imports};
 use wasmtime_wasi_http::{
     Error as HttpError, RequestOptions, WasiBody, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
 };
@@ -217,11 +218,17 @@ impl HttpPolicy {
 pub(crate) struct HttpHooks {
     policy: Arc<HttpPolicy>,
     pub(crate) requests: u32,
+    /// Where the current call notes its requests, when it is being explained.
+    pub(crate) journal: Option<Imports>,
 }
 
 impl HttpHooks {
     pub(crate) fn new(policy: Arc<HttpPolicy>) -> HttpHooks {
-        HttpHooks { policy, requests: 0 }
+        HttpHooks {
+            policy,
+            requests: 0,
+            journal: None,
+        }
     }
 }
 
@@ -248,6 +255,7 @@ impl WasiHttpHooks for HttpHooks {
         // per request the guest makes.
         self.requests = self.requests.saturating_add(1);
         let policy = self.policy.clone();
+        let journal = self.journal.clone();
         // wasmtime-wasi-http sends from a task of its own: it runs in the provider
         // call's span, so the request's span nests (and ends) inside it.
         let call = tracing::Span::current();
@@ -258,7 +266,25 @@ impl WasiHttpHooks for HttpHooks {
                 if origin.https { "https" } else { "http" },
                 origin.address()
             );
+            let started = std::time::Instant::now();
+            // The method and path, for an explanation (never the query string: it may
+            // carry a token).
+            let line = journal
+                .is_some()
+                .then(|| format!("{} {}", request.method(), request.uri().path()));
+            let note = |said: String| {
+                if let (Some(journal), Some(line)) = (&journal, &line) {
+                    journal.push(Import::new(
+                        ImportKind::Http,
+                        &named,
+                        line,
+                        said,
+                        started.elapsed(),
+                    ));
+                }
+            };
             if !policy.origins.contains(&origin) {
+                note("denied: not in the provider's grants.http".to_owned());
                 // The guest gets the denial as its error, which names the origin; the
                 // caller sees it in the provider's failure, once.
                 tracing::debug!(
@@ -268,9 +294,12 @@ impl WasiHttpHooks for HttpHooks {
                 );
                 return Err(HttpError::HttpRequestDenied);
             }
-            let started = std::time::Instant::now();
             let span = tracing::debug_span!("http_request", origin = %named);
             let response = send(request, options, &policy).instrument(span).await;
+            note(match &response {
+                Ok(response) => response.status().to_string(),
+                Err(e) => e.to_string(),
+            });
             metrics::histogram!(
                 crate::metrics::names::HTTP_REQUEST_DURATION,
                 "provider" => policy.provider.to_string(),
