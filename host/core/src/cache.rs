@@ -154,6 +154,16 @@ struct Key {
     filters: Vec<(String, String)>,
 }
 
+/// A query as the sources are asked it, with the schemes allowed.
+fn source_query(query: &Query, schemes: Vec<String>) -> SourceQuery {
+    SourceQuery {
+        service: query.service().to_owned(),
+        endpoint_name: query.endpoint_name().map(str::to_owned),
+        schemes,
+        port: query.port(),
+    }
+}
+
 impl Key {
     fn of(query: &Query, schemes: Vec<String>) -> Key {
         Key {
@@ -356,7 +366,9 @@ impl Cache {
             count(result.is_ok(), true);
             return result;
         }
-        let (result, cached) = self.resolve_text(query).await;
+        // Boxed: the miss's future (the chain walk and its spans) would otherwise be
+        // part of every resolve's future, hit or not, and a hit would pay to move it.
+        let (result, cached) = Box::pin(self.resolve_text(query)).await;
         count(result.is_ok(), cached);
         result
     }
@@ -384,7 +396,11 @@ impl Cache {
     pub async fn resolve_query(&self, query: &Query) -> Result<EndpointSet, Error> {
         let result = async {
             let entry = self.inner.entry(query)?;
-            let (set, cached) = self.inner.ready(&entry, false).await?;
+            let (set, cached) = match &*entry.current.load() {
+                Some(set) => (EndpointSet::from_shared(Arc::clone(set)), true),
+                // Boxed, as in `resolve`: a hit does not carry the miss's future.
+                None => Box::pin(self.inner.ready(&entry, false)).await?,
+            };
             Ok((non_empty(query.service(), set)?, cached))
         }
         .await;
@@ -410,7 +426,7 @@ impl Cache {
     /// Ask the providers now, bypassing (and not filling) the cache: what a cold
     /// resolve costs, or a diagnostic that must not be served from the cache.
     pub async fn resolve_uncached(&self, query: &Query) -> Result<EndpointSet, Error> {
-        let source_query = Key::of(query, self.inner.schemes_for(query)?).source_query();
+        let source_query = source_query(query, self.inner.schemes_for(query)?);
         let chain = self.inner.chain.load();
         let span = tracing::debug_span!("resolve", service = %query.service(), uncached = true);
         let walk = chain

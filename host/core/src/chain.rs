@@ -84,13 +84,15 @@ impl Chain {
     ///
     /// `Err` carries the failures met; an empty list means every source asked answered
     /// cleanly that it has nothing.
-    pub async fn resolve(
-        &self,
-        query: &SourceQuery,
-        filters: &[(String, String)],
-        served: Option<&str>,
-    ) -> Result<ChainAnswer, Vec<ProviderError>> {
-        self.walk(query, filters, served, None).await
+    ///
+    /// (Not an `async fn`: that would wrap the walk's future in one more, larger one.)
+    pub fn resolve<'a>(
+        &'a self,
+        query: &'a SourceQuery,
+        filters: &'a [(String, String)],
+        served: Option<&'a str>,
+    ) -> impl Future<Output = Result<ChainAnswer, Vec<ProviderError>>> + Send + 'a {
+        self.walk(query, filters, served, None)
     }
 
     /// [`Chain::resolve`], recording every step in `trace`: each source's outcome, time
@@ -119,34 +121,30 @@ impl Chain {
         let limit = served.and_then(|name| self.sources.iter().position(|s| &**s.name() == name));
         let mut failures: Vec<ProviderError> = Vec::new();
         let mut pushing = None;
-        let mut won: Option<ChainAnswer> = None;
         for (position, source) in self.sources.iter().enumerate() {
-            let stopped = !failures.is_empty() && limit.is_none_or(|limit| position > limit);
-            if won.is_some() || stopped {
-                let Some(trace) = trace.as_deref_mut() else { break };
-                // The rest of the chain, not asked, for the record.
-                let outcome = match &won {
-                    Some(won) => StepOutcome::Skipped {
-                        answered_by: won.source.name().to_string(),
-                    },
-                    None => StepOutcome::NotAsked {
-                        failed: failures[0].provider.clone(),
-                    },
-                };
-                trace
-                    .steps
-                    .push(step(source, outcome, Duration::ZERO, Vec::new()));
-                continue;
-            }
-            let (result, imports, elapsed) = match &trace {
-                None => (source.resolve(query).await, Vec::new(), Duration::ZERO),
-                Some(_) => {
-                    let imports = Imports::new();
-                    let started = Instant::now();
-                    let result = source.resolve_explained(query, &imports).await;
-                    (result, imports.take(), started.elapsed())
+            if !failures.is_empty() && limit.is_none_or(|limit| position > limit) {
+                if let Some(trace) = trace {
+                    let failed = &failures[0].provider;
+                    for rest in &self.sources[position..] {
+                        let outcome = StepOutcome::NotAsked {
+                            failed: failed.clone(),
+                        };
+                        trace.steps.push(step(rest, outcome, Duration::ZERO, Vec::new()));
+                    }
                 }
+                break;
+            }
+            // One call awaited either way (both are boxed by async-trait), so an
+            // explanation adds little to the walk's future.
+            let journal = trace.is_some().then(|| (Imports::new(), Instant::now()));
+            let call = match &journal {
+                None => source.resolve(query),
+                Some((imports, _)) => source.resolve_explained(query, imports),
             };
+            let result = call.await;
+            let (imports, elapsed) = journal.map_or((Vec::new(), Duration::ZERO), |(imports, started)| {
+                (imports.take(), started.elapsed())
+            });
             match result {
                 Ok(answer) => {
                     let answered = answer.endpoints.len();
@@ -175,19 +173,26 @@ impl Chain {
                         }
                     };
                     if !endpoints.is_empty() {
-                        won = Some(ChainAnswer {
+                        // Returned at once, the rest recorded without an await: the
+                        // answer is never held across one, which would make every
+                        // walk's future (a resolve miss's) larger.
+                        if let Some(trace) = trace {
+                            for rest in &self.sources[position + 1..] {
+                                let outcome = StepOutcome::Skipped {
+                                    answered_by: source.name().to_string(),
+                                };
+                                trace.steps.push(step(rest, outcome, Duration::ZERO, Vec::new()));
+                            }
+                        }
+                        return Ok(ChainAnswer {
                             set: EndpointSet::new(source.name().clone(), endpoints)
                                 .with_failures(failures.clone()),
                             ttl: answer.ttl,
-                            failures: std::mem::take(&mut failures),
+                            failures,
                             source: source.clone(),
                             version: answer.version,
-                            pushing: pushing.take(),
+                            pushing,
                         });
-                        if trace.is_none() {
-                            break;
-                        }
-                        continue;
                     }
                     if pushing.is_none()
                         && let Some(version) = answer.version
@@ -210,7 +215,7 @@ impl Chain {
                 }
             }
         }
-        won.ok_or(failures)
+        Err(failures)
     }
 }
 
