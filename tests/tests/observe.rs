@@ -139,9 +139,10 @@ fn watch_serves_valid_prometheus_metrics() {
     let first = stdout.next(Duration::from_secs(60), "the current set");
     assert_eq!(first.trim(), "http://10.0.0.1:8080 http://10.0.0.2:8080");
 
-    // The reporter publishes once a second: scrape until the gauges are there.
-    let samples = scrape_until(&python, &address, "a wasd_endpoints gauge", |samples| {
-        value(samples, "wasd_endpoints", &[("service", "basket")]).is_some()
+    // The reporter publishes once a second: scrape until the gauges say what the
+    // watch printed (a report made while the first answer was on its way says 0).
+    let samples = scrape_until(&python, &address, "wasd_endpoints for basket at 2", |samples| {
+        value(samples, "wasd_endpoints", &[("service", "basket")]) == Some(2.0)
     });
 
     // A change to the file: the provider is reloaded, the watcher told, the gauge

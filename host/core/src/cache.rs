@@ -33,6 +33,9 @@ use crate::source::{Source, SourceQuery};
 
 /// Shortest interval between two refreshes of one answer, whatever its TTL says.
 const MIN_REFRESH: Duration = Duration::from_secs(1);
+/// The next [`EndpointSet::index`]: one counter for every query, so that a number is
+/// never reused, not even by a query cached anew after it idled out.
+static NEXT_INDEX: AtomicU64 = AtomicU64::new(1);
 /// Most query texts remembered for `resolve(&str)`'s fast path.
 const MAX_TEXT_INDEX: usize = 16_384;
 
@@ -227,6 +230,11 @@ impl Entry {
         let changed = self.state.send_if_modified(|current| {
             let changed = current.as_ref() != Some(&set);
             if changed || current.as_ref().is_none_or(|c| c.failures() != set.failures()) {
+                let index = match current {
+                    Some(current) if !changed => current.index(),
+                    _ => NEXT_INDEX.fetch_add(1, Ordering::Relaxed),
+                };
+                let set = set.with_index(index);
                 self.current.store(Some(set.shared()));
                 *current = Some(set);
             }
@@ -441,6 +449,14 @@ impl Cache {
         };
         count(result.is_ok(), false);
         result
+    }
+
+    /// The query's cache entry as it stands (its set, age, next refresh, staleness), if
+    /// it is cached; the providers are not asked. What a DNS answer's TTL comes from.
+    pub fn state(&self, query: &Query) -> Option<CacheState> {
+        let key = Key::of(query, self.inner.schemes_for(query).ok()?);
+        let entry = self.inner.entries.get(&key).map(|entry| entry.clone())?;
+        entry.cache_state()
     }
 
     /// Explain a query's answer: a walk of the chain recorded step by step (see

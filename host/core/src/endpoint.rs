@@ -149,6 +149,9 @@ pub struct SetInner {
     /// Providers ahead of the one that answered that failed when the set was last
     /// refreshed. Not part of equality: a set is "the same" for watchers whatever failed.
     failures: Box<[ProviderError]>,
+    /// The cache's change number for this set (see [`EndpointSet::index`]). Not part of
+    /// equality either.
+    index: u64,
 }
 
 impl PartialEq for SetInner {
@@ -180,6 +183,7 @@ impl EndpointSet {
     /// The endpoints `provider` answered with.
     pub fn new(provider: Arc<str>, endpoints: Vec<Endpoint>) -> Self {
         EndpointSet(Arc::new(SetInner {
+            index: 0,
             provider: Some(provider),
             endpoints: endpoints.into(),
             failures: Box::default(),
@@ -196,7 +200,31 @@ impl EndpointSet {
             provider: self.0.provider.clone(),
             endpoints: self.0.endpoints.clone(),
             failures: failures.into(),
+            index: self.0.index,
         }))
+    }
+
+    /// The same set numbered `index` (in place when this is the only reference).
+    pub(crate) fn with_index(mut self, index: u64) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.index = index;
+            return self;
+        }
+        EndpointSet(Arc::new(SetInner {
+            provider: self.0.provider.clone(),
+            endpoints: self.0.endpoints.clone(),
+            failures: self.0.failures.clone(),
+            index,
+        }))
+    }
+
+    /// The cache's number for this set: a query's set gets a new one, higher than any
+    /// before it, each time its endpoints change (a set equal to the last keeps its
+    /// number). Numbers are unique across queries for the life of the process, so a
+    /// client can hold one and ask "anything newer?" (the sidecar's blocking
+    /// `/v1/watch?index=N`). 0: a set the cache did not publish.
+    pub fn index(&self) -> u64 {
+        self.0.index
     }
 
     /// Providers ahead of the one that answered that failed when this set was last

@@ -45,6 +45,26 @@ pub struct Config {
     pub(crate) registrar: Option<String>,
     /// Distinct services `wasd_endpoints` gets a series for (`[metrics] max-services`).
     pub(crate) metrics_max_services: usize,
+    /// `[serve]`: where `wasd serve` listens.
+    pub(crate) serve: ServeSettings,
+}
+
+/// The `[serve]` table: `wasd serve`'s listeners (its flags override them). Read when
+/// the server starts; a reload does not move listeners.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ServeSettings {
+    /// `http`: the HTTP API's address.
+    pub http: Option<std::net::SocketAddr>,
+    /// `dns`: the DNS server's address.
+    pub dns: Option<std::net::SocketAddr>,
+    /// `dns-zone`: the zone the DNS server answers for.
+    pub dns_zone: Option<String>,
+    /// `dns-ttl`: the most a DNS record's TTL may be.
+    pub dns_ttl: Option<Duration>,
+    /// `token-env`: the environment variable holding the bearer token that mutating
+    /// HTTP calls need.
+    pub token_env: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -67,6 +87,18 @@ struct RawConfig {
     registrar: Option<Spanned<String>>,
     #[serde(default)]
     metrics: RawMetrics,
+    #[serde(default)]
+    serve: RawServe,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawServe {
+    http: Option<Spanned<String>>,
+    dns: Option<Spanned<String>>,
+    dns_zone: Option<Spanned<String>>,
+    dns_ttl: Option<Spanned<String>>,
+    token_env: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -189,6 +221,7 @@ impl Config {
             }],
             registrar: None,
             metrics_max_services: DEFAULT_MAX_SERVICES,
+            serve: ServeSettings::default(),
         }
     }
 
@@ -294,6 +327,41 @@ impl Config {
             providers: Vec::new(),
             registrar: None,
             metrics_max_services: raw.metrics.max_services.unwrap_or(DEFAULT_MAX_SERVICES),
+            serve: ServeSettings::default(),
+        };
+        let address = |value: &Option<Spanned<String>>| {
+            value
+                .as_ref()
+                .map(|v| {
+                    v.get_ref().parse().map_err(|_| {
+                        src.at(
+                            v,
+                            format!(
+                                "'{}' is not an address like \"127.0.0.1:8585\"",
+                                v.get_ref().escape_default()
+                            ),
+                        )
+                    })
+                })
+                .transpose()
+        };
+        config.serve = ServeSettings {
+            http: address(&raw.serve.http)?,
+            dns: address(&raw.serve.dns)?,
+            dns_zone: raw.serve.dns_zone.as_ref().map(|z| z.get_ref().clone()),
+            dns_ttl: raw
+                .serve
+                .dns_ttl
+                .as_ref()
+                .map(|t| parse_duration(t.get_ref()).map_err(|e| src.at(t, e)))
+                .transpose()?,
+            token_env: match &raw.serve.token_env {
+                Some(name) if name.get_ref().is_empty() => {
+                    return Err(src.at(name, "token-env names no variable"));
+                }
+                Some(name) => Some(name.get_ref().clone()),
+                None => None,
+            },
         };
         for spanned in &raw.providers {
             let spec = provider_spec(&src, spanned, &config, &resolve)?;
@@ -312,6 +380,11 @@ impl Config {
             config.registrar = Some(name.get_ref().clone());
         }
         Ok(config)
+    }
+
+    /// The `[serve]` table.
+    pub fn serve(&self) -> &ServeSettings {
+        &self.serve
     }
 
     /// The config file this came from, if any.

@@ -43,7 +43,8 @@
 //! falls back to http (never mixing them), `_name.service` asks for a named endpoint.
 //! Answers are cached; a cached resolve does not enter WebAssembly.
 //!
-//! Cargo features: `cli` (default) builds the `wasd` binary; `reqwest` adds
+//! Cargo features: `cli` (default) builds the `wasd` binary; `serve` (part of `cli`)
+//! adds [`serve`], the sidecar's DNS server and HTTP API; `reqwest` adds
 //! [`http`] (clients calling `https+http://catalog/...`); `tonic` adds [`grpc`]
 //! (channels dialing `discovery:///name`); `tower` adds [`Resolver::discover`].
 //!
@@ -64,12 +65,15 @@ mod files;
 pub mod grpc;
 #[cfg(feature = "reqwest")]
 pub mod http;
+pub mod json;
 mod observe;
 mod resolver;
+#[cfg(feature = "serve")]
+pub mod serve;
 
 pub use balance::{Balancer, BalancerBuilder, DEFAULT_EJECTION, Picked, Strategy};
 pub use check::check;
-pub use config::Config;
+pub use config::{Config, ServeSettings};
 #[cfg(feature = "tower")]
 pub use discover::Discover;
 pub use observe::{DEFAULT_MAX_SERVICES, OTHER_SERVICES, describe_metrics};

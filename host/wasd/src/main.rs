@@ -12,7 +12,7 @@ use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use wasd::{Config, EndpointSet, Explanation, Query, RegistrationState, Resolver, ServiceInstance};
+use wasd::{Config, EndpointSet, Query, RegistrationState, Resolver, ServiceInstance};
 
 /// Service discovery whose providers are sandboxed WebAssembly components.
 #[derive(Parser)]
@@ -56,6 +56,24 @@ enum Command {
         json: bool,
         #[command(flatten)]
         metrics: MetricsArgs,
+    },
+    /// Serve discovery to every language until SIGINT/SIGTERM: a DNS server
+    /// authoritative for one zone and a JSON HTTP API, over the provider chain (hot
+    /// reload, caching, watches).
+    Serve {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The HTTP API's address. Default: [serve] http, else 127.0.0.1:8585.
+        #[arg(long, value_name = "ADDR")]
+        http: Option<std::net::SocketAddr>,
+        /// The DNS server's address (UDP and TCP). Default: [serve] dns, else
+        /// 127.0.0.1:8653.
+        #[arg(long, value_name = "ADDR")]
+        dns: Option<std::net::SocketAddr>,
+        /// The zone the DNS server answers for. Default: [serve] dns-zone, else
+        /// wasd.internal.
+        #[arg(long, value_name = "ZONE")]
+        dns_zone: Option<String>,
     },
     /// Load the configuration and every provider module, and explain what is wrong.
     Check {
@@ -341,7 +359,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let explanation = resolver.explain_query(&parsed).await;
                 let mut out = std::io::stdout().lock();
                 if json {
-                    writeln!(out, "{}", explanation_json(&explanation))?;
+                    writeln!(out, "{}", wasd::json::explanation(&explanation))?;
                 } else {
                     writeln!(out, "{explanation}")?;
                 }
@@ -353,7 +371,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let set = resolver.resolve_query(&parsed).await?;
             let mut out = std::io::stdout().lock();
             if json {
-                writeln!(out, "{}", set_json(&parsed, &set))?;
+                writeln!(out, "{}", wasd::json::set(&parsed, &set))?;
             } else {
                 for endpoint in &set {
                     writeln!(out, "{endpoint}")?;
@@ -375,7 +393,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let print = |set: &EndpointSet| -> anyhow::Result<()> {
                 let mut out = std::io::stdout().lock();
                 if json {
-                    writeln!(out, "{}", set_json(&parsed, set))?;
+                    writeln!(out, "{}", wasd::json::set(&parsed, set))?;
                 } else if set.is_empty() {
                     writeln!(out, "(no endpoints)")?;
                 } else {
@@ -389,6 +407,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print_until_signal(shutdown_signal(), async || watch.changed().await, print).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Serve {
+            config,
+            http,
+            dns,
+            dns_zone,
+        } => serve(config, http, dns, dns_zone).await,
         Command::Check { config, modules } => {
             let loaded = config.load()?;
             let reports = wasd::check(&loaded, &modules).await?;
@@ -439,6 +463,68 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             register(instance, ttl, config, json).await
         }
     }
+}
+
+async fn serve(
+    config: ConfigArgs,
+    http: Option<std::net::SocketAddr>,
+    dns: Option<std::net::SocketAddr>,
+    dns_zone: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    use wasd::serve::{ServeOptions, Server};
+    // Before anything is bound or loaded: a signal from then on stops the server.
+    let shutdown = shutdown_signal();
+    let settings = config.load()?.serve().clone();
+    let mut options = ServeOptions::default();
+    if let Some(address) = http.or(settings.http) {
+        options = options.with_http(address);
+    }
+    if let Some(address) = dns.or(settings.dns) {
+        options = options.with_dns(address);
+    }
+    if let Some(zone) = dns_zone.or(settings.dns_zone) {
+        options = options.with_zone(zone);
+    }
+    if let Some(ttl) = settings.dns_ttl {
+        options = options.with_dns_ttl(ttl);
+    }
+    if let Some(variable) = &settings.token_env {
+        match std::env::var(variable) {
+            Ok(token) if !token.is_empty() => options = options.with_token(token),
+            _ => anyhow::bail!("[serve] token-env names {variable}, which is not set (or empty)"),
+        }
+    }
+    // Prometheus metrics for GET /metrics, installed before the providers load.
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(DURATION_BUCKETS)
+        .map_err(|e| anyhow::anyhow!("metrics: {e}"))?
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
+    wasd::describe_metrics();
+    let upkeep = metrics.clone();
+    tokio::spawn(async move {
+        // Histograms are drained into their summaries here rather than on a scrape.
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let resolver = config.resolver(true).await?;
+    let server = Server::bind(resolver, options.clone(), Some(metrics)).await?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "serving HTTP on http://{}", server.http_addr())?;
+        writeln!(
+            out,
+            "serving DNS on {} (UDP and TCP) for {}",
+            server.dns_addr(),
+            options.zone
+        )?;
+        out.flush()?;
+    }
+    server.run_until(shutdown).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn register(
@@ -496,95 +582,6 @@ async fn register(
     registration.deregister().await?;
     print(&RegistrationState::Stopped)?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// The `--json` shape: other tools parse it, so fields are only ever added.
-fn set_json(query: &Query, set: &EndpointSet) -> serde_json::Value {
-    let provider = set.provider();
-    json!({
-        "query": query.as_str(),
-        "service": query.service(),
-        "endpoint_name": query.endpoint_name(),
-        "schemes": query.schemes(),
-        "provider": provider,
-        "endpoints": set.iter().map(|e| json!({
-            "endpoint": e.to_string(),
-            "provider": provider,
-            "scheme": e.scheme(),
-            "host": e.host(),
-            "port": e.port(),
-            "path": e.path(),
-            "metadata": e.metadata().iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
-        })).collect::<Vec<_>>(),
-        // Providers ahead of the one that answered that failed: the answer is served
-        // all the same (the last good one, or a fresh one from the provider that gave
-        // it), and this says why it may be stale.
-        "failures": set.failures().iter().map(|f| json!({
-            "provider": f.provider,
-            "error": f.kind.to_string(),
-        })).collect::<Vec<_>>(),
-    })
-}
-
-/// The `--explain --json` shape; fields are only ever added.
-fn explanation_json(explanation: &Explanation) -> serde_json::Value {
-    let millis = |d: Duration| d.as_secs_f64() * 1000.0;
-    let failure = |f: &wasd::ProviderError| json!({ "provider": f.provider, "error": f.kind.to_string() });
-    let query = &explanation.query;
-    json!({
-        "query": query.as_str(),
-        "service": query.service(),
-        "endpoint_name": query.endpoint_name(),
-        "port": query.port(),
-        "query_schemes": query.schemes(),
-        "filters": query.filters().iter().map(|(k, v)| json!({ "key": k, "value": v })).collect::<Vec<_>>(),
-        "allowed_schemes": explanation.allowed_schemes,
-        // What the providers were asked for: the query's schemes that are allowed.
-        "schemes": explanation.schemes,
-        "cache": explanation.cache.as_ref().map(|cache| json!({
-            "state": if cache.is_stale() { "stale" } else { "fresh" },
-            "provider": cache.set.provider(),
-            "endpoints": cache.set.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "age_ms": millis(cache.age),
-            "refresh_in_ms": cache.refresh_in.map(millis),
-            "long_poll": cache.long_poll,
-            "stale_for_ms": cache.stale_for.map(millis),
-            "failures": cache.set.failures().iter().map(failure).collect::<Vec<_>>(),
-        })),
-        "providers": explanation.steps.iter().map(|step| {
-            let mut line = json!({
-                "provider": step.provider,
-                "outcome": step.outcome.label(),
-                "detail": step.outcome.to_string(),
-                "elapsed_ms": millis(step.elapsed),
-                "imports": step.imports.iter().map(|import| json!({
-                    "kind": import.kind.label(),
-                    "target": import.target,
-                    "detail": import.detail,
-                    "result": import.result,
-                    "elapsed_ms": millis(import.elapsed),
-                })).collect::<Vec<_>>(),
-            });
-            if let (Some(line), wasd::StepOutcome::Answered { endpoints, kept }) = (line.as_object_mut(), &step.outcome) {
-                line.insert("endpoints".into(), json!(endpoints));
-                line.insert("kept".into(), json!(kept));
-            }
-            if let (Some(line), wasd::StepOutcome::Failed(f)) = (line.as_object_mut(), &step.outcome) {
-                line.insert("error".into(), json!(f.kind.to_string()));
-            }
-            line
-        }).collect::<Vec<_>>(),
-        "dropped": explanation.dropped.iter().map(|dropped| json!({
-            "endpoint": dropped.endpoint.to_string(),
-            "provider": dropped.provider,
-            "reason": dropped.reason.label(),
-            "detail": dropped.reason.to_string(),
-        })).collect::<Vec<_>>(),
-        "answer": match &explanation.result {
-            Ok(set) => set_json(query, set),
-            Err(e) => json!({ "error": e.to_string() }),
-        },
-    })
 }
 
 /// Print what `next` yields until it ends or `shutdown` resolves. `shutdown` is made

@@ -11,9 +11,9 @@ use arc_swap::ArcSwapOption;
 use tokio::sync::watch;
 use tracing::Instrument;
 use wasd_core::{
-    Cache, ChainCell, Clock, ConfigError, DEFAULT_REGISTRATION_TTL, EndpointSet, Error, Explanation, Latest,
-    Planned, ProviderStatus, Query, Registration, ReloadError, ReloadReport, ReloadStatus, Reloader,
-    ServiceInstance, Settings, Source, Watch,
+    Cache, CacheState, ChainCell, Clock, ConfigError, DEFAULT_REGISTRATION_TTL, EndpointSet, Error,
+    Explanation, Latest, Planned, ProviderStatus, Query, Registration, ReloadError, ReloadReport,
+    ReloadStatus, Reloader, ServiceInstance, Settings, Source, Watch,
 };
 use wasd_sandbox::{ModuleSource, Prepared, Provider, Runtime};
 
@@ -276,6 +276,12 @@ impl Resolver {
     /// resolve costs, or a diagnostic that must not be served from the cache.
     pub async fn resolve_uncached(&self, query: &Query) -> Result<EndpointSet, Error> {
         self.inner.cache.resolve_uncached(query).await
+    }
+
+    /// The query's cache entry as it stands (its set, age, next refresh, staleness), if
+    /// it is cached; no provider is asked.
+    pub fn cache_state(&self, query: &Query) -> Option<CacheState> {
+        self.inner.cache.state(query)
     }
 
     /// Explain a query's answer: the parsed query and the schemes asked for, each

@@ -194,6 +194,37 @@ async fn a_changed_answer_is_published_to_watches_and_an_unchanged_one_is_not() 
     assert_eq!(cache.resolve("svc").await.unwrap(), set("a", &[bare("10.0.0.2")]));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_set_is_numbered_anew_only_when_its_endpoints_change() {
+    let a = Arc::new(Fake::new("a").answering(answer(&[bare("10.0.0.1")]).with_ttl(secs(5))));
+    let b = Arc::new(Fake::new("b").answering(answer(&[bare("10.0.0.9")])));
+    let cache = cache_of(&[&a, &b], Settings::default());
+    let mut watch = cache.watch("svc").await.unwrap();
+    let first = watch.current().index();
+    assert!(first > 0, "a published set has a number");
+    // Another query's set has a number of its own.
+    let other = cache.resolve("_named.svc").await.unwrap().index();
+    assert_ne!(other, first);
+    // Refreshes with the same endpoints keep the number...
+    assert!(timeout(ms(12_000), watch.changed()).await.is_err());
+    assert_eq!(cache.resolve("svc").await.unwrap().index(), first);
+    // ...and so does a failed refresh that keeps the last good set (its failures
+    // recorded, its endpoints the same).
+    a.fail();
+    tokio::time::sleep(secs(5)).await;
+    let kept = cache.resolve("svc").await.unwrap();
+    assert_eq!((kept.failures(), kept.index()), (&[down("a")][..], first));
+    // New endpoints: a higher number than any before.
+    a.answer(answer(&[bare("10.0.0.2")]).with_ttl(secs(5)));
+    let changed = timeout(secs(60), watch.changed()).await.unwrap().unwrap();
+    assert!(
+        changed.index() > first.max(other),
+        "{} after {first}, {other}",
+        changed.index()
+    );
+    assert_eq!(cache.resolve("svc").await.unwrap().index(), changed.index());
+}
+
 // Rule 3: back-off after failures.
 
 #[tokio::test(start_paused = true)]

@@ -1,0 +1,99 @@
+//! The JSON shapes of `wasd resolve --json` and `--explain --json`, which the sidecar's
+//! HTTP API serves too. Other tools parse them: fields are only ever added.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::{EndpointSet, Explanation, Query};
+
+/// A query's endpoints as `wasd resolve --json` prints them and `GET /v1/resolve`
+/// serves them; `index` is the set's [`EndpointSet::index`].
+pub fn set(query: &Query, set: &EndpointSet) -> serde_json::Value {
+    let provider = set.provider();
+    json!({
+        "query": query.as_str(),
+        "service": query.service(),
+        "endpoint_name": query.endpoint_name(),
+        "schemes": query.schemes(),
+        "provider": provider,
+        "endpoints": set.iter().map(|e| json!({
+            "endpoint": e.to_string(),
+            "provider": provider,
+            "scheme": e.scheme(),
+            "host": e.host(),
+            "port": e.port(),
+            "path": e.path(),
+            "metadata": e.metadata().iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        })).collect::<Vec<_>>(),
+        // Providers ahead of the one that answered that failed: the answer is served
+        // all the same (the last good one, or a fresh one from the provider that gave
+        // it), and this says why it may be stale.
+        "failures": set.failures().iter().map(|f| json!({
+            "provider": f.provider,
+            "error": f.kind.to_string(),
+        })).collect::<Vec<_>>(),
+        "index": set.index(),
+    })
+}
+
+/// An explanation as `wasd resolve --explain --json` prints it.
+pub fn explanation(explanation: &Explanation) -> serde_json::Value {
+    let millis = |d: Duration| d.as_secs_f64() * 1000.0;
+    let failure = |f: &crate::ProviderError| json!({ "provider": f.provider, "error": f.kind.to_string() });
+    let query = &explanation.query;
+    json!({
+        "query": query.as_str(),
+        "service": query.service(),
+        "endpoint_name": query.endpoint_name(),
+        "port": query.port(),
+        "query_schemes": query.schemes(),
+        "filters": query.filters().iter().map(|(k, v)| json!({ "key": k, "value": v })).collect::<Vec<_>>(),
+        "allowed_schemes": explanation.allowed_schemes,
+        // What the providers were asked for: the query's schemes that are allowed.
+        "schemes": explanation.schemes,
+        "cache": explanation.cache.as_ref().map(|cache| json!({
+            "state": if cache.is_stale() { "stale" } else { "fresh" },
+            "provider": cache.set.provider(),
+            "endpoints": cache.set.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "age_ms": millis(cache.age),
+            "refresh_in_ms": cache.refresh_in.map(millis),
+            "long_poll": cache.long_poll,
+            "stale_for_ms": cache.stale_for.map(millis),
+            "failures": cache.set.failures().iter().map(failure).collect::<Vec<_>>(),
+        })),
+        "providers": explanation.steps.iter().map(|step| {
+            let mut line = json!({
+                "provider": step.provider,
+                "outcome": step.outcome.label(),
+                "detail": step.outcome.to_string(),
+                "elapsed_ms": millis(step.elapsed),
+                "imports": step.imports.iter().map(|import| json!({
+                    "kind": import.kind.label(),
+                    "target": import.target,
+                    "detail": import.detail,
+                    "result": import.result,
+                    "elapsed_ms": millis(import.elapsed),
+                })).collect::<Vec<_>>(),
+            });
+            if let (Some(line), crate::StepOutcome::Answered { endpoints, kept }) = (line.as_object_mut(), &step.outcome) {
+                line.insert("endpoints".into(), json!(endpoints));
+                line.insert("kept".into(), json!(kept));
+            }
+            if let (Some(line), crate::StepOutcome::Failed(f)) = (line.as_object_mut(), &step.outcome) {
+                line.insert("error".into(), json!(f.kind.to_string()));
+            }
+            line
+        }).collect::<Vec<_>>(),
+        "dropped": explanation.dropped.iter().map(|dropped| json!({
+            "endpoint": dropped.endpoint.to_string(),
+            "provider": dropped.provider,
+            "reason": dropped.reason.label(),
+            "detail": dropped.reason.to_string(),
+        })).collect::<Vec<_>>(),
+        "answer": match &explanation.result {
+            Ok(answer) => set(query, answer),
+            Err(e) => json!({ "error": e.to_string() }),
+        },
+    })
+}

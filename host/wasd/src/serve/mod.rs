@@ -1,0 +1,259 @@
+//! `wasd serve`: the provider chain served to services in every language, as a DNS
+//! server authoritative for one zone (hickory-server, [`dns`]) and a JSON HTTP API
+//! (axum, [`http`]), both over one [`Resolver`] (its cache, refreshes, watches and
+//! hot reload).
+//!
+//! ```no_run
+//! # async fn demo(resolver: wasd::Resolver) -> Result<(), wasd::serve::ServeError> {
+//! use wasd::serve::{ServeOptions, Server};
+//!
+//! let server = Server::bind(resolver, ServeOptions::default(), None).await?;
+//! println!("HTTP on {}, DNS on {}", server.http_addr(), server.dns_addr());
+//! server.run_until(async { let _ = tokio::signal::ctrl_c().await; }).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod dns;
+mod http;
+mod instances;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_server::Server as DnsServer;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::{TcpListener, UdpSocket};
+
+use crate::Resolver;
+
+/// `--http`'s default.
+pub const DEFAULT_HTTP: SocketAddr =
+    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 8585));
+/// `--dns`'s default.
+pub const DEFAULT_DNS: SocketAddr =
+    SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 8653));
+/// `--dns-zone`'s default.
+pub const DEFAULT_ZONE: &str = "wasd.internal";
+/// The most a DNS record's TTL may be (`[serve] dns-ttl`).
+pub const DEFAULT_DNS_TTL: Duration = Duration::from_secs(5);
+/// How long a DNS-over-TCP connection may stay idle.
+const DNS_TCP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where and how to serve.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ServeOptions {
+    /// The HTTP API's address.
+    pub http: SocketAddr,
+    /// The DNS server's address (UDP and TCP).
+    pub dns: SocketAddr,
+    /// The zone the DNS server answers for.
+    pub zone: String,
+    /// The most a DNS record's TTL may be.
+    pub dns_ttl: Duration,
+    /// The bearer token mutating HTTP calls need; without one the HTTP API listens on
+    /// loopback addresses only.
+    pub token: Option<String>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> ServeOptions {
+        ServeOptions {
+            http: DEFAULT_HTTP,
+            dns: DEFAULT_DNS,
+            zone: DEFAULT_ZONE.to_owned(),
+            dns_ttl: DEFAULT_DNS_TTL,
+            token: None,
+        }
+    }
+}
+
+impl ServeOptions {
+    /// The same options with the HTTP API on `address`.
+    pub fn with_http(mut self, address: SocketAddr) -> ServeOptions {
+        self.http = address;
+        self
+    }
+
+    /// The same options with the DNS server on `address`.
+    pub fn with_dns(mut self, address: SocketAddr) -> ServeOptions {
+        self.dns = address;
+        self
+    }
+
+    /// The same options answering for `zone`.
+    pub fn with_zone(mut self, zone: impl Into<String>) -> ServeOptions {
+        self.zone = zone.into();
+        self
+    }
+
+    /// The same options with mutating HTTP calls needing `Authorization: Bearer
+    /// <token>`.
+    pub fn with_token(mut self, token: impl Into<String>) -> ServeOptions {
+        self.token = Some(token.into());
+        self
+    }
+
+    /// The same options with DNS TTLs capped at `ttl`.
+    pub fn with_dns_ttl(mut self, ttl: Duration) -> ServeOptions {
+        self.dns_ttl = ttl;
+        self
+    }
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// A listener's address could not be bound.
+    #[error("cannot listen for {what} on {address}: {source}")]
+    Bind {
+        /// `HTTP`, `DNS (UDP)` or `DNS (TCP)`.
+        what: &'static str,
+        /// The address.
+        address: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP API would listen beyond this machine with no token to guard it.
+    #[error(
+        "refusing to serve the HTTP API on {0} without a token: set [serve] token-env, or listen on a loopback address"
+    )]
+    Unguarded(SocketAddr),
+    /// The DNS zone is not a name.
+    #[error("[serve] dns-zone: {0}")]
+    Zone(String),
+    /// A listener failed while serving.
+    #[error("serving {what}: {reason}")]
+    Serving {
+        /// `HTTP` or `DNS`.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The DNS server and the HTTP API, bound and ready.
+pub struct Server {
+    http: TcpListener,
+    http_addr: SocketAddr,
+    dns: DnsServer<dns::DnsHandler>,
+    dns_addr: SocketAddr,
+    api: Arc<http::Api>,
+}
+
+impl Server {
+    /// Bind the listeners (an address with port 0 gets a free port: see
+    /// [`Server::http_addr`], [`Server::dns_addr`]). `metrics`: the Prometheus handle
+    /// `GET /metrics` renders, if the caller installed that recorder.
+    pub async fn bind(
+        resolver: Resolver,
+        options: ServeOptions,
+        metrics: Option<PrometheusHandle>,
+    ) -> Result<Server, ServeError> {
+        let zone = dns::parse_zone(&options.zone).map_err(ServeError::Zone)?;
+        if options.token.is_none() && !options.http.ip().is_loopback() {
+            return Err(ServeError::Unguarded(options.http));
+        }
+        let bind = |what: &'static str, address: SocketAddr| {
+            move |source| ServeError::Bind {
+                what,
+                address,
+                source,
+            }
+        };
+        let http = TcpListener::bind(options.http)
+            .await
+            .map_err(bind("HTTP", options.http))?;
+        let http_addr = http.local_addr().map_err(bind("HTTP", options.http))?;
+        let udp = UdpSocket::bind(options.dns)
+            .await
+            .map_err(bind("DNS (UDP)", options.dns))?;
+        let dns_addr = udp.local_addr().map_err(bind("DNS (UDP)", options.dns))?;
+        // TCP on the port UDP got (the same when it was given).
+        let tcp = TcpListener::bind(dns_addr)
+            .await
+            .map_err(bind("DNS (TCP)", dns_addr))?;
+        let mut dns = DnsServer::new(dns::DnsHandler::new(resolver.clone(), zone, options.dns_ttl));
+        dns.register_socket(udp);
+        dns.register_listener(tcp, DNS_TCP_TIMEOUT, 64);
+        Ok(Server {
+            http,
+            http_addr,
+            dns,
+            dns_addr,
+            api: Arc::new(http::Api {
+                resolver,
+                metrics,
+                blocked: Default::default(),
+                instances: Default::default(),
+                token: options.token.clone(),
+            }),
+        })
+    }
+
+    /// The HTTP API's address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The DNS server's address (UDP and TCP).
+    pub fn dns_addr(&self) -> SocketAddr {
+        self.dns_addr
+    }
+
+    /// Serve until `shutdown` completes, then stop both listeners.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let Server {
+            http, mut dns, api, ..
+        } = self;
+        // One stop for both: hickory-server's shutdown token, which the HTTP side
+        // waits on too.
+        let stopped = dns.shutdown_token().clone().cancelled_owned();
+        let serving = axum::serve(http, http::router(api.clone())).with_graceful_shutdown(stopped);
+        // Instances whose clients stopped renewing them go, checked every second.
+        let expiring = api.clone();
+        let expiry = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                expiring.instances.expire().await;
+            }
+        });
+        let mut http_task = tokio::spawn(async move { serving.await });
+        // Until told to stop, or until the HTTP side ends on its own (an error).
+        let http_result = tokio::select! {
+            () = shutdown => None,
+            ended = &mut http_task => Some(ended),
+        };
+        let dns_result = dns.shutdown_gracefully().await;
+        expiry.abort();
+        // What this server registered goes with it.
+        api.instances.deregister_all().await;
+        let http_result = match http_result {
+            Some(ended) => ended,
+            None => http_task.await,
+        };
+        dns_result.map_err(|e| ServeError::Serving {
+            what: "DNS",
+            reason: e.to_string(),
+        })?;
+        match http_result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ServeError::Serving {
+                what: "HTTP",
+                reason: e.to_string(),
+            }),
+            Err(e) => Err(ServeError::Serving {
+                what: "HTTP",
+                reason: e.to_string(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,684 @@
+//! `wasd serve`, the sidecar, driven as a subprocess and asked by clients no one here
+//! wrote: `dig` for DNS (UDP and TCP), `curl` for the HTTP API.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use wasd_tests::{EtcdServer, Lines, Sandbox, run, run_within};
+
+/// `SERVICE.ZONE` asks `SERVICE` as `wasd resolve SERVICE` does: the configuration
+/// provider's `default` endpoints (Microsoft's rule); named ones are asked by SRV.
+const APPSETTINGS: &str = r#"{"Services": {
+  "catalog": {"default": ["https://127.0.0.1:8443", "https://10.46.24.90:443", "http://10.0.0.7:8080"]},
+  "basket": {"default": "http://10.0.0.1:80", "dashboard": "https://10.2.3.4:9999"},
+  "v6": {"default": "http://[fd00::1]:8080"}
+}}"#;
+
+/// Config first, nothing after it (no pass-through: an unknown service is unknown).
+const CONFIG_ONLY: &str = r#"
+pass-through = false
+[[provider]]
+builtin = "config"
+grants = { files = ["appsettings.json"] }
+"#;
+
+/// A running `wasd serve` on free ports; killed when dropped.
+struct Served {
+    child: Option<Child>,
+    http: String,
+    dns_port: String,
+    _stdout: Lines,
+}
+
+impl Served {
+    fn start(sandbox: &Sandbox) -> Served {
+        Served::start_with(sandbox, &[])
+    }
+
+    /// With these environment variables.
+    fn start_with(sandbox: &Sandbox, env: &[(&str, &str)]) -> Served {
+        let mut child = sandbox
+            .wasd()
+            .envs(env.iter().copied())
+            .args([
+                "serve",
+                "--config",
+                "wasd.toml",
+                "--http",
+                "127.0.0.1:0",
+                "--dns",
+                "127.0.0.1:0",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting wasd serve");
+        let stdout = Lines::new(child.stdout.take().unwrap());
+        let http_line = stdout.next(Duration::from_secs(60), "the HTTP listener's line");
+        let dns_line = stdout.next(Duration::from_secs(10), "the DNS listener's line");
+        let http = http_line
+            .strip_prefix("serving HTTP on ")
+            .unwrap_or_else(|| panic!("{http_line}"))
+            .to_owned();
+        let dns = dns_line
+            .strip_prefix("serving DNS on ")
+            .and_then(|rest| rest.split_once(' '))
+            .map(|(address, rest)| {
+                assert_eq!(rest, "(UDP and TCP) for wasd.internal", "{dns_line}");
+                address.to_owned()
+            })
+            .unwrap_or_else(|| panic!("{dns_line}"));
+        let dns_port = dns.rsplit_once(':').unwrap().1.to_owned();
+        Served {
+            child: Some(child),
+            http,
+            dns_port,
+            _stdout: stdout,
+        }
+    }
+
+    /// `curl` a path: the status and the body.
+    fn get(&self, path: &str) -> (u16, String) {
+        curl(&[&format!("{}{path}", self.http)])
+    }
+
+    /// Follow `/v1/watch` (each call blocking until the set changes) until `done`
+    /// holds for the answer; fail after `within`.
+    fn watch_until(&self, query: &str, within: Duration, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + within;
+        let mut index = 0;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "waited {within:?} for {what}");
+            let wait = left.as_secs().clamp(1, 30);
+            let (status, body) = self.get(&format!("/v1/watch?query={query}&index={index}&wait={wait}s"));
+            assert_eq!(status, 200, "{body}");
+            let answer = json(&body);
+            if done(&answer) {
+                return answer;
+            }
+            index = answer["index"].as_u64().unwrap();
+        }
+    }
+
+    /// `dig` a name and type at the server; `extra` as dig takes them (`+tcp`).
+    fn dig(&self, name: &str, qtype: &str, extra: &[&str]) -> Dig {
+        let out = run_within(
+            Command::new("dig")
+                .args(["@127.0.0.1", "-p", &self.dns_port, name, qtype])
+                .args([
+                    "+noall",
+                    "+comments",
+                    "+answer",
+                    "+authority",
+                    "+additional",
+                    "+tries=1",
+                    "+time=5",
+                ])
+                .args(extra),
+            Duration::from_secs(20),
+        );
+        assert_eq!(out.code, 0, "dig failed: {}{}", out.stdout, out.stderr);
+        Dig::parse(&out.stdout)
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `curl -s` with the status code appended: (status, body).
+fn curl(args: &[&str]) -> (u16, String) {
+    let out = run_within(
+        Command::new("curl")
+            .args(["-s", "--max-time", "60", "-w", "\n%{http_code}"])
+            .args(args),
+        Duration::from_secs(70),
+    );
+    assert_eq!(out.code, 0, "curl failed: {}", out.stderr);
+    let (body, status) = out.stdout.rsplit_once('\n').unwrap();
+    (status.parse().unwrap(), body.to_owned())
+}
+
+fn json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+/// What dig printed: the status, the flags, and the records of each section as
+/// `(name, ttl, type, data)`.
+#[derive(Debug)]
+struct Dig {
+    status: String,
+    flags: String,
+    answer: Vec<(String, u32, String, String)>,
+    authority: Vec<(String, u32, String, String)>,
+    additional: Vec<(String, u32, String, String)>,
+}
+
+impl Dig {
+    fn parse(text: &str) -> Dig {
+        let mut dig = Dig {
+            status: String::new(),
+            flags: String::new(),
+            answer: Vec::new(),
+            authority: Vec::new(),
+            additional: Vec::new(),
+        };
+        let mut section = "";
+        for line in text.lines() {
+            if let Some(rest) = line.split_once("status: ") {
+                dig.status = rest.1.split(',').next().unwrap().to_owned();
+            } else if let Some(rest) = line.strip_prefix(";; flags: ") {
+                dig.flags = rest.split(';').next().unwrap().to_owned();
+            } else if line.starts_with(";; ANSWER SECTION") {
+                section = "answer";
+            } else if line.starts_with(";; AUTHORITY SECTION") {
+                section = "authority";
+            } else if line.starts_with(";; ADDITIONAL SECTION") {
+                section = "additional";
+            } else if !line.starts_with(';') && !line.trim().is_empty() {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let record = (
+                    fields[0].to_owned(),
+                    fields[1].parse().unwrap(),
+                    fields[3].to_owned(),
+                    fields[4..].join(" "),
+                );
+                match section {
+                    "answer" => dig.answer.push(record),
+                    "authority" => dig.authority.push(record),
+                    "additional" => dig.additional.push(record),
+                    _ => panic!("a record outside a section: {line}"),
+                }
+            }
+        }
+        dig
+    }
+
+    fn data(&self) -> Vec<&str> {
+        let mut data: Vec<&str> = self.answer.iter().map(|r| r.3.as_str()).collect();
+        data.sort();
+        data
+    }
+}
+
+fn sandbox(config: &str) -> Sandbox {
+    let sandbox = Sandbox::new();
+    sandbox.write("appsettings.json", APPSETTINGS);
+    sandbox.write("wasd.toml", config);
+    sandbox
+}
+
+#[test]
+fn dns_answers_a_srv_nxdomain_nodata_and_refused_as_dig_reads_them() {
+    let sandbox = sandbox(CONFIG_ONLY);
+    let served = Served::start(&sandbox);
+
+    // A: every endpoint's address, authoritative, TTL capped at 5 s.
+    let a = served.dig("catalog.wasd.internal", "A", &[]);
+    assert_eq!(a.status, "NOERROR", "{a:?}");
+    assert!(a.flags.split_whitespace().any(|f| f == "aa"), "{a:?}");
+    assert_eq!(a.data(), ["10.0.0.7", "10.46.24.90", "127.0.0.1"]);
+    assert!(a.answer.iter().all(|r| r.1 <= 5), "{a:?}");
+    // The same over TCP.
+    let tcp = served.dig("catalog.wasd.internal", "A", &["+tcp"]);
+    assert_eq!(tcp.data(), a.data());
+
+    // SRV by scheme: the https endpoints, each target answered in the additional
+    // section and by the server itself.
+    let srv = served.dig("_https._tcp.catalog.wasd.internal", "SRV", &[]);
+    assert_eq!(srv.status, "NOERROR", "{srv:?}");
+    assert_eq!(
+        srv.data(),
+        [
+            "1 1 443 10-46-24-90.addr.wasd.internal.",
+            "1 1 8443 127-0-0-1.addr.wasd.internal."
+        ]
+    );
+    let mut additional: Vec<_> = srv
+        .additional
+        .iter()
+        .map(|r| (r.0.as_str(), r.2.as_str(), r.3.as_str()))
+        .collect();
+    additional.sort();
+    assert_eq!(
+        additional,
+        [
+            ("10-46-24-90.addr.wasd.internal.", "A", "10.46.24.90"),
+            ("127-0-0-1.addr.wasd.internal.", "A", "127.0.0.1")
+        ]
+    );
+    let target = served.dig("127-0-0-1.addr.wasd.internal", "A", &[]);
+    assert_eq!(target.data(), ["127.0.0.1"]);
+    // SRV by endpoint name, and `_default` for the unnamed ones.
+    let named = served.dig("_dashboard._tcp.basket.wasd.internal", "SRV", &[]);
+    assert_eq!(named.data(), ["1 1 9999 10-2-3-4.addr.wasd.internal."]);
+    let default = served.dig("_default._tcp.basket.wasd.internal", "SRV", &[]);
+    assert_eq!(default.data(), ["1 1 80 10-0-0-1.addr.wasd.internal."]);
+    // A name no endpoint has.
+    let none = served.dig("_nothing._tcp.basket.wasd.internal", "SRV", &[]);
+    assert_eq!(none.status, "NXDOMAIN", "{none:?}");
+
+    // AAAA of a service with only IPv4 endpoints: the name exists, that type does not.
+    let nodata = served.dig("catalog.wasd.internal", "AAAA", &[]);
+    assert_eq!(nodata.status, "NOERROR", "{nodata:?}");
+    assert!(nodata.answer.is_empty(), "{nodata:?}");
+    assert_eq!(nodata.authority.len(), 1, "the zone's SOA: {nodata:?}");
+    assert_eq!(nodata.authority[0].2, "SOA");
+    let v6 = served.dig("v6.wasd.internal", "AAAA", &[]);
+    assert_eq!(v6.data(), ["fd00::1"]);
+
+    // Nobody knows the service.
+    let unknown = served.dig("nosuch.wasd.internal", "A", &[]);
+    assert_eq!(unknown.status, "NXDOMAIN", "{unknown:?}");
+    assert_eq!(unknown.authority.first().map(|r| r.2.as_str()), Some("SOA"));
+    // Outside the zone.
+    let outside = served.dig("example.com", "A", &[]);
+    assert_eq!(outside.status, "REFUSED", "{outside:?}");
+    // The apex.
+    let soa = served.dig("wasd.internal", "SOA", &[]);
+    assert_eq!(soa.answer.len(), 1, "{soa:?}");
+}
+
+#[test]
+fn dns_answers_with_many_endpoints_are_truncated_over_udp_and_whole_over_tcp() {
+    let sandbox = Sandbox::new();
+    let urls: Vec<String> = (1..=80).map(|i| format!("\"http://10.1.0.{i}:80\"")).collect();
+    sandbox.write(
+        "appsettings.json",
+        format!(
+            r#"{{"Services": {{"many": {{"default": [{}]}}}}}}"#,
+            urls.join(", ")
+        ),
+    );
+    sandbox.write("wasd.toml", CONFIG_ONLY);
+    let served = Served::start(&sandbox);
+    // Without EDNS the answer must fit 512 bytes: dig sees TC and, told to, retries
+    // over TCP and gets them all.
+    let udp = served.dig("many.wasd.internal", "A", &["+noedns", "+ignore"]);
+    assert!(udp.flags.split_whitespace().any(|f| f == "tc"), "{udp:?}");
+    assert!(udp.answer.len() < 80, "{}", udp.answer.len());
+    let tcp = served.dig("many.wasd.internal", "A", &["+tcp"]);
+    assert_eq!(tcp.answer.len(), 80);
+    // With EDNS and a 4096-byte buffer, all 80 fit over UDP.
+    let edns = served.dig("many.wasd.internal", "A", &["+bufsize=4096"]);
+    assert_eq!(edns.answer.len(), 80, "{:?}", edns.flags);
+}
+
+#[test]
+fn http_resolve_serves_the_cli_json_and_says_what_failed_with_its_status() {
+    let sandbox = sandbox(CONFIG_ONLY);
+    let served = Served::start(&sandbox);
+
+    let (status, body) = served.get("/v1/resolve?query=https%2Bhttp://catalog");
+    assert_eq!(status, 200, "{body}");
+    let mut served_json = json(&body);
+    let cli = run(sandbox.wasd().args([
+        "resolve",
+        "https+http://catalog",
+        "--json",
+        "--config",
+        "wasd.toml",
+    ]));
+    assert_eq!(cli.code, 0, "{}", cli.stderr);
+    let mut cli_json = json(&cli.stdout);
+    // The index is the process's own change number; everything else is the same.
+    assert!(served_json["index"].as_u64().unwrap() > 0);
+    served_json.as_object_mut().unwrap().remove("index");
+    cli_json.as_object_mut().unwrap().remove("index");
+    assert_eq!(served_json, cli_json);
+
+    // Filters, repeated.
+    let (status, body) = served.get("/v1/resolve?query=basket&filter=zone%3Deu");
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(json(&body)["error"], "no endpoints for service 'basket'");
+
+    let (status, body) = served.get("/v1/resolve?query=nosuch");
+    assert_eq!(
+        (status, json(&body)["error"].clone()),
+        (404, "no endpoints for service 'nosuch'".into())
+    );
+    let (status, body) = served.get("/v1/resolve?query=https%2B://catalog");
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        json(&body)["error"]
+            .as_str()
+            .unwrap()
+            .contains("https+://catalog"),
+        "{body}"
+    );
+    let (status, body) = served.get("/v1/resolve");
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = served.get("/v1/nothing");
+    assert_eq!(status, 404, "{body}");
+
+    let (status, body) = served.get("/healthz");
+    assert_eq!((status, json(&body)["status"].clone()), (200, "ok".into()));
+    let (status, body) = served.get("/v1/status");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["providers"][0]["name"], "config");
+    assert_eq!(json(&body)["providers"][0]["state"], "serving");
+    let (status, body) = served.get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        body.lines().any(|l| l.starts_with("wasd_provider_calls_total{")),
+        "{body}"
+    );
+}
+
+#[test]
+fn a_failing_provider_is_503_in_http_and_servfail_in_dns_never_a_later_answer() {
+    // etcd first, on a port where nothing listens; config after it knows catalog.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let sandbox = sandbox(&format!(
+        r#"
+pass-through = false
+[[provider]]
+builtin = "etcd"
+settings = {{ endpoints = ["http://{closed}"] }}
+grants = {{ http = ["http://{closed}"] }}
+[[provider]]
+builtin = "config"
+grants = {{ files = ["appsettings.json"] }}
+"#
+    ));
+    let served = Served::start(&sandbox);
+    let (status, body) = served.get("/v1/resolve?query=catalog");
+    assert_eq!(status, 503, "{body}");
+    let error = json(&body)["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.contains("provider 'etcd'") && error.contains(&closed.to_string()),
+        "{error}"
+    );
+    let dns = served.dig("catalog.wasd.internal", "A", &[]);
+    assert_eq!(dns.status, "SERVFAIL", "{dns:?}");
+}
+
+#[test]
+fn a_blocking_watch_returns_when_the_endpoints_change_and_after_wait_when_not() {
+    let sandbox = sandbox(CONFIG_ONLY);
+    let served = Served::start(&sandbox);
+    let (status, body) = served.get("/v1/watch?query=basket&index=0");
+    assert_eq!(status, 200, "{body}");
+    let index = json(&body)["index"].as_u64().unwrap();
+
+    // Unchanged: back after `wait` with the same index.
+    let began = Instant::now();
+    let (status, body) = served.get(&format!("/v1/watch?query=basket&index={index}&wait=1s"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json(&body)["index"].as_u64(), Some(index));
+    assert!(
+        began.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        began.elapsed()
+    );
+
+    // A change to appsettings.json reaches a blocked watch.
+    let url = format!("{}/v1/watch?query=basket&index={index}&wait=60s", served.http);
+    let waiting = std::thread::spawn(move || {
+        let began = Instant::now();
+        let answer = curl(&["-D", "-", &url]);
+        (answer, began.elapsed())
+    });
+    // The change is made once the server holds the request (its status counts it).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, status) = served.get("/v1/status");
+        if json(&status)["blocked_watches"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the watch never blocked: {status}");
+        assert!(!waiting.is_finished(), "the watch returned before any change");
+    }
+    sandbox.write(
+        "appsettings.json",
+        APPSETTINGS.replace("http://10.0.0.1:80", "http://10.0.0.2:80"),
+    );
+    let changed_at = Instant::now();
+    let ((status, response), took) = waiting.join().unwrap();
+    assert_eq!(status, 200, "{response}");
+    let (headers, body) = response.split_once("\r\n\r\n").unwrap();
+    let changed = json(body);
+    assert_eq!(
+        changed["endpoints"][0]["endpoint"], "http://10.0.0.2:80",
+        "{body}"
+    );
+    let new_index = changed["index"].as_u64().unwrap();
+    assert!(new_index > index);
+    assert!(
+        headers
+            .lines()
+            .any(|l| l.eq_ignore_ascii_case(&format!("x-wasd-index: {new_index}"))),
+        "{headers}"
+    );
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    assert!(
+        changed_at.elapsed() < Duration::from_secs(3),
+        "the change took {:?}",
+        changed_at.elapsed()
+    );
+}
+
+#[test]
+fn serve_exits_0_on_sigterm_and_refuses_an_unguarded_public_address() {
+    let sandbox = sandbox(CONFIG_ONLY);
+    let mut served = Served::start(&sandbox);
+    let mut child = served.child.take().unwrap();
+    let pid = child.id().to_string();
+    let (tx, exited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = exited
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            panic!("wasd serve did not exit within 10 s of SIGTERM")
+        })
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+
+    let out = run(sandbox
+        .wasd()
+        .args(["serve", "--config", "wasd.toml", "--http", "0.0.0.0:0"]));
+    assert_eq!(out.code, 1);
+    assert_eq!(
+        out.stderr,
+        "wasd: refusing to serve the HTTP API on 0.0.0.0:0 without a token: set [serve] token-env, or listen on a loopback address\n"
+    );
+}
+
+/// Endpoint strings of a `/v1/watch` or `/v1/resolve` answer.
+fn endpoints(answer: &Value) -> Vec<String> {
+    answer["endpoints"]
+        .as_array()
+        .map(|all| {
+            all.iter()
+                .map(|e| e["endpoint"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Registers, renews every 0.5 s for `RENEWALS` times, then stops: a client of the
+/// HTTP API in Python's standard library, printing a line per PUT.
+const RENEWING_CLIENT: &str = r#"
+import json, sys, time, urllib.request
+base, token, renewals = sys.argv[1], sys.argv[2], int(sys.argv[3])
+body = json.dumps({"endpoints": ["http://10.9.0.1:80"], "version": "v1", "ttl": "2s"}).encode()
+for i in range(renewals):
+    request = urllib.request.Request(base + "/v1/instances/basket/one", data=body, method="PUT",
+        headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        answer = json.load(response)
+    print("put", answer["state"], flush=True)
+    time.sleep(0.5)
+print("stopped", flush=True)
+"#;
+
+#[test]
+fn an_instance_lives_while_its_client_renews_it_and_a_delete_reaches_a_blocked_watch_within_1s() {
+    let etcd = EtcdServer::start();
+    let url = etcd.url();
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "wasd.toml",
+        format!(
+            r#"
+pass-through = false
+[serve]
+token-env = "WASD_TOKEN"
+[[provider]]
+builtin = "etcd"
+settings = {{ endpoints = ["{url}"] }}
+grants = {{ http = ["{url}"] }}
+"#
+        ),
+    );
+    let served = Served::start_with(&sandbox, &[("WASD_TOKEN", "s3cret")]);
+    let instance_url = format!("{}/v1/instances/basket/one", served.http);
+    let body = r#"{"endpoints": ["http://10.9.0.1:80"], "ttl": "2s"}"#;
+
+    // Without the token, or with another, mutating calls are refused.
+    let (status, answer) = curl(&["-X", "PUT", "-d", body, &instance_url]);
+    assert_eq!(status, 401, "{answer}");
+    let (status, _) = curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Authorization: Bearer s3cre7",
+        "-d",
+        body,
+        &instance_url,
+    ]);
+    assert_eq!(status, 401);
+    let (status, answer) = curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Authorization: Bearer s3cret",
+        "-d",
+        "{\"endpoints\": 1}",
+        &instance_url,
+    ]);
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        json(&answer)["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("the body is not an instance"),
+        "{answer}"
+    );
+
+    // A client that renews eight times, 0.5 s apart, with a TTL of 2 s.
+    let mut client = Command::new("python3")
+        .args(["-c", RENEWING_CLIENT, &served.http, "s3cret", "8"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let said = Lines::new(client.stdout.take().unwrap());
+    assert_eq!(
+        said.next(Duration::from_secs(20), "the first PUT")
+            .split_whitespace()
+            .next(),
+        Some("put")
+    );
+    served.watch_until("basket", Duration::from_secs(20), "the instance in etcd", |a| {
+        endpoints(a) == ["http://10.9.0.1:80"]
+    });
+    let (_, status) = served.get("/v1/status");
+    let held = &json(&status)["instances"][0];
+    assert_eq!(
+        (held["service"].as_str(), held["id"].as_str()),
+        (Some("basket"), Some("one"))
+    );
+    assert_eq!(held["ttl_ms"], 2000);
+    // It renews past its first TTL: still there after the client's last PUT...
+    let rest = said.rest(Duration::from_secs(30));
+    assert_eq!(rest.last().map(String::as_str), Some("stopped"), "{rest:?}");
+    let stopped = Instant::now();
+    let (status, answer) = served.get("/v1/resolve?query=basket");
+    assert_eq!(
+        (status, endpoints(&json(&answer))),
+        (200, vec!["http://10.9.0.1:80".to_owned()])
+    );
+    // ...and gone once 2 s pass without one.
+    served.watch_until("basket", Duration::from_secs(20), "the instance to go", |a| {
+        endpoints(a).is_empty()
+    });
+    let gone = stopped.elapsed();
+    assert!(
+        gone >= Duration::from_millis(1000),
+        "deregistered too early: {gone:?}"
+    );
+    assert!(gone <= Duration::from_secs(5), "deregistered too late: {gone:?}");
+    let _ = client.wait();
+
+    // DELETE: a watch blocked on the registered set hears of it within 1 s.
+    let (status, answer) = curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Authorization: Bearer s3cret",
+        "-d",
+        body,
+        &instance_url,
+    ]);
+    assert_eq!(status, 200, "{answer}");
+    let registered = served.watch_until("basket", Duration::from_secs(20), "the instance again", |a| {
+        !endpoints(a).is_empty()
+    });
+    let index = registered["index"].as_u64().unwrap();
+    let watch_url = format!("{}/v1/watch?query=basket&index={index}&wait=60s", served.http);
+    let waiting = std::thread::spawn(move || {
+        let answer = curl(&[&watch_url]);
+        (answer, Instant::now())
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while json(&served.get("/v1/status").1)["blocked_watches"] != 1 {
+        assert!(Instant::now() < deadline, "the watch never blocked");
+        assert!(!waiting.is_finished(), "the watch returned before the delete");
+    }
+    let (status, answer) = curl(&[
+        "-X",
+        "DELETE",
+        "-H",
+        "Authorization: Bearer s3cret",
+        &instance_url,
+    ]);
+    assert_eq!(status, 200, "{answer}");
+    let deleted = Instant::now();
+    let ((status, answer), heard) = waiting.join().unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert!(endpoints(&json(&answer)).is_empty(), "{answer}");
+    let took = heard.saturating_duration_since(deleted);
+    assert!(
+        took < Duration::from_secs(1),
+        "the delete reached the watch after {took:?}"
+    );
+    let (status, _) = curl(&[
+        "-X",
+        "DELETE",
+        "-H",
+        "Authorization: Bearer s3cret",
+        &instance_url,
+    ]);
+    assert_eq!(status, 404);
+}
