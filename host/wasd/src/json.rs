@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::{EndpointSet, Explanation, Query};
+use crate::{EndpointSet, Explanation, Query, RegistrationState};
 
 /// A query's endpoints as `wasd resolve --json` prints them and `GET /v1/resolve`
 /// serves them; `index` is the set's [`EndpointSet::index`].
@@ -96,4 +96,30 @@ pub fn explanation(explanation: &Explanation) -> serde_json::Value {
             Err(e) => json!({ "error": e.to_string() }),
         },
     })
+}
+
+/// A registration's state as `wasd register --json` and the sidecar's `/v1/status`
+/// name it (`registering`, `registered` with `lease`, `retrying` with `error`,
+/// `attempts`, `retry_in_ms`, `deregistered`), with its fields.
+pub fn registration_state(
+    state: &RegistrationState,
+) -> (&'static str, serde_json::Map<String, serde_json::Value>) {
+    let (name, fields) = match state {
+        RegistrationState::Registering => ("registering", json!({})),
+        RegistrationState::Registered { lease } => ("registered", json!({ "lease": lease })),
+        RegistrationState::Retrying {
+            error,
+            attempts,
+            retry_in,
+        } => (
+            "retrying",
+            json!({ "error": error, "attempts": attempts, "retry_in_ms": retry_in.as_millis() as u64 }),
+        ),
+        RegistrationState::Stopped => ("deregistered", json!({})),
+        _ => ("unknown", json!({})),
+    };
+    match fields {
+        serde_json::Value::Object(fields) => (name, fields),
+        _ => (name, serde_json::Map::new()),
+    }
 }

@@ -540,24 +540,14 @@ async fn register(
     let instance = registration.instance().clone();
     let print = |state: &RegistrationState| -> anyhow::Result<()> {
         let mut out = std::io::stdout().lock();
-        let (event, detail) = match state {
-            RegistrationState::Registering => return Ok(()),
-            RegistrationState::Registered { lease } => ("registered", json!({ "lease": lease })),
-            RegistrationState::Retrying {
-                error,
-                attempts,
-                retry_in,
-            } => (
-                "retrying",
-                json!({ "error": error, "attempts": attempts, "retry_in_ms": retry_in.as_millis() as u64 }),
-            ),
-            RegistrationState::Stopped => ("deregistered", json!({})),
-            _ => return Ok(()),
-        };
+        if let RegistrationState::Registering = state {
+            return Ok(());
+        }
+        let (event, detail) = wasd::json::registration_state(state);
         if json {
             let mut line = json!({ "event": event, "service": instance.name, "id": instance.id });
-            if let (Some(line), Some(detail)) = (line.as_object_mut(), detail.as_object()) {
-                line.extend(detail.clone());
+            if let Some(line) = line.as_object_mut() {
+                line.extend(detail);
             }
             writeln!(out, "{line}")?;
         } else {

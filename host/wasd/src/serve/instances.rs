@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use crate::{Error, Registration, RegistrationState, Resolver, ServiceInstance};
+use crate::{Error, Registration, Resolver, ServiceInstance};
 
 /// A PUT's TTL when it names none.
 pub(crate) const DEFAULT_TTL: Duration = Duration::from_secs(15);
@@ -170,19 +170,7 @@ async fn deregister(registration: Registration) {
 }
 
 fn describe((service, id): &(String, String), held: &Held) -> Value {
-    let (state, detail) = match held.registration.state() {
-        RegistrationState::Registering => ("registering", json!({})),
-        RegistrationState::Registered { lease } => ("registered", json!({ "lease": lease })),
-        RegistrationState::Retrying {
-            error,
-            attempts,
-            retry_in,
-        } => (
-            "retrying",
-            json!({ "error": error, "attempts": attempts, "retry_in_ms": retry_in.as_millis() as u64 }),
-        ),
-        _ => ("stopped", json!({})),
-    };
+    let (state, detail) = crate::json::registration_state(&held.registration.state());
     let left = held.ttl.saturating_sub(held.renewed.elapsed());
     let mut value = json!({
         "service": service,
@@ -192,8 +180,8 @@ fn describe((service, id): &(String, String), held: &Held) -> Value {
         "ttl_ms": held.ttl.as_millis() as u64,
         "expires_in_ms": left.as_millis() as u64,
     });
-    if let (Some(value), Some(detail)) = (value.as_object_mut(), detail.as_object()) {
-        value.extend(detail.clone());
+    if let Some(value) = value.as_object_mut() {
+        value.extend(detail);
     }
     value
 }
