@@ -177,15 +177,6 @@ impl Key {
             filters: query.filters().to_vec(),
         }
     }
-
-    fn source_query(&self) -> SourceQuery {
-        SourceQuery {
-            service: self.service.clone(),
-            endpoint_name: self.endpoint_name.clone(),
-            schemes: self.schemes.clone(),
-            port: self.port,
-        }
-    }
 }
 
 struct Entry {
@@ -482,6 +473,7 @@ impl Cache {
             }
         };
         explanation.schemes.clone_from(&schemes);
+        let asked = source_query(query, schemes.clone());
         let key = Key::of(query, schemes);
         let entry = self.inner.entries.get(&key).map(|entry| entry.clone());
         explanation.cache = entry.as_ref().and_then(|entry| entry.cache_state());
@@ -492,12 +484,7 @@ impl Cache {
             .inner
             .chain
             .load()
-            .explain(
-                &key.source_query(),
-                query.filters(),
-                served.as_deref(),
-                &mut trace,
-            )
+            .explain(&asked, query.filters(), served.as_deref(), &mut trace)
             .instrument(span)
             .await;
         explanation.result = match walk {
@@ -594,7 +581,7 @@ impl Inner {
                 .entry(key.clone())
                 .or_insert_with(|| {
                     Arc::new(Entry {
-                        query: key.source_query(),
+                        query: source_query(query, key.schemes.clone()),
                         key,
                         state: watch::channel(None).0,
                         current: Arc::new(ArcSwapOption::empty()),

@@ -31,7 +31,7 @@ use axum::routing::{get, put};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
 
-use super::instances::{InstanceBody, Instances, Put};
+use super::instances::{InstanceBody, Instances};
 use crate::{EndpointSet, Error, Query, Resolver};
 
 /// The longest a blocking `/v1/watch` waits, and its default.
@@ -284,8 +284,8 @@ async fn put_instance(
         Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
     };
     match api.instances.put(&api.resolver, instance, ttl).await {
-        Put::Registered(state) => axum::Json(state).into_response(),
-        Put::Failed(e) => error(error_status(&e), e),
+        Ok(state) => axum::Json(state).into_response(),
+        Err(e) => error(error_status(&e), e),
     }
 }
 

@@ -70,16 +70,16 @@ pub(crate) struct Instances {
     held: Mutex<HashMap<(String, String), Held>>,
 }
 
-/// What a PUT did.
-pub(crate) enum Put {
-    Registered(Value),
-    Failed(Error),
-}
-
 impl Instances {
     /// Register `instance`, or renew its TTL check if it is held as it is; a held
-    /// instance that changed is registered anew.
-    pub(crate) async fn put(&self, resolver: &Resolver, instance: ServiceInstance, ttl: Duration) -> Put {
+    /// instance that changed is registered anew. The registration as `/v1/status`
+    /// describes it.
+    pub(crate) async fn put(
+        &self,
+        resolver: &Resolver,
+        instance: ServiceInstance,
+        ttl: Duration,
+    ) -> Result<Value, Error> {
         let key = (instance.name.clone(), instance.id.clone());
         let mut held = self.held.lock().await;
         if let Some(current) = held.get_mut(&key)
@@ -87,22 +87,18 @@ impl Instances {
             && current.ttl == ttl
         {
             current.renewed = Instant::now();
-            return Put::Registered(describe(&key, current));
+            return Ok(describe(&key, current));
         }
         if let Some(old) = held.remove(&key) {
             deregister(old.registration).await;
         }
-        match resolver.register_with_ttl(instance, ttl).await {
-            Ok(registration) => {
-                let current = held.entry(key.clone()).or_insert(Held {
-                    registration,
-                    ttl,
-                    renewed: Instant::now(),
-                });
-                Put::Registered(describe(&key, current))
-            }
-            Err(e) => Put::Failed(e),
-        }
+        let registration = resolver.register_with_ttl(instance, ttl).await?;
+        let current = held.entry(key.clone()).or_insert(Held {
+            registration,
+            ttl,
+            renewed: Instant::now(),
+        });
+        Ok(describe(&key, current))
     }
 
     /// Deregister an instance now; `false` when it was not held.

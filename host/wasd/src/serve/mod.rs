@@ -127,12 +127,13 @@ pub enum ServeError {
     #[error("[serve] dns-zone: {0}")]
     Zone(String),
     /// A listener failed while serving.
-    #[error("serving {what}: {reason}")]
+    #[error("serving {what}: {source}")]
     Serving {
         /// `HTTP` or `DNS`.
         what: &'static str,
         /// Why.
-        reason: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -240,20 +241,12 @@ impl Server {
             Some(ended) => ended,
             None => http_task.await,
         };
-        dns_result.map_err(|e| ServeError::Serving {
-            what: "DNS",
-            reason: e.to_string(),
-        })?;
+        let failed = |what, source| ServeError::Serving { what, source };
+        dns_result.map_err(|e| failed("DNS", e.into()))?;
         match http_result {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(ServeError::Serving {
-                what: "HTTP",
-                reason: e.to_string(),
-            }),
-            Err(e) => Err(ServeError::Serving {
-                what: "HTTP",
-                reason: e.to_string(),
-            }),
+            Ok(Err(e)) => Err(failed("HTTP", e.into())),
+            Err(e) => Err(failed("HTTP", e.into())),
         }
     }
 }
