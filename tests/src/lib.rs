@@ -37,6 +37,17 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// The Python of the venv with the Python clients the tests use (prometheus_client,
+/// dnspython, Playwright), installed by `scripts/python-clients` on first use.
+pub fn python_clients() -> String {
+    let out = run_within(
+        &mut Command::new(workspace_root().join("scripts/python-clients")),
+        std::time::Duration::from_secs(600),
+    );
+    assert_eq!(out.code, 0, "scripts/python-clients: {}", out.stderr);
+    out.stdout.trim().to_owned()
+}
+
 /// Precompiled components shared by all tests (writes are atomic, so concurrent test
 /// processes can share it).
 pub fn cache_dir() -> PathBuf {

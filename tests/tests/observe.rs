@@ -12,17 +12,7 @@ use std::sync::OnceLock;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use serde_json::Value;
 use wasd::ServiceInstance;
-use wasd_tests::{DnsServer, EtcdServer, Lines, Sandbox, register, run_within, workspace_root};
-
-/// The Python of the venv with prometheus_client, installed on first use.
-fn python() -> String {
-    let out = run_within(
-        &mut Command::new(workspace_root().join("scripts/python-clients")),
-        Duration::from_secs(300),
-    );
-    assert_eq!(out.code, 0, "scripts/python-clients: {}", out.stderr);
-    out.stdout.trim().to_owned()
-}
+use wasd_tests::{DnsServer, EtcdServer, Lines, Sandbox, python_clients, register, run_within};
 
 /// One sample as the parser reads it.
 #[derive(Debug)]
@@ -117,7 +107,7 @@ fn kind<'a>(samples: &'a [Sample], family: &str) -> Option<&'a str> {
 
 #[test]
 fn watch_serves_valid_prometheus_metrics() {
-    let python = python();
+    let python = python_clients();
     let sandbox = Sandbox::new();
     sandbox.write_services(
         "basket",

@@ -1,11 +1,13 @@
 //! `wasd serve`, the sidecar, driven as a subprocess and asked by clients no one here
-//! wrote: `dig` for DNS (UDP and TCP), `curl` for the HTTP API.
+//! wrote: `dig` and dnspython for DNS (UDP and TCP), `curl` and Python's urllib for the
+//! HTTP API, headless chromium (driven by Playwright) for the status page.
 
+use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use wasd_tests::{EtcdServer, Lines, Sandbox, run, run_within};
+use wasd_tests::{EtcdServer, Lines, Sandbox, python_clients, run, run_within, workspace_root};
 
 /// `SERVICE.ZONE` asks `SERVICE` as `wasd resolve SERVICE` does: the configuration
 /// provider's `default` endpoints (Microsoft's rule); named ones are asked by SRV.
@@ -473,6 +475,15 @@ fn a_blocking_watch_returns_when_the_endpoints_change_and_after_wait_when_not() 
 fn serve_exits_0_on_sigterm_and_refuses_an_unguarded_public_address() {
     let sandbox = sandbox(CONFIG_ONLY);
     let mut served = Served::start(&sandbox);
+    // A watch blocked when the signal comes is answered, not cut off.
+    let (_, body) = served.get("/v1/watch?query=basket&index=0");
+    let index = json(&body)["index"].as_u64().unwrap();
+    let watch_url = format!("{}/v1/watch?query=basket&index={index}&wait=60s", served.http);
+    let waiting = std::thread::spawn(move || curl(&[&watch_url]));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while json(&served.get("/v1/status").1)["blocked_watches"] != 1 {
+        assert!(Instant::now() < deadline, "the watch never blocked");
+    }
     let mut child = served.child.take().unwrap();
     let pid = child.id().to_string();
     let (tx, exited) = std::sync::mpsc::channel();
@@ -494,6 +505,12 @@ fn serve_exits_0_on_sigterm_and_refuses_an_unguarded_public_address() {
         })
         .unwrap();
     assert_eq!(status.code(), Some(0));
+    let (status, body) = waiting.join().unwrap();
+    assert_eq!(
+        (status, json(&body)["index"].as_u64()),
+        (200, Some(index)),
+        "{body}"
+    );
 
     let out = run(sandbox
         .wasd()
@@ -681,4 +698,356 @@ grants = {{ http = ["{url}"] }}
         &instance_url,
     ]);
     assert_eq!(status, 404);
+}
+
+/// A child killed when dropped, so a failing assertion leaves no browser behind.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Config first (it answers `basket`), etcd after it (the registrar), on `url`.
+fn config_then_etcd(url: &str) -> String {
+    format!(
+        r#"
+pass-through = false
+[[provider]]
+builtin = "config"
+grants = {{ files = ["appsettings.json"] }}
+[[provider]]
+builtin = "etcd"
+settings = {{ endpoints = ["{url}"] }}
+grants = {{ http = ["{url}"] }}
+"#
+    )
+}
+
+#[test]
+fn the_status_page_shows_providers_services_and_registrations_and_follows_a_file_change_in_chromium() {
+    let python = python_clients();
+    let etcd = EtcdServer::start();
+    let sandbox = sandbox(&config_then_etcd(&etcd.url()));
+    let served = Served::start(&sandbox);
+    // A service asked for, and an instance registered through the sidecar.
+    let (status, body) = served.get("/v1/resolve?query=basket");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = curl(&[
+        "-X",
+        "PUT",
+        "-d",
+        r#"{"endpoints": ["http://10.9.0.1:80"], "ttl": "1h"}"#,
+        &format!("{}/v1/instances/basket/one", served.http),
+    ]);
+    assert_eq!(status, 200, "{body}");
+
+    // The page is served whole from the binary, with a policy that loads nothing
+    // from elsewhere.
+    let (status, page) = served.get("/");
+    assert_eq!(status, 200);
+    assert!(page.contains("<script src=\"/status.js\""), "{page}");
+    let headers = run_within(
+        Command::new("curl").args(["-s", "-D", "-", "-o", "/dev/null", &format!("{}/", served.http)]),
+        Duration::from_secs(20),
+    );
+    assert!(
+        headers
+            .stdout
+            .to_ascii_lowercase()
+            .contains("content-security-policy: default-src 'none'; script-src 'self'"),
+        "{}",
+        headers.stdout
+    );
+
+    let artifacts = workspace_root().join("target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let screenshot = artifacts.join("status-page.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let mut browser = Reaped(
+        Command::new(&python)
+            .arg(workspace_root().join("tests/clients/status_page.py"))
+            .arg(&served.http)
+            .arg(&screenshot)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting the browser client"),
+    );
+    let said = Lines::new(browser.0.stdout.take().unwrap());
+    assert_eq!(
+        said.next(
+            Duration::from_secs(90),
+            "the page showing basket and its registration"
+        ),
+        "shown"
+    );
+
+    sandbox.write(
+        "appsettings.json",
+        APPSETTINGS.replace("http://10.0.0.1:80", "http://10.0.0.2:80"),
+    );
+    let changed_at = Instant::now();
+    writeln!(browser.0.stdin.as_mut().unwrap(), "changed").unwrap();
+    let changed = said.next(Duration::from_secs(30), "the page showing the change");
+    let took = changed_at.elapsed();
+    assert!(changed.starts_with("changed "), "{changed}");
+    assert!(
+        took < Duration::from_secs(3),
+        "the page showed the change after {took:?}"
+    );
+    // No console error or warning, no page error, no failed request.
+    let rest = said.rest(Duration::from_secs(30));
+    assert_eq!(rest, ["done"], "the browser saw problems");
+    assert!(browser.0.wait().unwrap().success());
+    let mut png = Vec::new();
+    std::fs::File::open(&screenshot)
+        .and_then(|mut f| f.read_to_end(&mut png))
+        .unwrap_or_else(|e| panic!("no screenshot at {}: {e}", screenshot.display()));
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    eprintln!("the status page's screenshot: {}", screenshot.display());
+}
+
+/// Asks the sidecar's DNS server with dnspython (a resolver and raw queries) and prints
+/// what it read as JSON; a bad packet's rcode too, and an answer after it.
+const DNSPYTHON_CLIENT: &str = r#"
+import json, socket, sys
+import dns.message, dns.query, dns.rcode, dns.resolver
+port = int(sys.argv[1])
+resolver = dns.resolver.Resolver(configure=False)
+resolver.nameservers = ["127.0.0.1"]
+resolver.port = port
+resolver.lifetime = 5
+out = {}
+a = resolver.resolve("catalog.wasd.internal", "A")
+out["a"] = sorted(r.address for r in a)
+out["a_ttl"] = a.rrset.ttl
+srv = resolver.resolve("_https._tcp.catalog.wasd.internal", "SRV")
+out["srv"] = sorted(f"{r.priority} {r.weight} {r.port} {r.target}" for r in srv)
+out["additional"] = sorted(f"{rrset.name} {r.address}" for rrset in srv.response.additional for r in rrset)
+try:
+    resolver.resolve("nosuch.wasd.internal", "A")
+    out["unknown"] = "answered"
+except dns.resolver.NXDOMAIN:
+    out["unknown"] = "NXDOMAIN"
+try:
+    resolver.resolve("catalog.wasd.internal", "AAAA")
+    out["nodata"] = "answered"
+except dns.resolver.NoAnswer:
+    out["nodata"] = "NoAnswer"
+tcp = dns.query.tcp(dns.message.make_query("catalog.wasd.internal", "A"), "127.0.0.1", port=port, timeout=5)
+out["tcp"] = sorted(r.address for rrset in tcp.answer for r in rrset)
+outside = dns.query.udp(dns.message.make_query("example.com", "A"), "127.0.0.1", port=port, timeout=5)
+out["outside"] = dns.rcode.to_text(outside.rcode())
+# A header that promises a question the packet does not hold.
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.settimeout(5)
+sock.sendto(bytes.fromhex("abcd01000001000000000000") + b"\x07catal", ("127.0.0.1", port))
+reply, _ = sock.recvfrom(512)
+out["bad_packet"] = dns.rcode.to_text(reply[3] & 0x0F) if reply[:2] == b"\xab\xcd" else "wrong id"
+after = resolver.resolve("basket.wasd.internal", "A")
+out["after"] = [r.address for r in after]
+print(json.dumps(out))
+"#;
+
+#[test]
+fn dnspython_reads_a_srv_with_additional_nxdomain_nodata_refused_and_formerr() {
+    let python = python_clients();
+    let sandbox = sandbox(CONFIG_ONLY);
+    let served = Served::start(&sandbox);
+    let out = run_within(
+        Command::new(python).args(["-c", DNSPYTHON_CLIENT, &served.dns_port]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let read = json(&out.stdout);
+    assert_eq!(
+        read["a"],
+        serde_json::json!(["10.0.0.7", "10.46.24.90", "127.0.0.1"])
+    );
+    assert!(read["a_ttl"].as_u64().unwrap() <= 5, "{read}");
+    assert_eq!(
+        read["srv"],
+        serde_json::json!([
+            "1 1 443 10-46-24-90.addr.wasd.internal.",
+            "1 1 8443 127-0-0-1.addr.wasd.internal."
+        ])
+    );
+    assert_eq!(
+        read["additional"],
+        serde_json::json!([
+            "10-46-24-90.addr.wasd.internal. 10.46.24.90",
+            "127-0-0-1.addr.wasd.internal. 127.0.0.1"
+        ])
+    );
+    assert_eq!(read["unknown"], "NXDOMAIN");
+    assert_eq!(read["nodata"], "NoAnswer");
+    assert_eq!(read["tcp"], read["a"]);
+    assert_eq!(read["outside"], "REFUSED");
+    assert_eq!(read["bad_packet"], "FORMERR");
+    assert_eq!(read["after"], serde_json::json!(["10.0.0.1"]));
+}
+
+#[test]
+fn a_change_written_to_etcd_reaches_a_blocked_watch_within_1s() {
+    let etcd = EtcdServer::start();
+    let url = etcd.url();
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "wasd.toml",
+        format!(
+            r#"
+pass-through = false
+[[provider]]
+builtin = "etcd"
+settings = {{ endpoints = ["{url}"] }}
+grants = {{ http = ["{url}"] }}
+"#
+        ),
+    );
+    let served = Served::start(&sandbox);
+    etcd.put_instance("catalog", "one", "v1", &["http://10.8.0.1:80"], None);
+    let first = served.watch_until("catalog", Duration::from_secs(20), "the first instance", |a| {
+        endpoints(a) == ["http://10.8.0.1:80"]
+    });
+    let index = first["index"].as_u64().unwrap();
+
+    // Measured five times: each write made once the watch is held, each heard within 1 s.
+    let mut took = Vec::new();
+    let mut index = index;
+    for round in 2..=6 {
+        let watch_url = format!("{}/v1/watch?query=catalog&index={index}&wait=60s", served.http);
+        let waiting = std::thread::spawn(move || {
+            let answer = curl(&[&watch_url]);
+            (answer, Instant::now())
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while json(&served.get("/v1/status").1)["blocked_watches"] != 1 {
+            assert!(Instant::now() < deadline, "the watch never blocked");
+            assert!(!waiting.is_finished(), "the watch returned before the write");
+        }
+        let endpoint = format!("http://10.8.0.{round}:80");
+        etcd.put_instance("catalog", &format!("n{round}"), "v1", &[&endpoint], None);
+        let written = Instant::now();
+        let ((status, answer), heard) = waiting.join().unwrap();
+        assert_eq!(status, 200, "{answer}");
+        let answer = json(&answer);
+        assert!(endpoints(&answer).contains(&endpoint), "{answer}");
+        index = answer["index"].as_u64().unwrap();
+        took.push(heard.saturating_duration_since(written));
+    }
+    eprintln!("etcd write → blocked watch answered: {took:?}");
+    assert!(took.iter().all(|t| *t < Duration::from_secs(1)), "{took:?}");
+}
+
+#[test]
+fn the_http_api_bounds_headers_bodies_and_time_and_answers_json() {
+    let sandbox = sandbox(CONFIG_ONLY);
+    let served = Served::start(&sandbox);
+    let address = served.http.strip_prefix("http://").unwrap().to_owned();
+
+    // A client that never finishes its headers is cut off; one that never sends the
+    // body it announced gets 408. Both started first: each takes the 10 s limit.
+    let slow_head = {
+        let address = address.clone();
+        std::thread::spawn(move || {
+            let mut stream = std::net::TcpStream::connect(&address).unwrap();
+            stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+            let began = Instant::now();
+            let mut reply = Vec::new();
+            let read = stream.read_to_end(&mut reply);
+            (read.map_err(|e| e.kind()), reply, began.elapsed())
+        })
+    };
+    let slow_body = std::thread::spawn(move || {
+        let mut stream = std::net::TcpStream::connect(&address).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream
+            .write_all(b"PUT /v1/instances/basket/one HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\n\r\n{\"endpoints\"")
+            .unwrap();
+        let began = Instant::now();
+        let mut reply = [0; 4096];
+        let n = stream.read(&mut reply).unwrap();
+        (String::from_utf8_lossy(&reply[..n]).into_owned(), began.elapsed())
+    });
+
+    // Headers: too large, too many.
+    let big = format!("X-Big: {}", "x".repeat(20_000));
+    let (status, _) = curl(&["-H", &big, &format!("{}/healthz", served.http)]);
+    assert_eq!(status, 431);
+    let mut many = Vec::new();
+    for i in 0..70 {
+        many.push("-H".to_owned());
+        many.push(format!("X-Header-{i}: v"));
+    }
+    let mut args: Vec<&str> = many.iter().map(String::as_str).collect();
+    let healthz = format!("{}/healthz", served.http);
+    args.push(&healthz);
+    let (status, _) = curl(&args);
+    assert_eq!(status, 431);
+    // Bodies over 64 KiB, with a length and chunked.
+    let instance = format!("{}/v1/instances/basket/one", served.http);
+    let large = sandbox.write("large.json", "x".repeat(70_000));
+    let at_large = format!("@{}", large.display());
+    let (status, body) = curl(&["-X", "PUT", "--data-binary", &at_large, &instance]);
+    assert_eq!(
+        (status, json(&body)["error"].as_str()),
+        (413, Some("the body is larger than 64 KiB"))
+    );
+    let (status, body) = curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        &at_large,
+        &instance,
+    ]);
+    assert_eq!(
+        (status, json(&body)["error"].as_str()),
+        (413, Some("the body is larger than 64 KiB"))
+    );
+    // A method the path does not take, a path that is not UTF-8: JSON reasons.
+    let (status, body) = curl(&["-X", "POST", &format!("{}/v1/resolve", served.http)]);
+    assert_eq!(
+        (status, json(&body)["error"].as_str()),
+        (405, Some("this path does not take that method"))
+    );
+    let (status, body) = curl(&["-X", "DELETE", &format!("{}/v1/instances/a%FF/b", served.http)]);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        json(&body)["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("the path is not /v1/instances/SERVICE/ID"),
+        "{body}"
+    );
+
+    let (read, reply, took) = slow_head.join().unwrap();
+    assert_eq!(read, Ok(0), "the connection was not closed: {reply:?}");
+    assert!(reply.is_empty(), "{}", String::from_utf8_lossy(&reply));
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(20)).contains(&took),
+        "cut off after {took:?}"
+    );
+    let (reply, took) = slow_body.join().unwrap();
+    assert!(reply.starts_with("HTTP/1.1 408 "), "{reply}");
+    assert!(
+        reply.ends_with("{\"error\":\"the body did not arrive within 10s\"}"),
+        "{reply}"
+    );
+    assert!(
+        (Duration::from_secs(9)..Duration::from_secs(20)).contains(&took),
+        "answered after {took:?}"
+    );
+    // The server serves on.
+    assert_eq!(served.get("/healthz").0, 200);
 }

@@ -181,6 +181,8 @@ impl Key {
 
 struct Entry {
     key: Key,
+    /// The query that made the entry, as it was written (for listings).
+    asked: Query,
     query: SourceQuery,
     /// `None` until the first answer; an empty set once the service has disappeared.
     state: watch::Sender<Option<EndpointSet>>,
@@ -450,6 +452,21 @@ impl Cache {
         entry.cache_state()
     }
 
+    /// Every cached query with its entry's state, in the order of the queries' text:
+    /// what a sidecar's status page lists. A query still waiting for its first
+    /// answer is left out. Queries that share an entry (`https://catalog/api` and
+    /// `https://catalog`) appear once, as first written.
+    pub fn states(&self) -> Vec<(Query, CacheState)> {
+        let mut states: Vec<(Query, CacheState)> = self
+            .inner
+            .entries
+            .iter()
+            .filter_map(|entry| Some((entry.asked.clone(), entry.cache_state()?)))
+            .collect();
+        states.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        states
+    }
+
     /// Explain a query's answer: a walk of the chain recorded step by step (see
     /// [`Explanation`]), with the state of the query's cache entry before it. The walk
     /// follows the rules a refresh of that entry would (past a failure, only the
@@ -581,6 +598,7 @@ impl Inner {
                 .entry(key.clone())
                 .or_insert_with(|| {
                     Arc::new(Entry {
+                        asked: query.clone(),
                         query: source_query(query, key.schemes.clone()),
                         key,
                         state: watch::channel(None).0,

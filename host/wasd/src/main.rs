@@ -494,6 +494,7 @@ async fn serve(
             _ => anyhow::bail!("[serve] token-env names {variable}, which is not set (or empty)"),
         }
     }
+    options.check()?;
     // Prometheus metrics for GET /metrics, installed before the providers load.
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(DURATION_BUCKETS)

@@ -284,6 +284,13 @@ impl Resolver {
         self.inner.cache.state(query)
     }
 
+    /// Every query in the cache with its state (set, age, next refresh, staleness),
+    /// ordered by the query's text; no provider is asked. What `wasd serve`'s status
+    /// page lists.
+    pub fn cached(&self) -> Vec<(Query, CacheState)> {
+        self.inner.cache.states()
+    }
+
     /// Explain a query's answer: the parsed query and the schemes asked for, each
     /// provider in chain order with what it said, how long it took and the DNS names
     /// and HTTP origins it asked, the endpoints dropped and why, and the state of the

@@ -208,3 +208,25 @@ async fn the_cache_entry_says_how_fresh_it_is_and_which_failure_kept_the_last_go
     assert_eq!(outcomes, ["failed", "not_asked"]);
     assert_eq!(b.calls(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_cache_lists_every_answered_query_as_written_with_its_state() {
+    let a = Arc::new(Fake::new("a").answering(answer(&[bare("10.0.0.1")]).with_ttl(secs(30))));
+    let cache = cache_of(&[&a], Settings::default());
+    assert!(cache.states().is_empty());
+    for text in ["svc", "https://other/api", "https://other"] {
+        cache.resolve_query(&Query::parse(text).unwrap()).await.unwrap();
+    }
+    tokio::time::sleep(secs(4)).await;
+
+    let states = cache.states();
+    let listed: Vec<_> = states
+        .iter()
+        .map(|(query, state)| (query.as_str(), state.set.endpoints().len(), state.age))
+        .collect();
+    // A path is not the entry's business: `https://other` shares the entry
+    // `https://other/api` made, listed once as first written; ordered by text.
+    assert_eq!(listed, [("https://other/api", 1, secs(4)), ("svc", 1, secs(4))]);
+    assert_eq!(states[1].1.set.provider(), Some("a"));
+    assert_eq!(states[1].1.refresh_in, Some(secs(26)));
+}

@@ -13,23 +13,34 @@
 //! - `GET /v1/status`: providers in order with their health, the last reload, the
 //!   instances held.
 //! - `GET /healthz`, `GET /metrics` (Prometheus text).
+//! - `GET /`: the status page for operators (`status.html`, `status.js`: no external
+//!   assets; it polls `/v1/status`).
 //!
-//! Errors are JSON `{"error": "..."}` on one line.
+//! Errors are JSON `{"error": "..."}` on one line, the extractors' rejections
+//! included. Requests are bounded: header size and count, the time to send the
+//! headers and the body, the body's size, the time to answer, and the connections
+//! open at once ([`serve`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::Path;
-use axum::extract::{RawQuery, State};
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::HeaderMap;
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
 
 use super::instances::{InstanceBody, Instances};
 use crate::{EndpointSet, Error, Query, Resolver};
@@ -38,6 +49,22 @@ use crate::{EndpointSet, Error, Query, Resolver};
 pub(crate) const MAX_WAIT: Duration = Duration::from_secs(300);
 /// The largest request body accepted (the API's bodies are small JSON objects).
 const MAX_BODY: usize = 64 * 1024;
+/// The largest request head (request line and headers), and the most headers: a
+/// larger one is answered 431. Browsers' cookies are not expected here.
+const MAX_HEAD: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
+/// How long a client may take to send a request's head, and how long a kept-alive
+/// connection may sit idle before its next one (hyper times both as one).
+pub(crate) const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a body.
+pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request may take to be answered (a watch: its wait and this).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections served at once; more wait in the listen queue. Blocked watches hold
+/// theirs for up to [`MAX_WAIT`].
+const MAX_CONNECTIONS: usize = 4096;
+/// How long in-flight requests may finish once the server is told to stop.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub(crate) struct Api {
     pub(crate) resolver: Resolver,
@@ -48,6 +75,8 @@ pub(crate) struct Api {
     pub(crate) instances: Instances,
     /// The bearer token mutating calls need, if any.
     pub(crate) token: Option<String>,
+    /// Set once the server stops: blocked watches answer at once.
+    pub(crate) stopping: watch::Sender<bool>,
 }
 
 /// Counts a blocked watch while it waits.
@@ -68,6 +97,8 @@ impl Drop for Blocked<'_> {
 
 pub(crate) fn router(api: Arc<Api>) -> Router {
     Router::new()
+        .route("/", get(page))
+        .route("/status.js", get(script))
         .route("/v1/resolve", get(resolve))
         .route("/v1/watch", get(watch))
         .route("/v1/status", get(status))
@@ -78,8 +109,95 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(deadline))
         .with_state(api)
+}
+
+/// Serve `router` on `listener` over HTTP/1.1 until `stop` completes, then let the
+/// requests in flight finish for at most [`DRAIN_TIMEOUT`].
+///
+/// axum's own `serve` sets no header timeout (hyper needs a timer for one), no head
+/// size limit and no connection cap, so a slow or flooding client could hold the
+/// sidecar's memory and sockets: this loop sets all three.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    router: Router,
+    stop: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_header_size(MAX_HEAD)
+        .max_headers(MAX_HEADERS);
+    let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = &mut stop => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                // The peer gave up before the accept: nothing to do.
+                Err(e) if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) => continue,
+                // Out of file descriptors, or the like: say so and let it ease
+                // rather than spin.
+                Err(e) => {
+                    tracing::warn!("accepting an HTTP connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let connection =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // A client that breaks the protocol or times out: hyper has answered it
+            // (400, 408 or 431) where it could.
+            if let Err(e) = connection.await {
+                tracing::debug!("HTTP connection ended: {e}");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "requests still in flight {} after the stop; closing them",
+            humantime::format_duration(DRAIN_TIMEOUT)
+        );
+    }
+    Ok(())
+}
+
+/// Bounds the time to answer: [`ANSWER_TIMEOUT`], a watch's longest wait more.
+async fn deadline(request: Request, next: Next) -> Response {
+    let limit = if request.uri().path() == "/v1/watch" {
+        MAX_WAIT + ANSWER_TIMEOUT
+    } else {
+        ANSWER_TIMEOUT
+    };
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "no answer within {}; the providers did not answer in time",
+                humantime::format_duration(limit)
+            ),
+        ),
+    }
 }
 
 /// A JSON error with its status.
@@ -189,13 +307,16 @@ async fn watch(State(api): State<Arc<Api>>, RawQuery(raw): RawQuery) -> Response
     // Unchanged: wait for a change, at most `wait`. A set whose endpoints did not
     // change keeps its index, so a change is always a new index.
     let blocked = Blocked::new(&api.blocked);
-    let changed = tokio::time::timeout(params.wait, watch.changed()).await;
-    drop(blocked);
-    let set = match changed {
-        Ok(Some(set)) => set,
-        // The resolver is going away, or nothing changed in time: the set as it is.
-        Ok(None) | Err(_) => watch.current(),
+    let mut stopping = api.stopping.subscribe();
+    let changed = tokio::select! {
+        changed = tokio::time::timeout(params.wait, watch.changed()) => changed.ok().flatten(),
+        // The server is stopping: the set as it is, so the client is not cut off.
+        _ = stopping.wait_for(|stopping| *stopping) => None,
     };
+    drop(blocked);
+    // `None`: the resolver is going away, nothing changed in time, or the server
+    // stops; the set as it is.
+    let set = changed.unwrap_or_else(|| watch.current());
     set_response(&params.query, &set)
 }
 
@@ -218,7 +339,28 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
         })
         .collect();
     let instances = api.instances.status().await;
+    let services: Vec<Value> = api
+        .resolver
+        .cached()
+        .into_iter()
+        .map(|(query, state)| {
+            let mut service = crate::json::set(&query, &state.set);
+            if let Some(fields) = service.as_object_mut() {
+                fields.insert(
+                    "state".into(),
+                    json!(if state.is_stale() { "stale" } else { "fresh" }),
+                );
+                fields.insert("age_ms".into(), json!(millis(state.age)));
+                fields.insert("refresh_in_ms".into(), json!(state.refresh_in.map(millis)));
+                fields.insert("long_poll".into(), json!(state.long_poll));
+                fields.insert("stale_for_ms".into(), json!(state.stale_for.map(millis)));
+            }
+            service
+        })
+        .collect();
     axum::Json(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "services": services,
         "instances": instances,
         "providers": providers,
         "blocked_watches": api.blocked.load(Ordering::Relaxed),
@@ -261,15 +403,69 @@ fn unauthorized(api: &Api, headers: &HeaderMap) -> Option<Response> {
     Some(response)
 }
 
+/// A request refused before it reaches the resolver: the status and the reason.
+type Refused = (StatusCode, String);
+
+/// The instance path's service and id.
+fn instance_path(path: Result<Path<(String, String)>, PathRejection>) -> Result<(String, String), Refused> {
+    path.map(|Path(parts)| parts).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("the path is not /v1/instances/SERVICE/ID: {e}"),
+        )
+    })
+}
+
+/// The request's body, read within [`BODY_TIMEOUT`] and [`MAX_BODY`].
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, Refused> {
+    let too_large = || {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is larger than {} KiB", MAX_BODY / 1024),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        // Only a body sent without a length can overrun the limit while read.
+        Ok(Err(_)) if declared.is_none() => Err(too_large()),
+        Ok(Err(e)) => Err((
+            StatusCode::BAD_REQUEST,
+            format!("the body could not be read: {e}"),
+        )),
+        Err(_) => Err((
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the body did not arrive within {}",
+                humantime::format_duration(BODY_TIMEOUT)
+            ),
+        )),
+    }
+}
+
 async fn put_instance(
     State(api): State<Arc<Api>>,
-    Path((service, id)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
     if let Some(refused) = unauthorized(&api, &headers) {
         return refused;
     }
+    let (service, id) = match instance_path(path) {
+        Ok(parts) => parts,
+        Err((status, reason)) => return error(status, reason),
+    };
+    let body = match read_body(&headers, body).await {
+        Ok(body) => body,
+        Err((status, reason)) => return error(status, reason),
+    };
     let body: InstanceBody = match serde_json::from_slice(&body) {
         Ok(body) => body,
         Err(e) => {
@@ -291,12 +487,16 @@ async fn put_instance(
 
 async fn delete_instance(
     State(api): State<Arc<Api>>,
-    Path((service, id)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
 ) -> Response {
     if let Some(refused) = unauthorized(&api, &headers) {
         return refused;
     }
+    let (service, id) = match instance_path(path) {
+        Ok(parts) => parts,
+        Err((status, reason)) => return error(status, reason),
+    };
     if api.instances.delete(&service, &id).await {
         axum::Json(json!({ "service": service, "id": id, "state": "deregistered" })).into_response()
     } else {
@@ -328,4 +528,45 @@ async fn metrics(State(api): State<Arc<Api>>) -> Response {
 
 async fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "no such path; the API is under /v1/")
+}
+
+async fn method_not_allowed() -> Response {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this path does not take that method",
+    )
+}
+
+/// The status page: one HTML file and its script, compiled in. Everything it shows
+/// comes from `/v1/status` and `/v1/resolve`, written with `textContent` (provider
+/// text never becomes markup); the policy lets it load nothing from elsewhere.
+const PAGE: &str = include_str!("status.html");
+const SCRIPT: &str = include_str!("status.js");
+const PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; \
+    style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'; \
+    frame-ancestors 'none'";
+
+async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, PAGE_POLICY),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
+async fn script() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        SCRIPT,
+    )
+        .into_response()
 }

@@ -96,6 +96,17 @@ impl ServeOptions {
         self
     }
 
+    /// Refuse options no server may start with: a zone that is not a DNS name, an
+    /// HTTP API beyond loopback without a token. [`Server::bind`] checks them too;
+    /// checking first spares loading the providers for nothing.
+    pub fn check(&self) -> Result<(), ServeError> {
+        dns::parse_zone(&self.zone).map_err(ServeError::Zone)?;
+        if self.token.is_none() && !self.http.ip().is_loopback() {
+            return Err(ServeError::Unguarded(self.http));
+        }
+        Ok(())
+    }
+
     /// The same options with DNS TTLs capped at `ttl`.
     pub fn with_dns_ttl(mut self, ttl: Duration) -> ServeOptions {
         self.dns_ttl = ttl;
@@ -155,10 +166,8 @@ impl Server {
         options: ServeOptions,
         metrics: Option<PrometheusHandle>,
     ) -> Result<Server, ServeError> {
+        options.check()?;
         let zone = dns::parse_zone(&options.zone).map_err(ServeError::Zone)?;
-        if options.token.is_none() && !options.http.ip().is_loopback() {
-            return Err(ServeError::Unguarded(options.http));
-        }
         let bind = |what: &'static str, address: SocketAddr| {
             move |source| ServeError::Bind {
                 what,
@@ -192,6 +201,7 @@ impl Server {
                 blocked: Default::default(),
                 instances: Default::default(),
                 token: options.token.clone(),
+                stopping: tokio::sync::watch::Sender::new(false),
             }),
         })
     }
@@ -217,7 +227,7 @@ impl Server {
         // One stop for both: hickory-server's shutdown token, which the HTTP side
         // waits on too.
         let stopped = dns.shutdown_token().clone().cancelled_owned();
-        let serving = axum::serve(http, http::router(api.clone())).with_graceful_shutdown(stopped);
+        let serving = http::serve(http, http::router(api.clone()), stopped);
         // Instances whose clients stopped renewing them go, checked every second.
         let expiring = api.clone();
         let expiry = tokio::spawn(async move {
@@ -227,12 +237,14 @@ impl Server {
                 expiring.instances.expire().await;
             }
         });
-        let mut http_task = tokio::spawn(async move { serving.await });
+        let mut http_task = tokio::spawn(serving);
         // Until told to stop, or until the HTTP side ends on its own (an error).
         let http_result = tokio::select! {
             () = shutdown => None,
             ended = &mut http_task => Some(ended),
         };
+        // Blocked watches answer now, so the HTTP side drains at once.
+        api.stopping.send_replace(true);
         let dns_result = dns.shutdown_gracefully().await;
         expiry.abort();
         // What this server registered goes with it.
