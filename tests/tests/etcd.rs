@@ -300,6 +300,42 @@ async fn registration_round_trips_and_survives_data_loss() {
     assert!(stored[0].1.contains("10.0.0.8"), "{stored:?}");
 }
 
+/// A service that registers from synchronous code, on a runtime of its own that ends
+/// right after: the lease is kept on the resolver's runtime, not the caller's.
+#[test]
+fn a_registration_made_from_a_runtime_that_ends_keeps_its_lease() {
+    let etcd = EtcdServer::start();
+    let sandbox = Sandbox::new();
+    let home = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let resolver = home
+        .block_on(sandbox.resolver(&config(&etcd.url(), "", "")))
+        .unwrap();
+
+    let caller = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let instance = ServiceInstance::new("hello", ["http://10.0.0.1:8000"]);
+    let registration = caller.block_on(register(&resolver, instance, Duration::from_secs(1)));
+    drop(caller);
+
+    // Three TTLs later the instance is still there: its lease was kept alive. (The
+    // wait is the scenario: a lease that lapses shows only once its TTL has passed.)
+    home.block_on(async { tokio::time::sleep(Duration::from_secs(3)).await });
+    assert_eq!(etcd.get_prefix("/microservices/hello/").len(), 1);
+    assert!(
+        matches!(registration.state(), RegistrationState::Registered { .. }),
+        "{:?}",
+        registration.state()
+    );
+    home.block_on(registration.deregister()).unwrap();
+    assert!(etcd.get_prefix("/microservices/hello/").is_empty());
+}
+
 #[test]
 fn wasd_register_deregisters_on_sigterm() {
     let etcd = EtcdServer::start();

@@ -484,6 +484,26 @@ fn serve_exits_0_on_sigterm_and_refuses_an_unguarded_public_address() {
     while json(&served.get("/v1/status").1)["blocked_watches"] != 1 {
         assert!(Instant::now() < deadline, "the watch never blocked");
     }
+    // A second server on the same DNS port fails at start (the UDP sockets share
+    // the port within one server only).
+    let second = run(sandbox.wasd().args([
+        "serve",
+        "--config",
+        "wasd.toml",
+        "--http",
+        "127.0.0.1:0",
+        "--dns",
+        &format!("127.0.0.1:{}", served.dns_port),
+    ]));
+    assert_eq!(second.code, 1, "{}", second.stderr);
+    assert!(
+        second.stderr.starts_with(&format!(
+            "wasd: cannot listen for DNS (TCP) on 127.0.0.1:{}: ",
+            served.dns_port
+        )),
+        "{}",
+        second.stderr
+    );
     let mut child = served.child.take().unwrap();
     let pid = child.id().to_string();
     let (tx, exited) = std::sync::mpsc::channel();

@@ -145,6 +145,11 @@ struct Inner {
     /// Sources failing now, and the entries waiting for them to answer again (shared
     /// with the refresh loops, which hold the cache only weakly).
     recovery: Arc<Recovery>,
+    /// The runtime the cache was made on, where its refresh loops run whoever asked
+    /// first: a loop spawned on a caller's own short-lived runtime (a `block_on` in
+    /// synchronous code, another runtime's thread) would end with it, and its entry
+    /// would serve the same set for ever.
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 /// A query reduced to what can change its answer.
@@ -308,8 +313,10 @@ impl Entry {
 }
 
 impl Cache {
-    /// A cache over the chain in `chain`, with `settings`, timed by `clock`. Must be
-    /// used inside a tokio runtime (refresh loops are tasks).
+    /// A cache over the chain in `chain`, with `settings`, timed by `clock`. Made
+    /// inside a tokio runtime, its refresh loops run on that runtime, whichever
+    /// runtime resolves; made outside one, on the runtime of the first resolve of each
+    /// query.
     pub fn new(chain: Arc<ChainCell>, settings: Settings, clock: Clock) -> Cache {
         Cache {
             inner: Arc::new(Inner {
@@ -320,8 +327,14 @@ impl Cache {
                 shutdown: watch::channel(()).0,
                 clock,
                 recovery: Arc::default(),
+                runtime: tokio::runtime::Handle::try_current().ok(),
             }),
         }
+    }
+
+    /// The runtime the cache runs its refresh loops on (the one it was made on).
+    pub fn runtime(&self) -> Option<&tokio::runtime::Handle> {
+        self.inner.runtime.as_ref()
     }
 
     /// The chain it answers from.
@@ -396,12 +409,23 @@ impl Cache {
     /// Resolve an already parsed query.
     pub async fn resolve_query(&self, query: &Query) -> Result<EndpointSet, Error> {
         let result = async {
-            let entry = self.inner.entry(query)?;
+            // Found by its text, as `resolve(&str)` finds it, once answered: a
+            // sidecar's every DNS question and HTTP call is a parsed query.
+            let (entry, indexed) = match self.inner.indexed(query) {
+                Some(entry) => {
+                    self.inner.touch(&entry);
+                    (entry, true)
+                }
+                None => (self.inner.entry(query)?, false),
+            };
             let (set, cached) = match &*entry.current.load() {
                 Some(set) => (EndpointSet::from_shared(Arc::clone(set)), true),
                 // Boxed, as in `resolve`: a hit does not carry the miss's future.
                 None => Box::pin(self.inner.ready(&entry, false)).await?,
             };
+            if !indexed && query.filters().is_empty() {
+                self.inner.index_text(query.as_str(), &entry);
+            }
             Ok((non_empty(query.service(), set)?, cached))
         }
         .await;
@@ -447,8 +471,13 @@ impl Cache {
     /// The query's cache entry as it stands (its set, age, next refresh, staleness), if
     /// it is cached; the providers are not asked. What a DNS answer's TTL comes from.
     pub fn state(&self, query: &Query) -> Option<CacheState> {
-        let key = Key::of(query, self.inner.schemes_for(query).ok()?);
-        let entry = self.inner.entries.get(&key).map(|entry| entry.clone())?;
+        let entry = match self.inner.indexed(query) {
+            Some(entry) => entry,
+            None => {
+                let key = Key::of(query, self.inner.schemes_for(query).ok()?);
+                self.inner.entries.get(&key).map(|entry| entry.clone())?
+            }
+        };
         entry.cache_state()
     }
 
@@ -615,6 +644,18 @@ impl Inner {
         Ok(entry)
     }
 
+    /// The live entry indexed under the query's text (by `resolve(&str)`, or by
+    /// `resolve_query` once answered), if any: found without building its key. A
+    /// query with filters is never indexed under its text, which does not hold them.
+    fn indexed(&self, query: &Query) -> Option<Arc<Entry>> {
+        if !query.filters().is_empty() {
+            return None;
+        }
+        let index = self.by_text.load();
+        let entry = index.get(query.as_str())?;
+        entry.live.load(Ordering::Acquire).then(|| Arc::clone(entry))
+    }
+
     /// Mark an entry used. Written only when the second changes, so resolving the same
     /// query on every core does not bounce its cache line.
     fn touch(&self, entry: &Entry) {
@@ -710,7 +751,11 @@ impl Inner {
                     }
                 };
                 entry.publish(set);
-                tokio::spawn(refresh_loop(Arc::downgrade(self), entry.clone(), wake, next));
+                let refresh = refresh_loop(Arc::downgrade(self), entry.clone(), wake, next);
+                match &self.runtime {
+                    Some(runtime) => runtime.spawn(refresh),
+                    None => tokio::spawn(refresh),
+                };
                 Ok(())
             })
             .await;

@@ -340,6 +340,9 @@ impl Resolver {
         let provider = self.inner.registrar()?;
         let inner = Arc::downgrade(&self.inner);
         let current = Arc::new(move || inner.upgrade()?.registrar().ok());
+        // The lease is kept on the resolver's runtime, as its refreshes are: a caller's
+        // own runtime may end before the registration does.
+        let _on = self.inner.cache.runtime().map(tokio::runtime::Handle::enter);
         Registration::start(provider, current, instance, ttl)
     }
 

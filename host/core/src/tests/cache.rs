@@ -592,3 +592,67 @@ async fn a_push_source_that_never_had_the_service_is_not_long_polled() {
     assert!(a.watch_calls().is_empty(), "{:?}", a.watch_calls());
     assert_eq!(pass.call_times(), [0, 5, 10].map(secs));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_parsed_query_found_by_its_text_keeps_its_filters_and_the_allowed_schemes() {
+    let a = Arc::new(Fake::new("a").answering(answer(&[
+        super::fake::ep("https", "10.0.0.1").with_metadata("zone", "eu"),
+        super::fake::ep("http", "10.0.0.2").with_metadata("zone", "us"),
+    ])));
+    let cache = cache_of(&[&a], Settings::default());
+    let plain = crate::Query::parse("svc").unwrap();
+    assert_eq!(cache.resolve_query(&plain).await.unwrap().len(), 2);
+    // Again: found under its text now, the same set, no call.
+    assert_eq!(cache.resolve_query(&plain).await.unwrap().len(), 2);
+    assert_eq!(a.calls(), 1);
+    // The same text with a filter is another entry, never the indexed one.
+    let filtered = plain.clone().with_filter("zone", "eu");
+    let eu = cache.resolve_query(&filtered).await.unwrap();
+    assert_eq!(eu.iter().map(|e| e.host()).collect::<Vec<_>>(), ["10.0.0.1"]);
+    assert_eq!(cache.state(&filtered).unwrap().set.len(), 1);
+    assert_eq!(cache.state(&plain).unwrap().set.len(), 2);
+    // Allowed schemes that leave out http: the text means https only now.
+    cache.set_settings(Settings::default().with_allowed_schemes(vec!["https".into()]));
+    let https = cache.resolve_query(&plain).await.unwrap();
+    assert_eq!(https.iter().map(|e| e.host()).collect::<Vec<_>>(), ["10.0.0.1"]);
+}
+
+/// Real time, two runtimes: the cache's, and a caller's that ends after one resolve.
+#[test]
+fn an_entry_first_resolved_from_a_runtime_that_ends_keeps_refreshing() {
+    // A current-thread runtime runs its tasks only inside `block_on`: the wait for
+    // the change below is when the refresh loop may run.
+    let home = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = Arc::new(Fake::new("a").answering(answer(&[bare("10.0.0.1")]).with_ttl(Duration::ZERO)));
+    let cache = home.block_on(async { cache_of(&[&a], Settings::default()) });
+
+    // Synchronous code resolving on a runtime of its own, gone right after.
+    let caller = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let first = caller.block_on(cache.resolve("svc")).unwrap();
+    assert_eq!(first.endpoints(), [bare("10.0.0.1")]);
+    drop(caller);
+
+    // The refresh (once a second, for a zero TTL) goes on: a change is served.
+    a.answer(answer(&[bare("10.0.0.2")]).with_ttl(Duration::ZERO));
+    home.block_on(async {
+        let mut watch = cache.watch("svc").await.unwrap();
+        let changed = timeout(secs(5), async {
+            loop {
+                if watch.current().endpoints() == [bare("10.0.0.2")] {
+                    return;
+                }
+                if watch.changed().await.is_none() {
+                    panic!("the watch ended");
+                }
+            }
+        })
+        .await;
+        assert!(changed.is_ok(), "the entry froze: {:?}", watch.current());
+    });
+}
