@@ -30,6 +30,10 @@ struct Served {
     child: Option<Child>,
     http: String,
     dns_port: String,
+    /// The xDS server's address, when started with `--xds`.
+    xds: Option<String>,
+    /// The server's log, when captured.
+    stderr: Option<Lines>,
     _stdout: Lines,
 }
 
@@ -40,6 +44,16 @@ impl Served {
 
     /// With these environment variables.
     fn start_with(sandbox: &Sandbox, env: &[(&str, &str)]) -> Served {
+        Served::start_with_args(sandbox, env, &[])
+    }
+
+    /// With these environment variables and extra arguments (`--xds ADDR`).
+    fn start_with_args(sandbox: &Sandbox, env: &[(&str, &str)], extra: &[&str]) -> Served {
+        Served::start_full(sandbox, env, extra, false)
+    }
+
+    /// With the server's stderr read by the test (`Served::stderr`) instead of shown.
+    fn start_full(sandbox: &Sandbox, env: &[(&str, &str)], extra: &[&str], capture: bool) -> Served {
         let mut child = sandbox
             .wasd()
             .envs(env.iter().copied())
@@ -52,12 +66,14 @@ impl Served {
                 "--dns",
                 "127.0.0.1:0",
             ])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if capture { Stdio::piped() } else { Stdio::inherit() })
             .spawn()
             .expect("starting wasd serve");
         let stdout = Lines::new(child.stdout.take().unwrap());
+        let stderr = child.stderr.take().map(Lines::new);
         let http_line = stdout.next(Duration::from_secs(60), "the HTTP listener's line");
         let dns_line = stdout.next(Duration::from_secs(10), "the DNS listener's line");
         let http = http_line
@@ -73,10 +89,18 @@ impl Served {
             })
             .unwrap_or_else(|| panic!("{dns_line}"));
         let dns_port = dns.rsplit_once(':').unwrap().1.to_owned();
+        let xds = extra.contains(&"--xds").then(|| {
+            let line = stdout.next(Duration::from_secs(10), "the xDS listener's line");
+            line.strip_prefix("serving xDS on ")
+                .unwrap_or_else(|| panic!("{line}"))
+                .to_owned()
+        });
         Served {
             child: Some(child),
             http,
             dns_port,
+            xds,
+            stderr,
             _stdout: stdout,
         }
     }
@@ -1070,4 +1094,411 @@ fn the_http_api_bounds_headers_bodies_and_time_and_answers_json() {
     );
     // The server serves on.
     assert_eq!(served.get("/healthz").0, 200);
+}
+
+/// gRPC servers (Python grpcio) on free ports, each answering with its name (`s0`...).
+struct GrpcServers {
+    _child: Reaped,
+    ports: Vec<u16>,
+}
+
+impl GrpcServers {
+    fn start(python: &str, count: usize) -> GrpcServers {
+        let mut child = Reaped(
+            Command::new(python)
+                .arg(workspace_root().join("tests/clients/xds_grpc.py"))
+                .args(["servers", &count.to_string()])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("starting the gRPC servers"),
+        );
+        let said = Lines::new(child.0.stdout.take().unwrap());
+        let line = said.next(Duration::from_secs(60), "the gRPC servers' ports");
+        let ports = line
+            .strip_prefix("ports ")
+            .unwrap_or_else(|| panic!("{line}"))
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        GrpcServers { _child: child, ports }
+    }
+
+    fn url(&self, i: usize) -> String {
+        format!("grpc://127.0.0.1:{}", self.ports[i])
+    }
+}
+
+/// A Python grpcio client whose channels resolve `xds:///NAME` through `wasd serve
+/// --xds` (its bootstrap file names the server).
+struct XdsClient {
+    child: Reaped,
+    said: Lines,
+}
+
+/// What a batch of calls did: calls answered per server name, failures per code.
+#[derive(Debug, Default, PartialEq)]
+struct Calls {
+    ok: std::collections::BTreeMap<String, u64>,
+    errors: std::collections::BTreeMap<String, u64>,
+}
+
+impl XdsClient {
+    fn start(python: &str, sandbox: &Sandbox, xds: &str) -> XdsClient {
+        let bootstrap = sandbox.write(
+            "xds-bootstrap.json",
+            format!(
+                r#"{{"xds_servers": [{{"server_uri": "{xds}", "channel_creds": [{{"type": "insecure"}}], "server_features": ["xds_v3"]}}],
+  "node": {{"id": "wasd-test-client", "locality": {{}}}}}}"#
+            ),
+        );
+        let mut child = Reaped(
+            Command::new(python)
+                .arg(workspace_root().join("tests/clients/xds_grpc.py"))
+                .arg("client")
+                .env("GRPC_XDS_BOOTSTRAP", bootstrap)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("starting the xDS client"),
+        );
+        let said = Lines::new(child.0.stdout.take().unwrap());
+        XdsClient { child, said }
+    }
+
+    /// `count` calls on the channel to `xds:///target`.
+    fn call(&mut self, target: &str, count: usize) -> Calls {
+        writeln!(self.child.0.stdin.as_mut().unwrap(), "call {target} {count}").unwrap();
+        let line = self
+            .said
+            .next(Duration::from_secs(30 + 3 * count as u64), "the client's calls");
+        let answer = json(&line);
+        let counts = |v: &Value| {
+            v.as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, n)| (k.clone(), n.as_u64().unwrap()))
+                .collect()
+        };
+        Calls {
+            ok: counts(&answer["ok"]),
+            errors: counts(&answer["errors"]),
+        }
+    }
+
+    /// Call in batches of `batch` until `done` holds; fail after `within`. The calls
+    /// are the observation: each batch is what the client's channel does now.
+    fn call_until(
+        &mut self,
+        target: &str,
+        batch: usize,
+        within: Duration,
+        what: &str,
+        done: impl Fn(&Calls) -> bool,
+    ) -> (Calls, Duration) {
+        let began = Instant::now();
+        loop {
+            let calls = self.call(target, batch);
+            if done(&calls) {
+                return (calls, began.elapsed());
+            }
+            assert!(
+                began.elapsed() < within,
+                "waited {within:?} for {what}; the last calls: {calls:?}"
+            );
+        }
+    }
+}
+
+fn servers_of(calls: &Calls) -> Vec<&str> {
+    calls.ok.keys().map(String::as_str).collect()
+}
+
+#[test]
+fn grpc_clients_find_servers_through_xds_and_follow_a_configuration_change() {
+    let python = python_clients();
+    let grpc = GrpcServers::start(&python, 3);
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "appsettings.json",
+        format!(
+            r#"{{"Services": {{"echo": {{"default": ["{}", "{}"]}}}}}}"#,
+            grpc.url(0),
+            grpc.url(1)
+        ),
+    );
+    sandbox.write("wasd.toml", CONFIG_ONLY);
+    let served = Served::start_with_args(&sandbox, &[], &["--xds", "127.0.0.1:0"]);
+    let mut client = XdsClient::start(&python, &sandbox, served.xds.as_deref().unwrap());
+
+    // Round robin over both discovered servers.
+    let calls = client.call("echo", 20);
+    assert_eq!(calls.errors, Default::default(), "{calls:?}");
+    assert_eq!(servers_of(&calls), ["s0", "s1"], "{calls:?}");
+
+    // s2 added, s0 removed in appsettings.json: the client follows within seconds.
+    sandbox.write(
+        "appsettings.json",
+        format!(
+            r#"{{"Services": {{"echo": {{"default": ["{}", "{}"]}}}}}}"#,
+            grpc.url(1),
+            grpc.url(2)
+        ),
+    );
+    let (calls, took) = client.call_until("echo", 10, Duration::from_secs(10), "s2 in, s0 out", |c| {
+        servers_of(c) == ["s1", "s2"] && c.errors.is_empty()
+    });
+    eprintln!("appsettings.json change → calls on the new set after {took:?}: {calls:?}");
+
+    // A service nobody knows: calls fail UNAVAILABLE, and succeed once it appears.
+    let calls = client.call("lonely", 2);
+    assert_eq!(calls.ok, Default::default(), "{calls:?}");
+    assert_eq!(
+        calls.errors.keys().collect::<Vec<_>>(),
+        ["UNAVAILABLE"],
+        "{calls:?}"
+    );
+    sandbox.write(
+        "appsettings.json",
+        format!(
+            r#"{{"Services": {{"echo": {{"default": ["{}", "{}"]}}, "lonely": {{"default": ["{}"]}}}}}}"#,
+            grpc.url(1),
+            grpc.url(2),
+            grpc.url(0)
+        ),
+    );
+    client.call_until(
+        "lonely",
+        2,
+        Duration::from_secs(10),
+        "lonely to be served by s0",
+        |c| servers_of(c) == ["s0"] && c.errors.is_empty(),
+    );
+}
+
+#[test]
+fn grpc_clients_follow_instances_registered_and_deleted_in_etcd_through_xds() {
+    let python = python_clients();
+    let grpc = GrpcServers::start(&python, 2);
+    let etcd = EtcdServer::start();
+    let url = etcd.url();
+    let sandbox = Sandbox::new();
+    sandbox.write(
+        "wasd.toml",
+        format!(
+            r#"
+pass-through = false
+[[provider]]
+builtin = "etcd"
+settings = {{ endpoints = ["{url}"] }}
+grants = {{ http = ["{url}"] }}
+"#
+        ),
+    );
+    etcd.put_instance("echo", "one", "v1", &[&grpc.url(0)], None);
+    let served = Served::start_with_args(&sandbox, &[], &["--xds", "127.0.0.1:0"]);
+    let mut client = XdsClient::start(&python, &sandbox, served.xds.as_deref().unwrap());
+    let calls = client.call("echo", 6);
+    assert_eq!(
+        (servers_of(&calls), calls.errors.len()),
+        (vec!["s0"], 0),
+        "{calls:?}"
+    );
+
+    // A second instance registered in etcd starts receiving calls...
+    etcd.put_instance("echo", "two", "v1", &[&grpc.url(1)], None);
+    let (_, took) = client.call_until("echo", 6, Duration::from_secs(10), "s1 to receive calls", |c| {
+        servers_of(c) == ["s0", "s1"]
+    });
+    eprintln!("etcd put → calls on the new instance after {took:?}");
+    // ...and the first, deleted, stops receiving them.
+    etcd.delete("/microservices/echo/one");
+    client.call_until(
+        "echo",
+        6,
+        Duration::from_secs(10),
+        "s0 to stop receiving calls",
+        |c| servers_of(c) == ["s1"] && c.errors.is_empty(),
+    );
+}
+
+mod protocol {
+    //! The ADS protocol's edge cases, with a client of our own (envoy-types' tonic
+    //! client): grpcio never NACKs or answers a stale nonce on purpose.
+
+    use std::time::Duration;
+
+    use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
+    use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+    use envoy_types::pb::google::rpc::Status;
+    use prost::Message;
+    use tokio::sync::mpsc;
+    use tonic::codegen::tokio_stream::wrappers::ReceiverStream;
+
+    use super::{APPSETTINGS, Served, json};
+    use wasd_tests::Sandbox;
+
+    const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    const ENDPOINTS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+    fn request(
+        kind: &str,
+        names: &[&str],
+        version: &str,
+        nonce: &str,
+        nack: Option<&str>,
+    ) -> DiscoveryRequest {
+        DiscoveryRequest {
+            version_info: version.to_owned(),
+            resource_names: names.iter().map(|n| (*n).to_owned()).collect(),
+            type_url: kind.to_owned(),
+            response_nonce: nonce.to_owned(),
+            error_detail: nack.map(|message| Status {
+                code: 3,
+                message: message.to_owned(),
+                details: Vec::new(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn listeners(response: &DiscoveryResponse) -> Vec<String> {
+        response
+            .resources
+            .iter()
+            .map(|any| Listener::decode(any.value.as_slice()).unwrap().name)
+            .collect()
+    }
+
+    fn addresses(response: &DiscoveryResponse) -> Vec<String> {
+        let mut all = Vec::new();
+        for any in &response.resources {
+            let assignment = ClusterLoadAssignment::decode(any.value.as_slice()).unwrap();
+            for locality in assignment.endpoints {
+                assert!(locality.load_balancing_weight.is_some_and(|w| w.value > 0));
+                for endpoint in locality.lb_endpoints {
+                    let Some(HostIdentifier::Endpoint(endpoint)) = endpoint.host_identifier else {
+                        panic!("no endpoint")
+                    };
+                    let Some(AddressKind::SocketAddress(socket)) = endpoint.address.unwrap().address else {
+                        panic!("no socket address")
+                    };
+                    let Some(PortSpecifier::PortValue(port)) = socket.port_specifier else {
+                        panic!("no port")
+                    };
+                    all.push(format!("{}:{port}", socket.address));
+                }
+            }
+        }
+        all.sort();
+        all
+    }
+
+    #[test]
+    fn acks_nacks_stale_nonces_pushes_and_a_closed_stream_follow_the_protocol() {
+        let sandbox = Sandbox::new();
+        sandbox.write("appsettings.json", APPSETTINGS);
+        // `catalog` over xDS is its https endpoints.
+        sandbox.write(
+            "wasd.toml",
+            format!(
+                "{}\n[serve.xds-services.catalog]\nquery = \"https://catalog\"\n",
+                super::CONFIG_ONLY
+            ),
+        );
+        let served = Served::start_full(&sandbox, &[], &["--xds", "127.0.0.1:0"], true);
+        let xds = format!("http://{}", served.xds.as_deref().unwrap());
+        let status = |key: &str| json(&served.get("/v1/status").1)["xds"][key].as_u64().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut client = AggregatedDiscoveryServiceClient::connect(xds).await.unwrap();
+            let (requests, outgoing) = mpsc::channel(8);
+            let mut responses = client
+                .stream_aggregated_resources(ReceiverStream::new(outgoing))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut next = async || {
+                tokio::time::timeout(Duration::from_secs(10), responses.message())
+                    .await
+                    .expect("a response within 10 s")
+                    .unwrap()
+                    .expect("the stream is open")
+            };
+
+            requests.send(request(LISTENER, &["basket"], "", "", None)).await.unwrap();
+            let first = next().await;
+            assert_eq!((first.type_url.as_str(), first.version_info.as_str()), (LISTENER, "1"));
+            assert_eq!(listeners(&first), ["basket"]);
+            // A NACK is not answered; an answer to a nonce never sent is stale and
+            // ignored (its names too); an ACK with new names is answered with them.
+            requests
+                .send(request(LISTENER, &["basket"], "", &first.nonce, Some("rejected by the test")))
+                .await
+                .unwrap();
+            requests
+                .send(request(LISTENER, &["basket", "stale"], "1", "no-such-nonce", None))
+                .await
+                .unwrap();
+            requests
+                .send(request(LISTENER, &["basket", "catalog"], "1", &first.nonce, None))
+                .await
+                .unwrap();
+            let second = next().await;
+            // The NACK was logged, naming the client and its reason, in one line.
+            let log = served.stderr.as_ref().unwrap();
+            let nack = log.next(Duration::from_secs(10), "the NACK's log line");
+            assert!(
+                nack.contains("WARN")
+                    && nack.contains("xDS: the client rejected Listener version 1: rejected by the test; it keeps version none")
+                    && nack.contains("peer=127.0.0.1:"),
+                "{nack}"
+            );
+            assert_eq!(second.version_info, "2");
+            assert_ne!(second.nonce, first.nonce);
+            assert_eq!(listeners(&second), ["basket", "catalog"]);
+
+            // Endpoints: the configured query's, then a change pushed as it happens.
+            requests.send(request(ENDPOINTS, &["catalog"], "", "", None)).await.unwrap();
+            let endpoints = next().await;
+            assert_eq!(endpoints.type_url, ENDPOINTS);
+            assert_eq!(addresses(&endpoints), ["10.46.24.90:443", "127.0.0.1:8443"]);
+            requests
+                .send(request(ENDPOINTS, &["catalog"], &endpoints.version_info, &endpoints.nonce, None))
+                .await
+                .unwrap();
+            assert_eq!((status("streams"), status("followed")), (1, 1));
+            sandbox.write(
+                "appsettings.json",
+                APPSETTINGS.replace("https://10.46.24.90:443", "https://10.46.24.91:443"),
+            );
+            let pushed = next().await;
+            assert_eq!(pushed.version_info, "2");
+            assert_eq!(addresses(&pushed), ["10.46.24.91:443", "127.0.0.1:8443"]);
+
+            // The client goes: its stream and what it followed are freed.
+            drop(requests);
+            drop(responses);
+            drop(client);
+        });
+        // With the runtime go the connection's tasks, and so the connection.
+        drop(runtime);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while (status("streams"), status("followed")) != (0, 0) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the closed stream was not freed"
+            );
+        }
+    }
 }

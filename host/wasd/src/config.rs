@@ -65,6 +65,31 @@ pub struct ServeSettings {
     /// `token-env`: the environment variable holding the bearer token that mutating
     /// HTTP calls need.
     pub token_env: Option<String>,
+    /// `xds`: the xDS (ADS) server's address; none unless set here or by `--xds`.
+    pub xds: Option<std::net::SocketAddr>,
+    /// `[serve.xds-services.NAME]`: the query an xDS service name stands for, where it
+    /// is not `grpc://NAME`.
+    pub xds_services: std::collections::HashMap<String, XdsService>,
+}
+
+/// The query an xDS service name stands for (`[serve.xds-services.NAME]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct XdsService {
+    /// `query`: the query's text (default `grpc://NAME`).
+    pub query: String,
+    /// `filters`: metadata filters, `KEY = "VALUE"` each.
+    pub filters: Vec<(String, String)>,
+}
+
+impl XdsService {
+    /// What `NAME` stands for unless configured: `grpc://NAME`.
+    pub fn default_for(name: &str) -> XdsService {
+        XdsService {
+            query: format!("grpc://{name}"),
+            filters: Vec::new(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -99,6 +124,17 @@ struct RawServe {
     dns_zone: Option<Spanned<String>>,
     dns_ttl: Option<Spanned<String>>,
     token_env: Option<Spanned<String>>,
+    xds: Option<Spanned<String>>,
+    #[serde(default)]
+    xds_services: std::collections::BTreeMap<String, Spanned<RawXdsService>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawXdsService {
+    query: Option<Spanned<String>>,
+    #[serde(default)]
+    filters: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -362,6 +398,29 @@ impl Config {
                 Some(name) => Some(name.get_ref().clone()),
                 None => None,
             },
+            xds: address(&raw.serve.xds)?,
+            xds_services: raw
+                .serve
+                .xds_services
+                .iter()
+                .map(|(name, spanned)| {
+                    let service = spanned.get_ref();
+                    let query = match &service.query {
+                        Some(query) => {
+                            crate::Query::parse(query.get_ref()).map_err(|e| src.at(query, e.to_string()))?;
+                            query.get_ref().clone()
+                        }
+                        None => XdsService::default_for(name).query,
+                    };
+                    Ok((
+                        name.clone(),
+                        XdsService {
+                            query,
+                            filters: service.filters.clone().into_iter().collect(),
+                        },
+                    ))
+                })
+                .collect::<Result<_, ConfigError>>()?,
         };
         for spanned in &raw.providers {
             let spec = provider_spec(&src, spanned, &config, &resolve)?;

@@ -73,7 +73,7 @@ pub mod serve;
 
 pub use balance::{Balancer, BalancerBuilder, DEFAULT_EJECTION, Picked, Strategy};
 pub use check::check;
-pub use config::{Config, ServeSettings};
+pub use config::{Config, ServeSettings, XdsService};
 #[cfg(feature = "tower")]
 pub use discover::Discover;
 pub use observe::{DEFAULT_MAX_SERVICES, OTHER_SERVICES, describe_metrics};

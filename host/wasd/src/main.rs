@@ -74,6 +74,10 @@ enum Command {
         /// wasd.internal.
         #[arg(long, value_name = "ZONE")]
         dns_zone: Option<String>,
+        /// Serve xDS (ADS, for gRPC clients' `xds:///NAME`) on this address. Default:
+        /// [serve] xds, else none.
+        #[arg(long, value_name = "ADDR")]
+        xds: Option<std::net::SocketAddr>,
     },
     /// Load the configuration and every provider module, and explain what is wrong.
     Check {
@@ -412,7 +416,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             http,
             dns,
             dns_zone,
-        } => serve(config, http, dns, dns_zone).await,
+            xds,
+        } => serve(config, http, dns, dns_zone, xds).await,
         Command::Check { config, modules } => {
             let loaded = config.load()?;
             let reports = wasd::check(&loaded, &modules).await?;
@@ -470,6 +475,7 @@ async fn serve(
     http: Option<std::net::SocketAddr>,
     dns: Option<std::net::SocketAddr>,
     dns_zone: Option<String>,
+    xds: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<ExitCode> {
     use wasd::serve::{ServeOptions, Server};
     // Before anything is bound or loaded: a signal from then on stops the server.
@@ -488,6 +494,10 @@ async fn serve(
     if let Some(ttl) = settings.dns_ttl {
         options = options.with_dns_ttl(ttl);
     }
+    if let Some(address) = xds.or(settings.xds) {
+        options = options.with_xds(address);
+    }
+    options = options.with_xds_services(settings.xds_services.clone());
     if let Some(variable) = &settings.token_env {
         match std::env::var(variable) {
             Ok(token) if !token.is_empty() => options = options.with_token(token),
@@ -522,6 +532,9 @@ async fn serve(
             server.dns_addr(),
             options.zone
         )?;
+        if let Some(address) = server.xds_addr() {
+            writeln!(out, "serving xDS on {address}")?;
+        }
         out.flush()?;
     }
     server.run_until(shutdown).await?;

@@ -22,7 +22,6 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
-use hickory_resolver::TokioResolver;
 use hickory_server::net::runtime::Time;
 use hickory_server::proto::op::{Edns, Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
 use hickory_server::proto::rr::rdata::{A, AAAA, SOA, SRV};
@@ -30,10 +29,9 @@ use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
 
+use super::hosts::{Hosts, Lookup};
 use crate::{Endpoint, EndpointSet, Error, Query, Resolver};
 
-/// How long a host-name endpoint's lookup may take.
-const HOST_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// The label under the zone that holds the SRV targets' address names.
 const ADDRESS_LABEL: &str = "addr";
 
@@ -45,7 +43,7 @@ pub(crate) struct DnsHandler {
     /// The most a record's TTL may be.
     ttl_cap: Duration,
     /// Looks up endpoints given as host names.
-    hosts: Option<TokioResolver>,
+    hosts: Hosts,
     soa: Record,
 }
 
@@ -70,16 +68,12 @@ impl DnsHandler {
                 ttl,
             )),
         );
-        let hosts = TokioResolver::builder_tokio()
-            .ok()
-            .map(|b| b.build())
-            .and_then(Result::ok);
         DnsHandler {
             resolver,
             zone: LowerName::new(&zone),
             zone_name: zone,
             ttl_cap,
-            hosts,
+            hosts: Hosts::new(),
             soa,
         }
     }
@@ -246,31 +240,17 @@ impl DnsHandler {
         let mut ips = Vec::new();
         let mut missing = false;
         for endpoint in endpoints {
-            let host = endpoint.host();
-            if let Ok(ip) = host.parse::<IpAddr>() {
-                if !ips.contains(&ip) {
-                    ips.push(ip);
-                }
-                continue;
-            }
-            let Some(hosts) = &self.hosts else {
-                return Err(ResponseCode::ServFail);
-            };
-            match tokio::time::timeout(HOST_LOOKUP_TIMEOUT, hosts.lookup_ip(host)).await {
-                Ok(Ok(found)) => {
-                    for ip in found.iter() {
+            match self.hosts.addresses(endpoint.host()).await {
+                Ok(found) => {
+                    for ip in found {
                         if !ips.contains(&ip) {
                             ips.push(ip);
                         }
                     }
                 }
-                Ok(Err(e)) if e.is_no_records_found() || e.is_nx_domain() => missing = true,
-                Ok(Err(e)) => {
-                    tracing::warn!(host = %host.escape_default(), "DNS: looking up an endpoint's host name failed: {e}");
-                    return Err(ResponseCode::ServFail);
-                }
-                Err(_) => {
-                    tracing::warn!(host = %host.escape_default(), "DNS: looking up an endpoint's host name timed out");
+                Err(Lookup::NotFound) => missing = true,
+                Err(Lookup::Failed(reason)) => {
+                    tracing::warn!("DNS: an endpoint's host name: {reason}");
                     return Err(ResponseCode::ServFail);
                 }
             }

@@ -77,6 +77,9 @@ pub(crate) struct Api {
     pub(crate) token: Option<String>,
     /// Set once the server stops: blocked watches answer at once.
     pub(crate) stopping: watch::Sender<bool>,
+    /// The xDS server's open streams and followed services, when it runs.
+    #[cfg(feature = "xds")]
+    pub(crate) xds: Option<Arc<super::xds::XdsCounts>>,
 }
 
 /// Counts a blocked watch while it waits.
@@ -358,8 +361,18 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
             service
         })
         .collect();
+    #[cfg(feature = "xds")]
+    let xds = api.xds.as_ref().map(|counts| {
+        json!({
+            "streams": counts.streams.load(Ordering::Relaxed),
+            "followed": counts.followed.load(Ordering::Relaxed),
+        })
+    });
+    #[cfg(not(feature = "xds"))]
+    let xds: Option<Value> = None;
     axum::Json(json!({
         "version": env!("CARGO_PKG_VERSION"),
+        "xds": xds,
         "services": services,
         "instances": instances,
         "providers": providers,

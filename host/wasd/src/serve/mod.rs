@@ -15,8 +15,11 @@
 //! ```
 
 mod dns;
+mod hosts;
 mod http;
 mod instances;
+#[cfg(feature = "xds")]
+mod xds;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,6 +59,10 @@ pub struct ServeOptions {
     /// The bearer token mutating HTTP calls need; without one the HTTP API listens on
     /// loopback addresses only.
     pub token: Option<String>,
+    /// The xDS server's address, if one is served (feature `xds`).
+    pub xds: Option<SocketAddr>,
+    /// What xDS service names stand for where not `grpc://NAME`.
+    pub xds_services: std::collections::HashMap<String, crate::XdsService>,
 }
 
 impl Default for ServeOptions {
@@ -66,6 +73,8 @@ impl Default for ServeOptions {
             zone: DEFAULT_ZONE.to_owned(),
             dns_ttl: DEFAULT_DNS_TTL,
             token: None,
+            xds: None,
+            xds_services: Default::default(),
         }
     }
 }
@@ -107,6 +116,21 @@ impl ServeOptions {
         Ok(())
     }
 
+    /// The same options serving xDS (ADS) on `address` (feature `xds`).
+    pub fn with_xds(mut self, address: SocketAddr) -> ServeOptions {
+        self.xds = Some(address);
+        self
+    }
+
+    /// The same options with these xDS service names standing for these queries.
+    pub fn with_xds_services(
+        mut self,
+        services: std::collections::HashMap<String, crate::XdsService>,
+    ) -> ServeOptions {
+        self.xds_services = services;
+        self
+    }
+
     /// The same options with DNS TTLs capped at `ttl`.
     pub fn with_dns_ttl(mut self, ttl: Duration) -> ServeOptions {
         self.dns_ttl = ttl;
@@ -121,7 +145,7 @@ pub enum ServeError {
     /// A listener's address could not be bound.
     #[error("cannot listen for {what} on {address}: {source}")]
     Bind {
-        /// `HTTP`, `DNS (UDP)` or `DNS (TCP)`.
+        /// `HTTP`, `DNS (UDP)`, `DNS (TCP)` or `xDS`.
         what: &'static str,
         /// The address.
         address: SocketAddr,
@@ -140,7 +164,7 @@ pub enum ServeError {
     /// A listener failed while serving.
     #[error("serving {what}: {source}")]
     Serving {
-        /// `HTTP` or `DNS`.
+        /// `HTTP`, `DNS` or `xDS`.
         what: &'static str,
         /// Why.
         #[source]
@@ -167,6 +191,9 @@ pub struct Server {
     dns: DnsServer<dns::DnsHandler>,
     dns_addr: SocketAddr,
     api: Arc<http::Api>,
+    /// The xDS listener and what it serves.
+    #[cfg(feature = "xds")]
+    xds: Option<(TcpListener, SocketAddr, xds::Xds)>,
 }
 
 impl Server {
@@ -212,11 +239,39 @@ impl Server {
             dns.register_socket(socket);
         }
         dns.register_listener(tcp, DNS_TCP_TIMEOUT, 64);
+        #[cfg(feature = "xds")]
+        let xds_counts = Arc::new(xds::XdsCounts::default());
+        #[cfg(feature = "xds")]
+        let xds = match options.xds {
+            Some(address) => {
+                let listener = TcpListener::bind(address).await.map_err(bind("xDS", address))?;
+                let bound = listener.local_addr().map_err(bind("xDS", address))?;
+                let service = xds::Xds::new(
+                    resolver.clone(),
+                    options.xds_services.clone(),
+                    Arc::clone(&xds_counts),
+                );
+                Some((listener, bound, service))
+            }
+            None => None,
+        };
+        #[cfg(not(feature = "xds"))]
+        if let Some(address) = options.xds {
+            return Err(ServeError::Bind {
+                what: "xDS",
+                address,
+                source: std::io::Error::other("this build of wasd has no xDS server (feature `xds`)"),
+            });
+        }
+        #[cfg(feature = "xds")]
+        let xds_counted = xds.is_some().then_some(xds_counts);
         Ok(Server {
             http,
             http_addr,
             dns,
             dns_addr,
+            #[cfg(feature = "xds")]
+            xds,
             api: Arc::new(http::Api {
                 resolver,
                 metrics,
@@ -224,6 +279,8 @@ impl Server {
                 instances: Default::default(),
                 token: options.token.clone(),
                 stopping: tokio::sync::watch::Sender::new(false),
+                #[cfg(feature = "xds")]
+                xds: xds_counted,
             }),
         })
     }
@@ -238,13 +295,26 @@ impl Server {
         self.dns_addr
     }
 
+    /// The xDS server's address, when one is served.
+    pub fn xds_addr(&self) -> Option<SocketAddr> {
+        #[cfg(feature = "xds")]
+        return self.xds.as_ref().map(|(_, address, _)| *address);
+        #[cfg(not(feature = "xds"))]
+        None
+    }
+
     /// Serve until `shutdown` completes, then stop both listeners.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let Server {
-            http, mut dns, api, ..
+            http,
+            mut dns,
+            api,
+            #[cfg(feature = "xds")]
+            xds,
+            ..
         } = self;
         // One stop for both: hickory-server's shutdown token, which the HTTP side
         // waits on too.
@@ -260,6 +330,20 @@ impl Server {
             }
         });
         let mut http_task = tokio::spawn(serving);
+        // xDS streams end with the server: clients reconnect to another control plane
+        // or keep what they were sent.
+        #[cfg(feature = "xds")]
+        let xds_task = xds.map(|(listener, _, service)| {
+            let stopped = dns.shutdown_token().clone().cancelled_owned();
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(service.into_service())
+                    .serve_with_incoming_shutdown(
+                        tonic::transport::server::TcpIncoming::from(listener),
+                        stopped,
+                    ),
+            )
+        });
         // Until told to stop, or until the HTTP side ends on its own (an error).
         let http_result = tokio::select! {
             () = shutdown => None,
@@ -276,6 +360,14 @@ impl Server {
             None => http_task.await,
         };
         let failed = |what, source| ServeError::Serving { what, source };
+        #[cfg(feature = "xds")]
+        if let Some(task) = xds_task {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(failed("xDS", e.into())),
+                Err(e) => return Err(failed("xDS", e.into())),
+            }
+        }
         dns_result.map_err(|e| failed("DNS", e.into()))?;
         match http_result {
             Ok(Ok(())) => Ok(()),

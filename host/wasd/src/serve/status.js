@@ -112,7 +112,9 @@ async function poll() {
     services(status);
     instances(status);
     document.getElementById("meta").textContent =
-      "version " + status.version + " · " + status.blocked_watches + " blocked watches · updated " +
+      "version " + status.version + " · " + status.blocked_watches + " blocked watches · " +
+      (status.xds ? status.xds.streams + " xDS streams following " + status.xds.followed + " services · " : "") +
+      "updated " +
       new Date().toLocaleTimeString();
     connection(true);
   } catch (e) {

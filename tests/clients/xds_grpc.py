@@ -1,0 +1,72 @@
+"""Real gRPC peers (Python grpcio) for the xDS tests.
+
+    xds_grpc.py servers N
+        Starts N gRPC servers on free loopback ports; each answers the method
+        /wasd.test.Echo/Who with its own name (s0, s1, ...). Prints "ports P0 P1 ...",
+        then serves until stdin closes.
+
+    xds_grpc.py client
+        A gRPC client whose channels resolve xds:///TARGET through the control plane
+        the bootstrap file in GRPC_XDS_BOOTSTRAP names. Reads commands from stdin,
+        "call TARGET N": N calls of /wasd.test.Echo/Who on the channel to
+        xds:///TARGET (kept open between commands), each with a 3 s deadline; prints
+        one JSON line {"ok": {"s0": count, ...}, "errors": {"UNAVAILABLE": count, ...}}.
+"""
+
+import json
+import sys
+from concurrent import futures
+
+import grpc
+
+METHOD = "/wasd.test.Echo/Who"
+
+
+class Who(grpc.GenericRpcHandler):
+    def __init__(self, name):
+        self.name = name.encode()
+
+    def service(self, details):
+        if details.method == METHOD:
+            return grpc.unary_unary_rpc_method_handler(lambda request, context: self.name)
+        return None
+
+
+def servers(count):
+    running, ports = [], []
+    for i in range(count):
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        server.add_generic_rpc_handlers((Who(f"s{i}"),))
+        ports.append(server.add_insecure_port("127.0.0.1:0"))
+        server.start()
+        running.append(server)
+    print("ports", *ports, flush=True)
+    sys.stdin.read()
+    for server in running:
+        server.stop(0)
+
+
+def client():
+    channels = {}
+    for line in sys.stdin:
+        command, target, count = line.split()
+        assert command == "call", line
+        channel = channels.get(target)
+        if channel is None:
+            channel = channels[target] = grpc.insecure_channel("xds:///" + target)
+        who = channel.unary_unary(METHOD)
+        ok, errors = {}, {}
+        for _ in range(int(count)):
+            try:
+                name = who(b"", timeout=3).decode()
+                ok[name] = ok.get(name, 0) + 1
+            except grpc.RpcError as e:
+                errors[e.code().name] = errors.get(e.code().name, 0) + 1
+        print(json.dumps({"ok": ok, "errors": errors}), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "servers":
+        servers(int(sys.argv[2]))
+    else:
+        client()
