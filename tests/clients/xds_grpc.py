@@ -11,6 +11,8 @@
         "call TARGET N": N calls of /wasd.test.Echo/Who on the channel to
         xds:///TARGET (kept open between commands), each with a 3 s deadline; prints
         one JSON line {"ok": {"s0": count, ...}, "errors": {"UNAVAILABLE": count, ...}}.
+        "until TARGET NAME": calls (1 s deadline each) until one is answered by NAME;
+        prints "answered CALLS" (at most 100 000 calls, else "never").
 """
 
 import json
@@ -49,12 +51,25 @@ def servers(count):
 def client():
     channels = {}
     for line in sys.stdin:
-        command, target, count = line.split()
-        assert command == "call", line
+        command, target, argument = line.split()
         channel = channels.get(target)
         if channel is None:
             channel = channels[target] = grpc.insecure_channel("xds:///" + target)
         who = channel.unary_unary(METHOD)
+        if command == "until":
+            wanted = argument.encode()
+            for calls in range(1, 100_001):
+                try:
+                    if who(b"", timeout=1) == wanted:
+                        print("answered", calls, flush=True)
+                        break
+                except grpc.RpcError:
+                    pass
+            else:
+                print("never", flush=True)
+            continue
+        assert command == "call", line
+        count = argument
         ok, errors = {}, {}
         for _ in range(int(count)):
             try:

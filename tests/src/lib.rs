@@ -11,6 +11,7 @@ use tempfile::TempDir;
 pub mod conformance;
 mod dns;
 mod etcd;
+pub mod peers;
 pub mod servers;
 pub use dns::DnsServer;
 pub use etcd::{EtcdServer, TlsFiles};

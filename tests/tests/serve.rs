@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use wasd_tests::peers::{Calls, GrpcServers, Reaped, XdsClient};
 use wasd_tests::{EtcdServer, Lines, Sandbox, python_clients, run, run_within, workspace_root};
 
 /// `SERVICE.ZONE` asks `SERVICE` as `wasd resolve SERVICE` does: the configuration
@@ -744,16 +745,6 @@ grants = {{ http = ["{url}"] }}
     assert_eq!(status, 404);
 }
 
-/// A child killed when dropped, so a failing assertion leaves no browser behind.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Config first (it answers `basket`), etcd after it (the registrar), on `url`.
 fn config_then_etcd(url: &str) -> String {
     format!(
@@ -1094,122 +1085,6 @@ fn the_http_api_bounds_headers_bodies_and_time_and_answers_json() {
     );
     // The server serves on.
     assert_eq!(served.get("/healthz").0, 200);
-}
-
-/// gRPC servers (Python grpcio) on free ports, each answering with its name (`s0`...).
-struct GrpcServers {
-    _child: Reaped,
-    ports: Vec<u16>,
-}
-
-impl GrpcServers {
-    fn start(python: &str, count: usize) -> GrpcServers {
-        let mut child = Reaped(
-            Command::new(python)
-                .arg(workspace_root().join("tests/clients/xds_grpc.py"))
-                .args(["servers", &count.to_string()])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("starting the gRPC servers"),
-        );
-        let said = Lines::new(child.0.stdout.take().unwrap());
-        let line = said.next(Duration::from_secs(60), "the gRPC servers' ports");
-        let ports = line
-            .strip_prefix("ports ")
-            .unwrap_or_else(|| panic!("{line}"))
-            .split_whitespace()
-            .map(|p| p.parse().unwrap())
-            .collect();
-        GrpcServers { _child: child, ports }
-    }
-
-    fn url(&self, i: usize) -> String {
-        format!("grpc://127.0.0.1:{}", self.ports[i])
-    }
-}
-
-/// A Python grpcio client whose channels resolve `xds:///NAME` through `wasd serve
-/// --xds` (its bootstrap file names the server).
-struct XdsClient {
-    child: Reaped,
-    said: Lines,
-}
-
-/// What a batch of calls did: calls answered per server name, failures per code.
-#[derive(Debug, Default, PartialEq)]
-struct Calls {
-    ok: std::collections::BTreeMap<String, u64>,
-    errors: std::collections::BTreeMap<String, u64>,
-}
-
-impl XdsClient {
-    fn start(python: &str, sandbox: &Sandbox, xds: &str) -> XdsClient {
-        let bootstrap = sandbox.write(
-            "xds-bootstrap.json",
-            format!(
-                r#"{{"xds_servers": [{{"server_uri": "{xds}", "channel_creds": [{{"type": "insecure"}}], "server_features": ["xds_v3"]}}],
-  "node": {{"id": "wasd-test-client", "locality": {{}}}}}}"#
-            ),
-        );
-        let mut child = Reaped(
-            Command::new(python)
-                .arg(workspace_root().join("tests/clients/xds_grpc.py"))
-                .arg("client")
-                .env("GRPC_XDS_BOOTSTRAP", bootstrap)
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .expect("starting the xDS client"),
-        );
-        let said = Lines::new(child.0.stdout.take().unwrap());
-        XdsClient { child, said }
-    }
-
-    /// `count` calls on the channel to `xds:///target`.
-    fn call(&mut self, target: &str, count: usize) -> Calls {
-        writeln!(self.child.0.stdin.as_mut().unwrap(), "call {target} {count}").unwrap();
-        let line = self
-            .said
-            .next(Duration::from_secs(30 + 3 * count as u64), "the client's calls");
-        let answer = json(&line);
-        let counts = |v: &Value| {
-            v.as_object()
-                .unwrap()
-                .iter()
-                .map(|(k, n)| (k.clone(), n.as_u64().unwrap()))
-                .collect()
-        };
-        Calls {
-            ok: counts(&answer["ok"]),
-            errors: counts(&answer["errors"]),
-        }
-    }
-
-    /// Call in batches of `batch` until `done` holds; fail after `within`. The calls
-    /// are the observation: each batch is what the client's channel does now.
-    fn call_until(
-        &mut self,
-        target: &str,
-        batch: usize,
-        within: Duration,
-        what: &str,
-        done: impl Fn(&Calls) -> bool,
-    ) -> (Calls, Duration) {
-        let began = Instant::now();
-        loop {
-            let calls = self.call(target, batch);
-            if done(&calls) {
-                return (calls, began.elapsed());
-            }
-            assert!(
-                began.elapsed() < within,
-                "waited {within:?} for {what}; the last calls: {calls:?}"
-            );
-        }
-    }
 }
 
 fn servers_of(calls: &Calls) -> Vec<&str> {
