@@ -13,6 +13,9 @@
         one JSON line {"ok": {"s0": count, ...}, "errors": {"UNAVAILABLE": count, ...}}.
         "until TARGET NAME": calls (1 s deadline each) until one is answered by NAME;
         prints "answered CALLS" (at most 100 000 calls, else "never").
+        "csds - -": what the client's xDS client holds, as its own CSDS service
+        (grpcio-csds) reports it: one JSON line, a list of
+        [type, name, status, version] (type: the type URL's last part).
 """
 
 import json
@@ -48,10 +51,37 @@ def servers(count):
         server.stop(0)
 
 
+def client_status(state):
+    """The client's xDS resources through a CSDS service in this process."""
+    from envoy.service.status.v3 import csds_pb2, csds_pb2_grpc
+    import grpc_csds
+
+    if "csds" not in state:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        grpc_csds.add_csds_servicer(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        stub = csds_pb2_grpc.ClientStatusDiscoveryServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        state["csds"] = (server, stub)
+    _, stub = state["csds"]
+    response = stub.FetchClientStatus(csds_pb2.ClientStatusRequest(), timeout=5)
+    resources = []
+    for config in response.config:
+        for xds in config.generic_xds_configs:
+            field = xds.DESCRIPTOR.fields_by_name["client_status"]
+            status = field.enum_type.values_by_number[xds.client_status].name
+            resources.append([xds.type_url.rsplit(".", 1)[-1], xds.name, status, xds.version_info])
+    return sorted(resources)
+
+
 def client():
     channels = {}
+    state = {}
     for line in sys.stdin:
         command, target, argument = line.split()
+        if command == "csds":
+            print(json.dumps(client_status(state)), flush=True)
+            continue
         channel = channels.get(target)
         if channel is None:
             channel = channels[target] = grpc.insecure_channel("xds:///" + target)

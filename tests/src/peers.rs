@@ -136,6 +136,16 @@ impl XdsClient {
 }
 
 impl XdsClient {
+    /// What the client's xDS client holds, as its CSDS service (grpcio-csds) reports
+    /// it: `[type, name, status, version]` each (`["Listener", "echo", "ACKED", "1"]`).
+    pub fn resources(&mut self) -> Vec<[String; 4]> {
+        writeln!(self.child.0.stdin.as_mut().unwrap(), "csds - -").unwrap();
+        let line = self
+            .said
+            .next(Duration::from_secs(30), "the client's CSDS report");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    }
+
     /// Call `xds:///target` until a call is answered by the server named `name`; the
     /// number of calls it took (`None`: not within 100 000 calls).
     pub fn until(&mut self, target: &str, name: &str) -> Option<u64> {

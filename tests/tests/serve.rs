@@ -1112,6 +1112,20 @@ fn grpc_clients_find_servers_through_xds_and_follow_a_configuration_change() {
     let calls = client.call("echo", 20);
     assert_eq!(calls.errors, Default::default(), "{calls:?}");
     assert_eq!(servers_of(&calls), ["s0", "s1"], "{calls:?}");
+    // What the client accepted, as its own CSDS service reports it.
+    let held: Vec<String> = client
+        .resources()
+        .iter()
+        .map(|[kind, name, status, _]| format!("{kind} {name} {status}"))
+        .collect();
+    assert_eq!(
+        held,
+        [
+            "Cluster echo ACKED",
+            "ClusterLoadAssignment echo ACKED",
+            "Listener echo ACKED"
+        ]
+    );
 
     // s2 added, s0 removed in appsettings.json: the client follows within seconds.
     sandbox.write(
