@@ -1390,4 +1390,71 @@ mod protocol {
             );
         }
     }
+
+    #[test]
+    fn a_plugin_swapped_in_the_plugin_folder_reaches_a_subscribed_client_within_1s() {
+        let sandbox = Sandbox::new();
+        let plugin = sandbox.write(
+            "plugins/fixed.wasm",
+            std::fs::read(wasd_tests::fixtures::FIXED_A).unwrap(),
+        );
+        // The fixture answers `fixed` with one http endpoint: served over xDS as is.
+        sandbox.write(
+            "wasd.toml",
+            "pass-through = false\nplugin-dir = \"plugins\"\n[serve.xds-services.fixed]\nquery = \"http://fixed\"\n",
+        );
+        let served = Served::start_with_args(&sandbox, &[], &["--xds", "127.0.0.1:0"]);
+        let xds = format!("http://{}", served.xds.as_deref().unwrap());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut client = AggregatedDiscoveryServiceClient::connect(xds).await.unwrap();
+            let (requests, outgoing) = mpsc::channel(8);
+            let mut responses = client
+                .stream_aggregated_resources(ReceiverStream::new(outgoing))
+                .await
+                .unwrap()
+                .into_inner();
+            requests
+                .send(request(ENDPOINTS, &["fixed"], "", "", None))
+                .await
+                .unwrap();
+            let first = tokio::time::timeout(Duration::from_secs(10), responses.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            assert_eq!(addresses(&first), ["10.1.0.1:80"]);
+            requests
+                .send(request(
+                    ENDPOINTS,
+                    &["fixed"],
+                    &first.version_info,
+                    &first.nonce,
+                    None,
+                ))
+                .await
+                .unwrap();
+
+            // Version B written beside and renamed over A, as deployments do.
+            let next = plugin.with_extension("wasm.new");
+            std::fs::write(&next, std::fs::read(wasd_tests::fixtures::FIXED_B).unwrap()).unwrap();
+            std::fs::rename(&next, &plugin).unwrap();
+            let swapped = std::time::Instant::now();
+            let pushed = tokio::time::timeout(Duration::from_secs(10), responses.message())
+                .await
+                .expect("the swap was pushed within 10 s")
+                .unwrap()
+                .unwrap();
+            let took = swapped.elapsed();
+            assert_eq!(addresses(&pushed), ["10.1.0.2:80"]);
+            assert_ne!(pushed.version_info, first.version_info);
+            assert!(
+                took < Duration::from_secs(1),
+                "the swap reached the client after {took:?}"
+            );
+        });
+    }
 }
