@@ -61,20 +61,8 @@ fn main() {
         .unwrap_or(30);
     let python = python_clients();
     let etcd = EtcdServer::start();
-    let url = etcd.url();
     let sandbox = Sandbox::new();
-    sandbox.write(
-        "wasd.toml",
-        format!(
-            r#"
-pass-through = false
-[[provider]]
-builtin = "etcd"
-settings = {{ endpoints = ["{url}"] }}
-grants = {{ http = ["{url}"] }}
-"#
-        ),
-    );
+    sandbox.write("wasd.toml", etcd.only_provider_config());
     let grpc = GrpcServers::start(&python, 3);
     etcd.put_instance("echo", "i0", "v1", &[&grpc.url(0)], None);
     let mut serve = Reaped(

@@ -243,6 +243,21 @@ impl EtcdServer {
     }
 
     /// Kill etcd (SIGKILL): requests now fail with connection refused.
+    /// A `wasd.toml` whose one provider is the etcd provider on this server, with no
+    /// pass-through (an unknown service is unknown).
+    pub fn only_provider_config(&self) -> String {
+        let url = self.url();
+        format!(
+            r#"
+pass-through = false
+[[provider]]
+builtin = "etcd"
+settings = {{ endpoints = ["{url}"] }}
+grants = {{ http = ["{url}"] }}
+"#
+        )
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

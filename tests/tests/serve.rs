@@ -598,20 +598,12 @@ print("stopped", flush=True)
 #[test]
 fn an_instance_lives_while_its_client_renews_it_and_a_delete_reaches_a_blocked_watch_within_1s() {
     let etcd = EtcdServer::start();
-    let url = etcd.url();
     let sandbox = Sandbox::new();
     sandbox.write(
         "wasd.toml",
         format!(
-            r#"
-pass-through = false
-[serve]
-token-env = "WASD_TOKEN"
-[[provider]]
-builtin = "etcd"
-settings = {{ endpoints = ["{url}"] }}
-grants = {{ http = ["{url}"] }}
-"#
+            "{}\n[serve]\ntoken-env = \"WASD_TOKEN\"\n",
+            etcd.only_provider_config()
         ),
     );
     let served = Served::start_with(&sandbox, &[("WASD_TOKEN", "s3cret")]);
@@ -933,20 +925,8 @@ fn dnspython_reads_a_srv_with_additional_nxdomain_nodata_refused_and_formerr() {
 #[test]
 fn a_change_written_to_etcd_reaches_a_blocked_watch_within_1s() {
     let etcd = EtcdServer::start();
-    let url = etcd.url();
     let sandbox = Sandbox::new();
-    sandbox.write(
-        "wasd.toml",
-        format!(
-            r#"
-pass-through = false
-[[provider]]
-builtin = "etcd"
-settings = {{ endpoints = ["{url}"] }}
-grants = {{ http = ["{url}"] }}
-"#
-        ),
-    );
+    sandbox.write("wasd.toml", etcd.only_provider_config());
     let served = Served::start(&sandbox);
     etcd.put_instance("catalog", "one", "v1", &["http://10.8.0.1:80"], None);
     let first = served.watch_until("catalog", Duration::from_secs(20), "the first instance", |a| {
@@ -1172,20 +1152,8 @@ fn grpc_clients_follow_instances_registered_and_deleted_in_etcd_through_xds() {
     let python = python_clients();
     let grpc = GrpcServers::start(&python, 2);
     let etcd = EtcdServer::start();
-    let url = etcd.url();
     let sandbox = Sandbox::new();
-    sandbox.write(
-        "wasd.toml",
-        format!(
-            r#"
-pass-through = false
-[[provider]]
-builtin = "etcd"
-settings = {{ endpoints = ["{url}"] }}
-grants = {{ http = ["{url}"] }}
-"#
-        ),
-    );
+    sandbox.write("wasd.toml", etcd.only_provider_config());
     etcd.put_instance("echo", "one", "v1", &[&grpc.url(0)], None);
     let served = Served::start_with_args(&sandbox, &[], &["--xds", "127.0.0.1:0"]);
     let mut client = XdsClient::start(&python, &sandbox, served.xds.as_deref().unwrap());
@@ -1258,6 +1226,34 @@ mod protocol {
         }
     }
 
+    /// An ADS stream to `xds`: the client (which holds the connection), the requests'
+    /// sender and the responses.
+    async fn open(
+        xds: String,
+    ) -> (
+        AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
+        mpsc::Sender<DiscoveryRequest>,
+        tonic::Streaming<DiscoveryResponse>,
+    ) {
+        let mut client = AggregatedDiscoveryServiceClient::connect(xds).await.unwrap();
+        let (requests, outgoing) = mpsc::channel(8);
+        let responses = client
+            .stream_aggregated_resources(ReceiverStream::new(outgoing))
+            .await
+            .unwrap()
+            .into_inner();
+        (client, requests, responses)
+    }
+
+    /// The stream's next response, within 10 s.
+    async fn next(responses: &mut tonic::Streaming<DiscoveryResponse>) -> DiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(10), responses.message())
+            .await
+            .expect("a response within 10 s")
+            .unwrap()
+            .expect("the stream is open")
+    }
+
     fn listeners(response: &DiscoveryResponse) -> Vec<String> {
         response
             .resources
@@ -1310,23 +1306,10 @@ mod protocol {
             .build()
             .unwrap();
         runtime.block_on(async {
-            let mut client = AggregatedDiscoveryServiceClient::connect(xds).await.unwrap();
-            let (requests, outgoing) = mpsc::channel(8);
-            let mut responses = client
-                .stream_aggregated_resources(ReceiverStream::new(outgoing))
-                .await
-                .unwrap()
-                .into_inner();
-            let mut next = async || {
-                tokio::time::timeout(Duration::from_secs(10), responses.message())
-                    .await
-                    .expect("a response within 10 s")
-                    .unwrap()
-                    .expect("the stream is open")
-            };
+            let (client, requests, mut responses) = open(xds).await;
 
             requests.send(request(LISTENER, &["basket"], "", "", None)).await.unwrap();
-            let first = next().await;
+            let first = next(&mut responses).await;
             assert_eq!((first.type_url.as_str(), first.version_info.as_str()), (LISTENER, "1"));
             assert_eq!(listeners(&first), ["basket"]);
             // A NACK is not answered; an answer to a nonce never sent is stale and
@@ -1343,7 +1326,7 @@ mod protocol {
                 .send(request(LISTENER, &["basket", "catalog"], "1", &first.nonce, None))
                 .await
                 .unwrap();
-            let second = next().await;
+            let second = next(&mut responses).await;
             // The NACK was logged, naming the client and its reason, in one line.
             let log = served.stderr.as_ref().unwrap();
             let nack = log.next(Duration::from_secs(10), "the NACK's log line");
@@ -1359,7 +1342,7 @@ mod protocol {
 
             // Endpoints: the configured query's, then a change pushed as it happens.
             requests.send(request(ENDPOINTS, &["catalog"], "", "", None)).await.unwrap();
-            let endpoints = next().await;
+            let endpoints = next(&mut responses).await;
             assert_eq!(endpoints.type_url, ENDPOINTS);
             assert_eq!(addresses(&endpoints), ["10.46.24.90:443", "127.0.0.1:8443"]);
             requests
@@ -1371,7 +1354,7 @@ mod protocol {
                 "appsettings.json",
                 APPSETTINGS.replace("https://10.46.24.90:443", "https://10.46.24.91:443"),
             );
-            let pushed = next().await;
+            let pushed = next(&mut responses).await;
             assert_eq!(pushed.version_info, "2");
             assert_eq!(addresses(&pushed), ["10.46.24.91:443", "127.0.0.1:8443"]);
 
@@ -1410,22 +1393,12 @@ mod protocol {
             .build()
             .unwrap();
         runtime.block_on(async {
-            let mut client = AggregatedDiscoveryServiceClient::connect(xds).await.unwrap();
-            let (requests, outgoing) = mpsc::channel(8);
-            let mut responses = client
-                .stream_aggregated_resources(ReceiverStream::new(outgoing))
-                .await
-                .unwrap()
-                .into_inner();
+            let (_client, requests, mut responses) = open(xds).await;
             requests
                 .send(request(ENDPOINTS, &["fixed"], "", "", None))
                 .await
                 .unwrap();
-            let first = tokio::time::timeout(Duration::from_secs(10), responses.message())
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap();
+            let first = next(&mut responses).await;
             assert_eq!(addresses(&first), ["10.1.0.1:80"]);
             requests
                 .send(request(
@@ -1439,15 +1412,11 @@ mod protocol {
                 .unwrap();
 
             // Version B written beside and renamed over A, as deployments do.
-            let next = plugin.with_extension("wasm.new");
-            std::fs::write(&next, std::fs::read(wasd_tests::fixtures::FIXED_B).unwrap()).unwrap();
-            std::fs::rename(&next, &plugin).unwrap();
+            let beside = plugin.with_extension("wasm.new");
+            std::fs::write(&beside, std::fs::read(wasd_tests::fixtures::FIXED_B).unwrap()).unwrap();
+            std::fs::rename(&beside, &plugin).unwrap();
             let swapped = std::time::Instant::now();
-            let pushed = tokio::time::timeout(Duration::from_secs(10), responses.message())
-                .await
-                .expect("the swap was pushed within 10 s")
-                .unwrap()
-                .unwrap();
+            let pushed = next(&mut responses).await;
             let took = swapped.elapsed();
             assert_eq!(addresses(&pushed), ["10.1.0.2:80"]);
             assert_ne!(pushed.version_info, first.version_info);
