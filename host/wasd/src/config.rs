@@ -850,4 +850,33 @@ tls = { ca-file = "ca.pem", client-cert-file = "/etc/c.pem", client-key-file = "
             assert!(e.contains(expected), "{text}: {e}");
         }
     }
+
+    #[test]
+    fn the_serve_table_with_xds_and_its_services() {
+        let c = parse(
+            "[serve]\nxds = \"127.0.0.1:18000\"\n[serve.xds-services.catalog]\nquery = \"https://catalog\"\nfilters = { zone = \"eu\" }\n[serve.xds-services.basket]\nfilters = { zone = \"us\" }\n",
+        )
+        .unwrap();
+        assert_eq!(c.serve().xds, Some("127.0.0.1:18000".parse().unwrap()));
+        let catalog = &c.serve().xds_services["catalog"];
+        assert_eq!(catalog.query, "https://catalog");
+        assert_eq!(catalog.filters, [("zone".to_owned(), "eu".to_owned())]);
+        // Filters alone: the default query.
+        assert_eq!(c.serve().xds_services["basket"].query, "grpc://basket");
+        for (text, expected) in [
+            (
+                "[serve]\nxds = \"localhost\"",
+                "wasd.toml:2:7: 'localhost' is not an address",
+            ),
+            (
+                "[serve.xds-services.catalog]\nquery = \"https+://catalog\"",
+                "wasd.toml:2:9: invalid query 'https+://catalog'",
+            ),
+            ("[serve.xds-services.catalog]\nport = 1", "unknown field `port`"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains(expected), "{text}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+    }
 }

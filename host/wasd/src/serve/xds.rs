@@ -264,8 +264,8 @@ impl Session {
                 // An answer to a response superseded since: the newer one is on its way.
                 return Ok(());
             }
-            if let Some(error) = &request.error_detail {
-                tracing::warn!(
+            match &request.error_detail {
+                Some(error) => tracing::warn!(
                     node = %self.node,
                     peer = %self.peer,
                     "xDS: the client rejected {} version {}: {}; it keeps version {}",
@@ -273,10 +273,11 @@ impl Session {
                     subscription.version,
                     error.message.escape_default(),
                     subscription.accepted.as_deref().unwrap_or("none"),
-                );
-                return Ok(());
+                ),
+                None => subscription.accepted = Some(request.version_info.clone()),
             }
-            subscription.accepted = Some(request.version_info.clone());
+            // An ACK or a NACK that names what it subscribes to as before: nothing to
+            // send (a NACKed version is not sent again unchanged).
             if names == subscription.names {
                 return Ok(());
             }
