@@ -228,12 +228,20 @@ impl Session {
                     }
                 },
                 Some((service, latest)) = changes.recv() => {
+                    // A report from a follower ended since (unsubscribed) is old news.
+                    if !self.followed.contains_key(&service) {
+                        continue;
+                    }
+                    // Set numbers only grow: a lower one is an older set, reported late.
                     let changed = match (&latest, self.latest.get(&service)) {
-                        (Latest::Set(new), Some(Latest::Set(old))) => new.index() != old.index(),
+                        (Latest::Set(new), Some(Latest::Set(old))) => new.index() > old.index(),
                         _ => true,
                     };
+                    if !changed {
+                        continue;
+                    }
                     self.latest.insert(service.clone(), latest);
-                    if changed && self.send(ENDPOINTS, Some(&service)).await.is_err() {
+                    if self.send(ENDPOINTS, Some(&service)).await.is_err() {
                         break;
                     }
                 }
