@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::{EndpointSet, Explanation, Query, RegistrationState};
+use crate::{CacheState, EndpointSet, Explanation, Query, RegistrationState};
 
 /// A query's endpoints as `wasd resolve --json` prints them and `GET /v1/resolve`
 /// serves them; `index` is the set's [`EndpointSet::index`].
@@ -37,9 +37,32 @@ pub fn set(query: &Query, set: &EndpointSet) -> serde_json::Value {
     })
 }
 
+/// A cached query as the sidecar's `/v1/status` lists it: its set as [`set`] gives
+/// it, with how fresh it is (`state`, `age_ms`, `refresh_in_ms`, `long_poll`,
+/// `stale_for_ms`).
+pub fn cached(query: &Query, cache: &CacheState) -> serde_json::Value {
+    let mut value = set(query, &cache.set);
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert("state".into(), json!(freshness(cache)));
+        fields.insert("age_ms".into(), json!(millis(cache.age)));
+        fields.insert("refresh_in_ms".into(), json!(cache.refresh_in.map(millis)));
+        fields.insert("long_poll".into(), json!(cache.long_poll));
+        fields.insert("stale_for_ms".into(), json!(cache.stale_for.map(millis)));
+    }
+    value
+}
+
+/// `fresh`, or `stale` when a refresh failed and the last good set is served.
+fn freshness(cache: &CacheState) -> &'static str {
+    if cache.is_stale() { "stale" } else { "fresh" }
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
 /// An explanation as `wasd resolve --explain --json` prints it.
 pub fn explanation(explanation: &Explanation) -> serde_json::Value {
-    let millis = |d: Duration| d.as_secs_f64() * 1000.0;
     let failure = |f: &crate::ProviderError| json!({ "provider": f.provider, "error": f.kind.to_string() });
     let query = &explanation.query;
     json!({
@@ -53,7 +76,7 @@ pub fn explanation(explanation: &Explanation) -> serde_json::Value {
         // What the providers were asked for: the query's schemes that are allowed.
         "schemes": explanation.schemes,
         "cache": explanation.cache.as_ref().map(|cache| json!({
-            "state": if cache.is_stale() { "stale" } else { "fresh" },
+            "state": freshness(cache),
             "provider": cache.set.provider(),
             "endpoints": cache.set.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "age_ms": millis(cache.age),

@@ -123,11 +123,7 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
 /// axum's own `serve` sets no header timeout (hyper needs a timer for one), no head
 /// size limit and no connection cap, so a slow or flooding client could hold the
 /// sidecar's memory and sockets: this loop sets all three.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    router: Router,
-    stop: impl Future<Output = ()>,
-) -> std::io::Result<()> {
+pub(crate) async fn serve(listener: TcpListener, router: Router, stop: impl Future<Output = ()>) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEAD_TIMEOUT)
@@ -181,7 +177,6 @@ pub(crate) async fn serve(
             humantime::format_duration(DRAIN_TIMEOUT)
         );
     }
-    Ok(())
 }
 
 /// Bounds the time to answer: [`ANSWER_TIMEOUT`], a watch's longest wait more.
@@ -345,21 +340,8 @@ async fn status(State(api): State<Arc<Api>>) -> Response {
     let services: Vec<Value> = api
         .resolver
         .cached()
-        .into_iter()
-        .map(|(query, state)| {
-            let mut service = crate::json::set(&query, &state.set);
-            if let Some(fields) = service.as_object_mut() {
-                fields.insert(
-                    "state".into(),
-                    json!(if state.is_stale() { "stale" } else { "fresh" }),
-                );
-                fields.insert("age_ms".into(), json!(millis(state.age)));
-                fields.insert("refresh_in_ms".into(), json!(state.refresh_in.map(millis)));
-                fields.insert("long_poll".into(), json!(state.long_poll));
-                fields.insert("stale_for_ms".into(), json!(state.stale_for.map(millis)));
-            }
-            service
-        })
+        .iter()
+        .map(|(query, state)| crate::json::cached(query, state))
         .collect();
     #[cfg(feature = "xds")]
     let xds = api.xds.as_ref().map(|counts| {

@@ -109,11 +109,16 @@ impl ServeOptions {
     /// HTTP API beyond loopback without a token. [`Server::bind`] checks them too;
     /// checking first spares loading the providers for nothing.
     pub fn check(&self) -> Result<(), ServeError> {
-        dns::parse_zone(&self.zone).map_err(ServeError::Zone)?;
+        self.checked_zone().map(drop)
+    }
+
+    /// [`ServeOptions::check`], and the zone parsed.
+    fn checked_zone(&self) -> Result<hickory_server::proto::rr::Name, ServeError> {
+        let zone = dns::parse_zone(&self.zone).map_err(ServeError::Zone)?;
         if self.token.is_none() && !self.http.ip().is_loopback() {
             return Err(ServeError::Unguarded(self.http));
         }
-        Ok(())
+        Ok(zone)
     }
 
     /// The same options serving xDS (ADS) on `address` (feature `xds`).
@@ -205,8 +210,7 @@ impl Server {
         options: ServeOptions,
         metrics: Option<PrometheusHandle>,
     ) -> Result<Server, ServeError> {
-        options.check()?;
-        let zone = dns::parse_zone(&options.zone).map_err(ServeError::Zone)?;
+        let zone = options.checked_zone()?;
         let bind = |what: &'static str, address: SocketAddr| {
             move |source| ServeError::Bind {
                 what,
@@ -220,7 +224,8 @@ impl Server {
         let http_addr = http.local_addr().map_err(bind("HTTP", options.http))?;
         // One UDP socket per core on the same port (SO_REUSEPORT): the kernel spreads
         // the queries over them, and each has its own receive loop (one measured at
-        // 0.79x dnsmasq's queries per second, two at 0.94x). The TCP listener below
+        // 0.79x dnsmasq's queries per second, two at 0.89-0.91x; docs/BENCHMARKS.md
+        // row 10). The TCP listener below
         // takes the port without SO_REUSEPORT, so a second server started on it fails
         // there instead of sharing the UDP traffic.
         let first = udp_socket(options.dns).map_err(bind("DNS (UDP)", options.dns))?;
@@ -240,17 +245,11 @@ impl Server {
         }
         dns.register_listener(tcp, DNS_TCP_TIMEOUT, 64);
         #[cfg(feature = "xds")]
-        let xds_counts = Arc::new(xds::XdsCounts::default());
-        #[cfg(feature = "xds")]
         let xds = match options.xds {
             Some(address) => {
                 let listener = TcpListener::bind(address).await.map_err(bind("xDS", address))?;
                 let bound = listener.local_addr().map_err(bind("xDS", address))?;
-                let service = xds::Xds::new(
-                    resolver.clone(),
-                    options.xds_services.clone(),
-                    Arc::clone(&xds_counts),
-                );
+                let service = xds::Xds::new(resolver.clone(), options.xds_services.clone());
                 Some((listener, bound, service))
             }
             None => None,
@@ -263,8 +262,9 @@ impl Server {
                 source: std::io::Error::other("this build of wasd has no xDS server (feature `xds`)"),
             });
         }
+        // `/v1/status` reads the xDS server's counts.
         #[cfg(feature = "xds")]
-        let xds_counted = xds.is_some().then_some(xds_counts);
+        let xds_counts = xds.as_ref().map(|(_, _, service)| service.counts());
         Ok(Server {
             http,
             http_addr,
@@ -280,7 +280,7 @@ impl Server {
                 token: options.token.clone(),
                 stopping: tokio::sync::watch::Sender::new(false),
                 #[cfg(feature = "xds")]
-                xds: xds_counted,
+                xds: xds_counts,
             }),
         })
     }
@@ -303,7 +303,7 @@ impl Server {
         None
     }
 
-    /// Serve until `shutdown` completes, then stop both listeners.
+    /// Serve until `shutdown` completes, then stop every listener.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -344,7 +344,7 @@ impl Server {
                     ),
             )
         });
-        // Until told to stop, or until the HTTP side ends on its own (an error).
+        // Until told to stop, or until the HTTP task ends early (only a panic ends it).
         let http_result = tokio::select! {
             () = shutdown => None,
             ended = &mut http_task => Some(ended),
@@ -369,10 +369,6 @@ impl Server {
             }
         }
         dns_result.map_err(|e| failed("DNS", e.into()))?;
-        match http_result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(failed("HTTP", e.into())),
-            Err(e) => Err(failed("HTTP", e.into())),
-        }
+        http_result.map_err(|e| failed("HTTP", e.into()))
     }
 }

@@ -93,18 +93,19 @@ pub(crate) struct Xds {
 }
 
 impl Xds {
-    pub(crate) fn new(
-        resolver: Resolver,
-        services: HashMap<String, XdsService>,
-        counts: Arc<XdsCounts>,
-    ) -> Xds {
+    pub(crate) fn new(resolver: Resolver, services: HashMap<String, XdsService>) -> Xds {
         Xds {
             resolver,
             services: Arc::new(services),
             hosts: Hosts::new(),
             streams: AtomicU64::new(0),
-            counts,
+            counts: Arc::default(),
         }
+    }
+
+    /// Its streams and followed services open now, shared.
+    pub(crate) fn counts(&self) -> Arc<XdsCounts> {
+        Arc::clone(&self.counts)
     }
 
     pub(crate) fn into_service(self) -> AggregatedDiscoveryServiceServer<Xds> {
