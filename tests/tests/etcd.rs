@@ -320,12 +320,33 @@ fn a_registration_made_from_a_runtime_that_ends_keeps_its_lease() {
         .build()
         .unwrap();
     let instance = ServiceInstance::new("hello", ["http://10.0.0.1:8000"]);
-    let registration = caller.block_on(register(&resolver, instance, Duration::from_secs(1)));
+    // Six seconds, renewed every two: the whole seconds etcd reports fall between
+    // renewals, so a renewal shows as a rise.
+    let registration = caller.block_on(register(&resolver, instance, Duration::from_secs(6)));
     drop(caller);
 
-    // Three TTLs later the instance is still there: its lease was kept alive. (The
-    // wait is the scenario: a lease that lapses shows only once its TTL has passed.)
-    home.block_on(async { tokio::time::sleep(Duration::from_secs(3)).await });
+    // The lease is renewed after the caller's runtime ended: its time to live, which
+    // only falls otherwise, goes back up.
+    let leases = etcd.post("/v3/lease/leases", serde_json::json!({}));
+    let id = leases["leases"][0]["ID"].as_str().unwrap().to_owned();
+    let time_to_live = || {
+        let answer = etcd.post("/v3/lease/timetolive", serde_json::json!({ "ID": id }));
+        answer["TTL"]
+            .as_str()
+            .and_then(|t| t.parse::<i64>().ok())
+            .unwrap_or(-1)
+    };
+    let mut lowest = time_to_live();
+    home.block_on(eventually(
+        Duration::from_secs(10),
+        "the lease was never renewed",
+        || {
+            let now = time_to_live();
+            let renewed = now > lowest;
+            lowest = lowest.min(now);
+            renewed
+        },
+    ));
     assert_eq!(etcd.get_prefix("/microservices/hello/").len(), 1);
     assert!(
         matches!(registration.state(), RegistrationState::Registered { .. }),

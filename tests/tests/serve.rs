@@ -130,6 +130,34 @@ impl Served {
         }
     }
 
+    /// A `/v1/watch` of `query` at `index` (waiting up to 60 s) made by curl on a
+    /// thread, returned once the server counts it blocked; the thread gives curl's
+    /// answer (`extra`: more curl arguments) and when it came.
+    fn blocked_watch(
+        &self,
+        query: &str,
+        index: u64,
+        extra: &[&str],
+    ) -> std::thread::JoinHandle<((u16, String), Instant)> {
+        let url = format!("{}/v1/watch?query={query}&index={index}&wait=60s", self.http);
+        let mut args: Vec<String> = extra.iter().map(|a| (*a).to_owned()).collect();
+        args.push(url);
+        let waiting = std::thread::spawn(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let answer = curl(&args);
+            (answer, Instant::now())
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, status) = self.get("/v1/status");
+            if json(&status)["blocked_watches"] == 1 {
+                return waiting;
+            }
+            assert!(Instant::now() < deadline, "the watch never blocked: {status}");
+            assert!(!waiting.is_finished(), "the watch returned before it blocked");
+        }
+    }
+
     /// `dig` a name and type at the server; `extra` as dig takes them (`+tcp`).
     fn dig(&self, name: &str, qtype: &str, extra: &[&str]) -> Dig {
         let out = run_within(
@@ -450,29 +478,17 @@ fn a_blocking_watch_returns_when_the_endpoints_change_and_after_wait_when_not() 
         began.elapsed()
     );
 
-    // A change to appsettings.json reaches a blocked watch.
-    let url = format!("{}/v1/watch?query=basket&index={index}&wait=60s", served.http);
-    let waiting = std::thread::spawn(move || {
-        let began = Instant::now();
-        let answer = curl(&["-D", "-", &url]);
-        (answer, began.elapsed())
-    });
-    // The change is made once the server holds the request (its status counts it).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, status) = served.get("/v1/status");
-        if json(&status)["blocked_watches"] == 1 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the watch never blocked: {status}");
-        assert!(!waiting.is_finished(), "the watch returned before any change");
-    }
+    // A change to appsettings.json reaches a blocked watch, made once the server
+    // holds the request (its status counts it).
+    let began = Instant::now();
+    let waiting = served.blocked_watch("basket", index, &["-D", "-"]);
     sandbox.write(
         "appsettings.json",
         APPSETTINGS.replace("http://10.0.0.1:80", "http://10.0.0.2:80"),
     );
     let changed_at = Instant::now();
-    let ((status, response), took) = waiting.join().unwrap();
+    let ((status, response), answered) = waiting.join().unwrap();
+    let took = answered - began;
     assert_eq!(status, 200, "{response}");
     let (headers, body) = response.split_once("\r\n\r\n").unwrap();
     let changed = json(body);
@@ -503,12 +519,7 @@ fn serve_exits_0_on_sigterm_and_refuses_an_unguarded_public_address() {
     // A watch blocked when the signal comes is answered, not cut off.
     let (_, body) = served.get("/v1/watch?query=basket&index=0");
     let index = json(&body)["index"].as_u64().unwrap();
-    let watch_url = format!("{}/v1/watch?query=basket&index={index}&wait=60s", served.http);
-    let waiting = std::thread::spawn(move || curl(&[&watch_url]));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while json(&served.get("/v1/status").1)["blocked_watches"] != 1 {
-        assert!(Instant::now() < deadline, "the watch never blocked");
-    }
+    let waiting = served.blocked_watch("basket", index, &[]);
     // A second server on the same DNS port fails at start (the UDP sockets share
     // the port within one server only).
     let second = run(sandbox.wasd().args([
@@ -550,7 +561,7 @@ fn serve_exits_0_on_sigterm_and_refuses_an_unguarded_public_address() {
         })
         .unwrap();
     assert_eq!(status.code(), Some(0));
-    let (status, body) = waiting.join().unwrap();
+    let ((status, body), _) = waiting.join().unwrap();
     assert_eq!(
         (status, json(&body)["index"].as_u64()),
         (200, Some(index)),
@@ -700,16 +711,7 @@ fn an_instance_lives_while_its_client_renews_it_and_a_delete_reaches_a_blocked_w
         !endpoints(a).is_empty()
     });
     let index = registered["index"].as_u64().unwrap();
-    let watch_url = format!("{}/v1/watch?query=basket&index={index}&wait=60s", served.http);
-    let waiting = std::thread::spawn(move || {
-        let answer = curl(&[&watch_url]);
-        (answer, Instant::now())
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while json(&served.get("/v1/status").1)["blocked_watches"] != 1 {
-        assert!(Instant::now() < deadline, "the watch never blocked");
-        assert!(!waiting.is_finished(), "the watch returned before the delete");
-    }
+    let waiting = served.blocked_watch("basket", index, &[]);
     let (status, answer) = curl(&[
         "-X",
         "DELETE",
@@ -938,16 +940,7 @@ fn a_change_written_to_etcd_reaches_a_blocked_watch_within_1s() {
     let mut took = Vec::new();
     let mut index = index;
     for round in 2..=6 {
-        let watch_url = format!("{}/v1/watch?query=catalog&index={index}&wait=60s", served.http);
-        let waiting = std::thread::spawn(move || {
-            let answer = curl(&[&watch_url]);
-            (answer, Instant::now())
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while json(&served.get("/v1/status").1)["blocked_watches"] != 1 {
-            assert!(Instant::now() < deadline, "the watch never blocked");
-            assert!(!waiting.is_finished(), "the watch returned before the write");
-        }
+        let waiting = served.blocked_watch("catalog", index, &[]);
         let endpoint = format!("http://10.8.0.{round}:80");
         etcd.put_instance("catalog", &format!("n{round}"), "v1", &[&endpoint], None);
         let written = Instant::now();
