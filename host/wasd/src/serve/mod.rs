@@ -225,20 +225,32 @@ impl Server {
         // One UDP socket per core on the same port (SO_REUSEPORT): the kernel spreads
         // the queries over them, and each has its own receive loop (one measured at
         // 0.79x dnsmasq's queries per second, two at 0.89-0.91x; docs/BENCHMARKS.md
-        // row 10). The TCP listener below
-        // takes the port without SO_REUSEPORT, so a second server started on it fails
-        // there instead of sharing the UDP traffic.
-        let first = udp_socket(options.dns).map_err(bind("DNS (UDP)", options.dns))?;
-        let dns_addr = first.local_addr().map_err(bind("DNS (UDP)", options.dns))?;
-        let mut udp = vec![first];
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        for _ in 1..cores {
-            udp.push(udp_socket(dns_addr).map_err(bind("DNS (UDP)", dns_addr))?);
-        }
-        // TCP on the port UDP got (the same when it was given).
-        let tcp = TcpListener::bind(dns_addr)
-            .await
-            .map_err(bind("DNS (TCP)", dns_addr))?;
+        // row 10). The TCP listener takes the port without SO_REUSEPORT, so a second
+        // server started on it fails there instead of sharing the UDP traffic. With
+        // port 0, UDP picks a port whose TCP side may be taken (another process's
+        // ephemeral port): then it picks again.
+        let mut attempts = 0;
+        let (udp, dns_addr, tcp) = loop {
+            attempts += 1;
+            let first = udp_socket(options.dns).map_err(bind("DNS (UDP)", options.dns))?;
+            let dns_addr = first.local_addr().map_err(bind("DNS (UDP)", options.dns))?;
+            // TCP on the port UDP got (the same when it was given).
+            match TcpListener::bind(dns_addr).await {
+                Ok(tcp) => {
+                    let mut udp = vec![first];
+                    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                    for _ in 1..cores {
+                        udp.push(udp_socket(dns_addr).map_err(bind("DNS (UDP)", dns_addr))?);
+                    }
+                    break (udp, dns_addr, tcp);
+                }
+                Err(e)
+                    if options.dns.port() == 0
+                        && e.kind() == std::io::ErrorKind::AddrInUse
+                        && attempts < 16 => {}
+                Err(e) => return Err(bind("DNS (TCP)", dns_addr)(e)),
+            }
+        };
         let mut dns = DnsServer::new(dns::DnsHandler::new(resolver.clone(), zone, options.dns_ttl));
         for socket in udp {
             dns.register_socket(socket);
