@@ -272,12 +272,16 @@ grants = {{ http = ["{url}"] }}
     }
 
     /// Start again on the same ports with an empty data folder: every key and lease
-    /// is gone, as after losing a single-node cluster's disk.
-    pub fn restart_empty(&mut self) {
+    /// is gone, as after losing a single-node cluster's disk. Returns the instant the
+    /// new process was started: the earliest it can answer (it may answer before it
+    /// reports healthy, so a test's "down" window must end here, not on return).
+    pub fn restart_empty(&mut self) -> Instant {
         self.kill();
         self.data = tempfile::tempdir().unwrap();
         *self.auth.lock().unwrap() = None;
+        let started = Instant::now();
         self.spawn();
+        started
     }
 
     /// POST to the gateway; the JSON answer. Panics on an HTTP error.
