@@ -22,6 +22,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::balance::{HealthCheck, Outlier, Policies, Policy, Selector, Subset};
 use crate::observe::DEFAULT_MAX_SERVICES;
 use wasd_core::{ConfigError, DEFAULT_IDLE_TIMEOUT, DEFAULT_REFRESH_PERIOD};
 use wasd_sandbox::{
@@ -47,6 +48,8 @@ pub struct Config {
     pub(crate) metrics_max_services: usize,
     /// `[serve]`: where `wasd serve` listens.
     pub(crate) serve: ServeSettings,
+    /// `[[policy]]` and `zone`: how balancers pick.
+    pub(crate) policies: Policies,
 }
 
 /// The `[serve]` table: `wasd serve`'s listeners (its flags override them). Read when
@@ -114,6 +117,52 @@ struct RawConfig {
     metrics: RawMetrics,
     #[serde(default)]
     serve: RawServe,
+    /// This process's zone (`WASD_ZONE` overrides it).
+    zone: Option<Spanned<String>>,
+    #[serde(default, rename = "policy")]
+    policies: Vec<Spanned<RawPolicy>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawPolicy {
+    service: Option<Spanned<String>>,
+    query: Option<Spanned<String>>,
+    strategy: Option<Spanned<String>>,
+    zone: Option<Spanned<String>>,
+    zone_min_healthy: Option<Spanned<f64>>,
+    subset: Option<Spanned<RawSubset>>,
+    health: Option<Spanned<RawHealth>>,
+    outlier: Option<Spanned<RawOutlier>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawSubset {
+    size: Spanned<usize>,
+    /// An integer, or a text whose hash is taken; default: the host name's.
+    client_id: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawHealth {
+    http: Option<String>,
+    grpc: Option<String>,
+    tcp: Option<bool>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    healthy_threshold: Option<u32>,
+    unhealthy_threshold: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct RawOutlier {
+    consecutive_failures: Option<u32>,
+    base_ejection: Option<Spanned<String>>,
+    max_ejection: Option<Spanned<String>>,
+    max_ejection_percent: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -258,6 +307,7 @@ impl Config {
             registrar: None,
             metrics_max_services: DEFAULT_MAX_SERVICES,
             serve: ServeSettings::default(),
+            policies: Policies::default(),
         }
     }
 
@@ -364,6 +414,20 @@ impl Config {
             registrar: None,
             metrics_max_services: raw.metrics.max_services.unwrap_or(DEFAULT_MAX_SERVICES),
             serve: ServeSettings::default(),
+            policies: Policies {
+                rules: raw
+                    .policies
+                    .iter()
+                    .map(|p| policy(&src, p))
+                    .collect::<Result<_, _>>()?,
+                zone: match &raw.zone {
+                    Some(zone) if zone.get_ref().trim().is_empty() => {
+                        return Err(src.at(zone, "zone names no zone"));
+                    }
+                    Some(zone) => Some(zone.get_ref().trim().to_owned()),
+                    None => None,
+                },
+            },
         };
         let address = |value: &Option<Spanned<String>>| {
             value
@@ -444,6 +508,11 @@ impl Config {
     /// The `[serve]` table.
     pub fn serve(&self) -> &ServeSettings {
         &self.serve
+    }
+
+    /// The `[[policy]]` tables and the process's zone.
+    pub fn policies(&self) -> &Policies {
+        &self.policies
     }
 
     /// The config file this came from, if any.
@@ -592,6 +661,141 @@ fn provider_spec(
         unlisted: false,
         sha256,
     })
+}
+
+/// One `[[policy]]` table: which queries it names, and the policy.
+fn policy(src: &Source<'_>, spanned: &Spanned<RawPolicy>) -> Result<(Selector, Policy), ConfigError> {
+    let raw = spanned.get_ref();
+    let selector = match (&raw.service, &raw.query) {
+        (Some(_), Some(query)) => {
+            return Err(src.at(query, "a policy names a `service` or a `query`, not both"));
+        }
+        (Some(service), None) if service.get_ref() == "*" => Selector::Any,
+        (Some(service), None) => {
+            let name = service.get_ref();
+            crate::Query::parse(name)
+                .ok()
+                .filter(|q| q.service() == name)
+                .ok_or_else(|| src.at(service, format!("'{name}' is not a service name (or \"*\")")))?;
+            Selector::Service(name.clone())
+        }
+        (None, Some(query)) => {
+            let parsed = crate::Query::parse(query.get_ref()).map_err(|e| src.at(query, e.to_string()))?;
+            Selector::Query(parsed.as_str().to_owned())
+        }
+        (None, None) => {
+            return Err(src.at(
+                spanned,
+                "a policy needs `service = \"NAME\"` (or \"*\") or `query = \"...\"`",
+            ));
+        }
+    };
+    let duration = |value: &Option<Spanned<String>>| {
+        value
+            .as_ref()
+            .map(|v| parse_duration(v.get_ref()).map_err(|e| src.at(v, e)))
+            .transpose()
+    };
+    let mut policy = Policy::default();
+    if let Some(strategy) = &raw.strategy {
+        policy.strategy = strategy
+            .get_ref()
+            .parse()
+            .map_err(|e: String| src.at(strategy, e))?;
+    }
+    if let Some(zone) = &raw.zone {
+        if zone.get_ref().trim().is_empty() {
+            return Err(src.at(zone, "zone names no zone"));
+        }
+        policy.zone = Some(zone.get_ref().trim().to_owned());
+    }
+    if let Some(share) = &raw.zone_min_healthy {
+        let value = *share.get_ref();
+        if !(0.0..=1.0).contains(&value) {
+            return Err(src.at(
+                share,
+                format!("zone-min-healthy is a share from 0 to 1, not {value}"),
+            ));
+        }
+        policy.zone_min_healthy = value;
+    }
+    if let Some(subset) = &raw.subset {
+        let s = subset.get_ref();
+        if *s.size.get_ref() == 0 {
+            return Err(src.at(&s.size, "a subset needs at least one endpoint"));
+        }
+        let client_id = match &s.client_id {
+            None => Subset::id_of(&host_name()),
+            Some(toml::Value::Integer(n)) if *n >= 0 => *n as u64,
+            Some(toml::Value::String(text)) => Subset::id_of(text),
+            Some(_) => {
+                return Err(src.at(subset, "subset client-id is a whole number or a text"));
+            }
+        };
+        policy.subset = Some(Subset::new(*s.size.get_ref(), client_id));
+    }
+    if let Some(health) = &raw.health {
+        let h = health.get_ref();
+        let mut check = match (&h.http, &h.grpc, h.tcp) {
+            (Some(path), None, None | Some(false)) => HealthCheck::http(path.clone()),
+            (None, Some(service), None | Some(false)) => HealthCheck::grpc(service.clone()),
+            (None, None, Some(true)) => HealthCheck::tcp(),
+            _ => {
+                return Err(src.at(
+                    health,
+                    "a health check is one of `http = \"/path\"`, `grpc = \"service\"` or `tcp = true`",
+                ));
+            }
+        };
+        #[cfg(not(feature = "health-grpc"))]
+        if h.grpc.is_some() {
+            return Err(src.at(health, "gRPC health checks need wasd's `health-grpc` feature"));
+        }
+        if let Some(interval) = duration(&h.interval)? {
+            check = check.with_interval(interval);
+        }
+        if let Some(timeout) = duration(&h.timeout)? {
+            check = check.with_timeout(timeout);
+        }
+        let healthy = h.healthy_threshold.unwrap_or(check.healthy_threshold);
+        let unhealthy = h.unhealthy_threshold.unwrap_or(check.unhealthy_threshold);
+        check = check.with_thresholds(healthy, unhealthy);
+        policy.health = Some(check);
+    }
+    if let Some(outlier) = &raw.outlier {
+        let o = outlier.get_ref();
+        let mut set = Outlier::default();
+        if let Some(n) = o.consecutive_failures {
+            set = set.with_consecutive_failures(n);
+        }
+        if let Some(base) = duration(&o.base_ejection)? {
+            set = set.with_base_ejection(base);
+        }
+        if let Some(max) = duration(&o.max_ejection)? {
+            set = set.with_max_ejection(max);
+        }
+        if let Some(percent) = &o.max_ejection_percent {
+            let value = *percent.get_ref();
+            if value > 100 {
+                return Err(src.at(
+                    percent,
+                    format!("max-ejection-percent is at most 100, not {value}"),
+                ));
+            }
+            set = set.with_max_ejection_percent(value as u8);
+        }
+        policy.outlier = set;
+    }
+    Ok((selector, policy))
+}
+
+/// This machine's name, for a subset's default client id.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_default()
 }
 
 fn default_cache_dir() -> Option<PathBuf> {
@@ -848,6 +1052,108 @@ tls = { ca-file = "ca.pem", client-cert-file = "/etc/c.pem", client-key-file = "
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.contains(expected), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn policies_parse_with_their_defaults_and_bad_ones_say_where() {
+        let c = parse(
+            r#"
+zone = "a"
+[[policy]]
+service = "catalog"
+strategy = "weighted-round-robin"
+zone-min-healthy = 0.25
+health = { http = "healthz", interval = "2s", healthy-threshold = 1 }
+outlier = { consecutive-failures = 5, base-ejection = "30s", max-ejection-percent = 50 }
+[[policy]]
+query = "grpc://greeter"
+strategy = "p2c"
+subset = { size = 3, client-id = 7 }
+health = { grpc = "greeter" }
+[[policy]]
+service = "*"
+health = { tcp = true }
+"#,
+        )
+        .unwrap();
+        let policies = c.policies();
+        assert_eq!(policies.zone(), Some("a"));
+        let catalog = policies.for_query(&crate::Query::parse("https://catalog").unwrap());
+        assert_eq!(catalog.strategy, crate::Strategy::WeightedRoundRobin);
+        assert_eq!(catalog.zone.as_deref(), Some("a"));
+        assert_eq!(catalog.zone_min_healthy, 0.25);
+        let health = catalog.health.unwrap();
+        assert_eq!(
+            health.check,
+            crate::Check::Http {
+                path: "/healthz".into()
+            }
+        );
+        assert_eq!(
+            (
+                health.interval,
+                health.timeout,
+                health.healthy_threshold,
+                health.unhealthy_threshold
+            ),
+            (Duration::from_secs(2), Duration::from_secs(1), 1, 3)
+        );
+        assert_eq!(
+            catalog.outlier,
+            Outlier::default()
+                .with_consecutive_failures(5)
+                .with_base_ejection(Duration::from_secs(30))
+                .with_max_ejection_percent(50)
+        );
+        let greeter = policies.for_query(&crate::Query::parse("grpc://greeter").unwrap());
+        assert_eq!(greeter.strategy, crate::Strategy::PowerOfTwoChoices);
+        assert_eq!(greeter.subset, Some(Subset::new(3, 7)));
+        let other = policies.for_query(&crate::Query::parse("basket").unwrap());
+        assert_eq!(other.health.unwrap().check, crate::Check::Tcp);
+        assert_eq!(other.outlier, Outlier::default());
+
+        for (text, expected) in [
+            (
+                "[[policy]]\nstrategy = \"rr\"",
+                "wasd.toml:1:1: a policy needs `service",
+            ),
+            (
+                "[[policy]]\nservice = \"a\"\nstrategy = \"fastest\"",
+                "wasd.toml:3:12: unknown strategy 'fastest' (known: round-robin,",
+            ),
+            (
+                "[[policy]]\nservice = \"a\"\nquery = \"b\"",
+                "wasd.toml:3:9: a policy names a `service` or a `query`, not both",
+            ),
+            (
+                "[[policy]]\nservice = \"a\"\nzone-min-healthy = 2.0",
+                "wasd.toml:3:20: zone-min-healthy is a share from 0 to 1, not 2",
+            ),
+            (
+                "[[policy]]\nservice = \"a\"\nhealth = { http = \"/\", tcp = true }",
+                "wasd.toml:3:10: a health check is one of",
+            ),
+            (
+                "[[policy]]\nservice = \"a\"\noutlier = { max-ejection-percent = 150 }",
+                "wasd.toml:3:36: max-ejection-percent is at most 100, not 150",
+            ),
+            (
+                "[[policy]]\nservice = \"a\"\nhealth = { tcp = true, interval = \"often\" }",
+                "wasd.toml:3:35: 'often' is not a duration",
+            ),
+            (
+                "[[policy]]\nservice = \"a\"\nweight = 1",
+                "unknown field `weight`",
+            ),
+            ("zone = \" \"", "wasd.toml:1:8: zone names no zone"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(
+                e.starts_with(expected) || e.contains(expected),
+                "{text}\n  got: {e}\n want: {expected}"
+            );
+            assert_eq!(e.lines().count(), 1, "{e}");
         }
     }
 

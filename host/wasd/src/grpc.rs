@@ -22,6 +22,7 @@ use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
 use wasd_core::{Backoff, Endpoint, EndpointSet, Error, Query, Watch};
 
+use crate::balance::{Balancing, EndpointHealth, Policy};
 use crate::resolver::Resolver;
 
 /// Changes buffered between the watch and the channel.
@@ -50,9 +51,18 @@ pub struct ChannelBuilder {
     filters: Vec<(String, String)>,
     configure: Option<Configure>,
     health_interval: Duration,
+    health_check: Option<crate::HealthCheck>,
 }
 
 impl ChannelBuilder {
+    /// Check endpoints actively (a gRPC health `Check`, say), over the configured
+    /// policy's checks: an endpoint failing them leaves the channel at its next
+    /// reachability check.
+    pub fn health_check(mut self, check: crate::HealthCheck) -> Self {
+        self.health_check = Some(check);
+        self
+    }
+
     /// Only endpoints whose metadata has `key` = `value`.
     pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.filters.push((key.into(), value.into()));
@@ -102,7 +112,15 @@ impl ChannelBuilder {
         // this returns: room for all the first ones.
         let capacity = CHANGE_BUFFER.max(2 * first.len());
         let (channel, sender) = Channel::balance_channel::<Endpoint>(capacity);
+        let balancing = self.resolver.balancing().clone();
+        let mut policy = balancing.policies().for_query(&query);
+        if let Some(check) = self.health_check {
+            policy.health = Some(check);
+        }
         let mut feeder = Feeder {
+            balancing,
+            policy,
+            health: HashMap::new(),
             query,
             configure: self.configure,
             interval: self.health_interval,
@@ -123,8 +141,14 @@ impl ChannelBuilder {
     }
 }
 
-/// Feeds one channel: the watched endpoints, less the unreachable ones.
+/// Feeds one channel: the watched endpoints, less the unreachable ones and those the
+/// resolver's health table leaves out (active checks of the query's policy failing).
 struct Feeder {
+    balancing: Arc<Balancing>,
+    /// The configured policy for the query (its active checks and outlier settings).
+    policy: Policy,
+    /// Each wanted endpoint's entry in the health table, held so that its checks go on.
+    health: HashMap<Endpoint, Arc<EndpointHealth>>,
     query: Query,
     configure: Option<Configure>,
     interval: Duration,
@@ -213,12 +237,19 @@ impl Feeder {
         for (endpoint, tonic) in usable {
             if !self.wanted.contains_key(endpoint) {
                 self.wanted.insert(endpoint.clone(), tonic);
+                let table = self.balancing.table();
+                let entry = table.entry(endpoint);
+                if let Some(check) = &self.policy.health {
+                    table.check(&entry, endpoint, check);
+                }
+                self.health.insert(endpoint.clone(), entry);
                 added.push(endpoint.clone());
             }
         }
         self.check(added).await;
         for endpoint in gone {
             self.wanted.remove(&endpoint);
+            self.health.remove(&endpoint);
             self.held.remove(&endpoint);
             let inserted = self.live.remove(&endpoint) | self.fallback.remove(&endpoint);
             if inserted {
@@ -240,8 +271,19 @@ impl Feeder {
         }
         let mut results = Vec::new();
         while let Some(result) = probes.join_next().await {
-            if let Ok(result) = result {
-                results.push(result);
+            if let Ok((endpoint, reachable)) = result {
+                // What every client of the resolver knows: a refused connection counts
+                // as a failure, and an endpoint failing its active checks stays out.
+                let healthy = match self.health.get(&endpoint) {
+                    Some(health) => {
+                        if !reachable {
+                            health.failed(&self.policy.outlier, || true);
+                        }
+                        reachable && health.checks_pass()
+                    }
+                    None => reachable,
+                };
+                results.push((endpoint, healthy));
             }
         }
         // Reachable ones first, so that an unreachable one is never kept in as the
@@ -394,6 +436,7 @@ impl Resolver {
             filters: Vec::new(),
             configure: None,
             health_interval: DEFAULT_HEALTH_INTERVAL,
+            health_check: None,
         }
     }
 }

@@ -103,9 +103,10 @@ pub struct DiscoveryBuilder {
 }
 
 impl DiscoveryBuilder {
-    /// How each service's endpoints are picked (default round-robin).
+    /// How each service's endpoints are picked (default: the configured policy's
+    /// strategy, round-robin unless a `[[policy]]` says otherwise).
     pub fn strategy(mut self, strategy: Strategy) -> Self {
-        self.balancing.strategy = strategy;
+        self.balancing.strategy(strategy);
         self
     }
 
@@ -273,7 +274,13 @@ impl Discovery {
             }
             match next.clone().run(this, extensions).await {
                 Ok(mut response) => {
-                    picked.succeeded();
+                    // A 5xx counts toward ejecting the endpoint (the outlier policy's
+                    // consecutive failures); the answer still goes to the caller.
+                    if response.status().is_server_error() {
+                        picked.failed();
+                    } else {
+                        picked.succeeded();
+                    }
                     // The request stays outstanding (for power of two choices) until its
                     // response, body included, is dropped.
                     response.extensions_mut().insert(Arc::new(picked));
@@ -384,7 +391,7 @@ impl Middleware for Discovery {
 impl std::fmt::Debug for Discovery {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Discovery")
-            .field("strategy", &self.inner.settings.balancing.strategy)
+            .field("strategy", &self.inner.settings.balancing.overrides.strategy)
             .field("attempts", &self.inner.settings.attempts)
             .finish_non_exhaustive()
     }

@@ -71,7 +71,10 @@ mod resolver;
 #[cfg(feature = "serve")]
 pub mod serve;
 
-pub use balance::{Balancer, BalancerBuilder, DEFAULT_EJECTION, Picked, Strategy};
+pub use balance::{
+    Balancer, BalancerBuilder, Check, DEFAULT_EJECTION, Health, HealthCheck, Outlier, Picked, Policies,
+    Policy, Strategy, Subset,
+};
 pub use check::check;
 pub use config::{Config, ServeSettings, XdsService};
 #[cfg(feature = "tower")]

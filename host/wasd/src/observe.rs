@@ -84,6 +84,14 @@ pub fn describe_metrics() {
         Unit::Seconds,
         "Outgoing HTTP requests of a provider to the response head, by provider and origin"
     );
+    describe_counter!(
+        crate::balance::EJECTIONS,
+        "Endpoints ejected by a balancer's outlier detection (failed requests), by service"
+    );
+    describe_counter!(
+        crate::balance::HEALTH_CHECKS,
+        "Active health checks by kind (http, grpc, tcp) and outcome (pass, fail)"
+    );
 }
 
 /// Publish, once a second, until the resolver is dropped.

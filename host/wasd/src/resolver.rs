@@ -17,6 +17,7 @@ use wasd_core::{
 };
 use wasd_sandbox::{ModuleSource, Prepared, Provider, Runtime};
 
+use crate::balance::Balancing;
 use crate::chain::{MODULE_MISSING, chain_specs, load_chain, reload_error};
 use crate::config::Config;
 use crate::files::FileWatcher;
@@ -32,6 +33,8 @@ pub struct Resolver {
 
 pub(crate) struct Inner {
     pub(crate) cache: Cache,
+    /// The balancers' health table and the configured policies.
+    balancing: Arc<Balancing>,
     reloader: Reloader,
     runtime: Arc<Runtime>,
     loader: ConfigLoader,
@@ -86,6 +89,11 @@ impl ConfigLoader {
         }
         if let Some(dir) = &self.cache_dir {
             config.set_cache_dir(dir.clone());
+        }
+        // The process's zone: the environment over the config file, so that one file
+        // serves a fleet whose hosts each say where they are.
+        if let Some(zone) = std::env::var("WASD_ZONE").ok().filter(|z| !z.trim().is_empty()) {
+            config.policies.zone = Some(zone.trim().to_owned());
         }
         Ok(config)
     }
@@ -175,8 +183,15 @@ impl ResolverBuilder {
         let (chain, skipped) = load_chain(&runtime, &config, self.watch_files).await?;
         let waiting_for_files = !skipped.is_empty();
         let cell = Arc::new(ChainCell::new(chain));
+        let cache = Cache::new(cell.clone(), settings_of(&config), clock.clone());
+        let balancing = Arc::new(Balancing::new(
+            clock,
+            cache.runtime().cloned(),
+            config.policies.clone(),
+        ));
         let inner = Arc::new(Inner {
-            cache: Cache::new(cell.clone(), settings_of(&config), clock),
+            cache,
+            balancing,
             reloader: Reloader::new(cell, skipped),
             runtime,
             loader: self.loader,
@@ -227,9 +242,9 @@ impl Resolver {
             .collect()
     }
 
-    /// The clock the resolver runs on, for clients that time things on the cached path.
-    pub(crate) fn clock(&self) -> &Clock {
-        self.inner.cache.clock()
+    /// What the resolver's balancers share: the health table and the policies.
+    pub(crate) fn balancing(&self) -> &Arc<Balancing> {
+        &self.inner.balancing
     }
 
     /// Reload now, as a change to a watched file does: read the config and every
@@ -409,6 +424,7 @@ impl Inner {
             .await;
         if let Ok(config) = &config {
             self.cache.set_settings(settings_of(config));
+            self.balancing.set_policies(config.policies.clone());
             self.registrar.store(config.registrar.clone().map(Arc::new));
             if let Some(watcher) = self.watcher.lock().expect("watcher lock").as_mut() {
                 watcher.watch(config);
