@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::{CacheState, EndpointSet, Explanation, Query, RegistrationState};
+use crate::{CacheState, Endpoint, EndpointSet, Explanation, Health, Query, RegistrationState, Strategy};
 
 /// A query's endpoints as `wasd resolve --json` prints them and `GET /v1/resolve`
 /// serves them; `index` is the set's [`EndpointSet::index`].
@@ -145,4 +145,32 @@ pub fn registration_state(
         serde_json::Value::Object(fields) => (name, fields),
         _ => (name, serde_json::Map::new()),
     }
+}
+
+/// Picks through a balancer as `wasd pick --json` prints them: every endpoint the
+/// balancer holds, in the provider's order, with how often it was picked and its health.
+pub fn picks(query: &Query, strategy: Strategy, picks: &[(Endpoint, usize, Health)]) -> serde_json::Value {
+    json!({
+        "query": query.as_str(),
+        "strategy": strategy.name(),
+        "picks": picks.iter().map(|(endpoint, count, health)| json!({
+            "endpoint": endpoint.to_string(),
+            "count": count,
+            "health": health.name(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// One pick as the sidecar's `GET /v1/pick` answers it.
+pub fn pick(query: &Query, strategy: Strategy, endpoint: &Endpoint, health: Health) -> serde_json::Value {
+    json!({
+        "query": query.as_str(),
+        "strategy": strategy.name(),
+        "endpoint": endpoint.to_string(),
+        "scheme": endpoint.scheme(),
+        "host": endpoint.host(),
+        "port": endpoint.port(),
+        "metadata": endpoint.metadata().iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        "health": health.name(),
+    })
 }

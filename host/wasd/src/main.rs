@@ -1,4 +1,5 @@
-//! The `wasd` command: resolve, watch, check and register, on top of the library.
+//! The `wasd` command: resolve, pick, watch, serve, check and register, on top of the
+//! library.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -79,6 +80,33 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         xds: Option<std::net::SocketAddr>,
     },
+    /// Pick endpoints of a query COUNT times through the configured policy (or the one
+    /// given), and print each endpoint with how often it was picked and its health.
+    Pick {
+        /// The service query.
+        query: String,
+        /// The strategy, over the configured one (round-robin, weighted-round-robin,
+        /// random, power-of-two-choices, power-of-two-ewma, pick-first,
+        /// consistent-hash).
+        #[arg(long, value_name = "S", value_parser = strategy)]
+        strategy: Option<wasd::Strategy>,
+        /// How many picks.
+        #[arg(long, value_name = "N", default_value_t = 100)]
+        count: usize,
+        /// The request key every pick carries (for consistent-hash).
+        #[arg(long, value_name = "K")]
+        key: Option<String>,
+        /// The caller's zone, over the configured one and WASD_ZONE.
+        #[arg(long, value_name = "Z")]
+        zone: Option<String>,
+        #[command(flatten)]
+        filters: FilterArgs,
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print one JSON object instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Load the configuration and every provider module, and explain what is wrong.
     Check {
         #[command(flatten)]
@@ -138,6 +166,10 @@ fn key_value(text: &str) -> Result<(String, String), String> {
         Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
         _ => Err(format!("'{text}' is not KEY=VALUE")),
     }
+}
+
+fn strategy(text: &str) -> Result<wasd::Strategy, String> {
+    text.parse()
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -418,6 +450,61 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             dns_zone,
             xds,
         } => serve(config, http, dns, dns_zone, xds).await,
+        Command::Pick {
+            query,
+            strategy,
+            count,
+            key,
+            zone,
+            filters,
+            config,
+            json,
+        } => {
+            let parsed = filters.query(&query)?;
+            let resolver = config.resolver(false).await?;
+            let mut builder = resolver.balancer_for_query(&parsed);
+            if let Some(strategy) = strategy {
+                builder = builder.strategy(strategy);
+            }
+            if let Some(zone) = zone {
+                builder = builder.zone(zone);
+            }
+            let balancer = builder.build().await?;
+            // Active checks answer once before the picks, so that they show.
+            if let Some(check) = balancer.policy().health {
+                balancer.checked(check.timeout + Duration::from_secs(1)).await;
+            }
+            let mut counts = std::collections::HashMap::new();
+            for _ in 0..count {
+                let picked = match &key {
+                    Some(key) => balancer.pick_key(key),
+                    None => balancer.pick(),
+                };
+                *counts.entry(picked.endpoint().clone()).or_insert(0usize) += 1;
+            }
+            let picks: Vec<_> = balancer
+                .health()
+                .into_iter()
+                .map(|(endpoint, health)| {
+                    let count = counts.get(&endpoint).copied().unwrap_or(0);
+                    (endpoint, count, health)
+                })
+                .collect();
+            let mut out = std::io::stdout().lock();
+            if json {
+                writeln!(out, "{}", wasd::json::picks(&parsed, balancer.strategy(), &picks))?;
+            } else {
+                let width = picks
+                    .iter()
+                    .map(|(e, _, _)| e.to_string().len())
+                    .max()
+                    .unwrap_or(0);
+                for (endpoint, count, health) in &picks {
+                    writeln!(out, "{:<width$}  {count:>6}  {health}", endpoint.to_string())?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check { config, modules } => {
             let loaded = config.load()?;
             let reports = wasd::check(&loaded, &modules).await?;

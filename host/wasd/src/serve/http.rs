@@ -77,6 +77,9 @@ pub(crate) struct Api {
     pub(crate) token: Option<String>,
     /// Set once the server stops: blocked watches answer at once.
     pub(crate) stopping: watch::Sender<bool>,
+    /// `/v1/pick`'s balancers, by query and filters: each keeps its position, counters
+    /// and zone decision across requests.
+    pub(crate) balancers: std::sync::Mutex<std::collections::HashMap<String, crate::Balancer>>,
     /// The xDS server's open streams and followed services, when it runs.
     #[cfg(feature = "xds")]
     pub(crate) xds: Option<Arc<super::xds::XdsCounts>>,
@@ -103,6 +106,7 @@ pub(crate) fn router(api: Arc<Api>) -> Router {
         .route("/", get(page))
         .route("/status.js", get(script))
         .route("/v1/resolve", get(resolve))
+        .route("/v1/pick", get(pick))
         .route("/v1/watch", get(watch))
         .route("/v1/status", get(status))
         .route(
@@ -219,13 +223,17 @@ fn error_status(e: &Error) -> StatusCode {
     }
 }
 
-/// The parameters of a resolve or watch: `query`, repeated `filter=KEY=VALUE`, and the
-/// watch's `index` and `wait`.
+/// The parameters of a resolve, pick or watch: `query`, repeated `filter=KEY=VALUE`,
+/// the watch's `index` and `wait`, the pick's `key`.
 struct Params {
     query: Query,
     index: u64,
     wait: Duration,
+    key: Option<String>,
 }
+
+/// Balancers `/v1/pick` keeps; past it they are all dropped and made again.
+const MAX_BALANCERS: usize = 1024;
 
 /// `Err`: why the parameters are refused (a 400).
 fn params(raw: Option<&str>) -> Result<Params, String> {
@@ -233,9 +241,11 @@ fn params(raw: Option<&str>) -> Result<Params, String> {
     let mut filters = Vec::new();
     let mut index = 0;
     let mut wait = MAX_WAIT;
+    let mut pick_key = None;
     for (key, value) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
         match &*key {
             "query" => query = Some(value.into_owned()),
+            "key" => pick_key = Some(value.into_owned()),
             "filter" => match value.split_once('=') {
                 Some((k, v)) if !k.is_empty() => filters.push((k.to_owned(), v.to_owned())),
                 _ => return Err(format!("filter '{}' is not KEY=VALUE", value.escape_default())),
@@ -266,7 +276,12 @@ fn params(raw: Option<&str>) -> Result<Params, String> {
     for (key, value) in filters {
         query = query.with_filter(key, value);
     }
-    Ok(Params { query, index, wait })
+    Ok(Params {
+        query,
+        index,
+        wait,
+        key: pick_key,
+    })
 }
 
 /// A set as JSON, with its index in `X-Wasd-Index`.
@@ -287,6 +302,41 @@ async fn resolve(State(api): State<Arc<Api>>, RawQuery(raw): RawQuery) -> Respon
         Ok(set) => set_response(&params.query, &set),
         Err(e) => error(error_status(&e), e),
     }
+}
+
+/// One endpoint through the configured policy for the query (`[[policy]]`), with the
+/// request's `key` for consistent hashing.
+async fn pick(State(api): State<Arc<Api>>, RawQuery(raw): RawQuery) -> Response {
+    let params = match params(raw.as_deref()) {
+        Ok(params) => params,
+        Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
+    };
+    let name = format!("{} {:?}", params.query, params.query.filters());
+    let existing = api.balancers.lock().expect("balancers lock").get(&name).cloned();
+    let balancer = match existing {
+        Some(balancer) => balancer,
+        None => match api.resolver.balancer_for_query(&params.query).build().await {
+            Ok(balancer) => {
+                let mut balancers = api.balancers.lock().expect("balancers lock");
+                if balancers.len() >= MAX_BALANCERS {
+                    balancers.clear();
+                }
+                balancers.entry(name).or_insert(balancer).clone()
+            }
+            Err(e) => return error(error_status(&e), e),
+        },
+    };
+    let picked = match &params.key {
+        Some(key) => balancer.pick_key(key),
+        None => balancer.pick(),
+    };
+    axum::Json(crate::json::pick(
+        &params.query,
+        balancer.strategy(),
+        picked.endpoint(),
+        picked.health(),
+    ))
+    .into_response()
 }
 
 async fn watch(State(api): State<Arc<Api>>, RawQuery(raw): RawQuery) -> Response {

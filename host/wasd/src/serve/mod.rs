@@ -291,6 +291,7 @@ impl Server {
                 instances: Default::default(),
                 token: options.token.clone(),
                 stopping: tokio::sync::watch::Sender::new(false),
+                balancers: Default::default(),
                 #[cfg(feature = "xds")]
                 xds: xds_counts,
             }),
