@@ -1,7 +1,8 @@
 //! What the client integrations add to a request, side by side with the same request
 //! without them, against the same loopback servers (docs/BENCHMARKS.md has the report):
 //!
-//! - `pick`: `Balancer::pick` over three endpoints, per strategy;
+//! - `pick`: `Balancer::pick` over 3 and 1 000 endpoints, per strategy (consistent
+//!   hashing with a key per pick), beside a bare atomic round-robin over a `Vec`;
 //! - `http`: a GET to one axum instance with plain reqwest (keep-alive), through an
 //!   empty reqwest-middleware stack, and through `wasd::http::Discovery`
 //!   (`http://catalog/x`: resolve, pick, rewrite);
@@ -35,27 +36,47 @@ fn crypto_provider() {
 
 fn pick(c: &mut Criterion) {
     let rt = runtime();
-    let sandbox = Sandbox::new();
-    let urls: Vec<String> = (1..=3).map(|i| format!("http://10.0.0.{i}:80")).collect();
-    let resolver = rt.block_on(configured(&sandbox, "catalog", "http", &urls));
-    let mut group = c.benchmark_group("clients/pick");
-    for strategy in [
-        Strategy::RoundRobin,
-        Strategy::Random,
-        Strategy::PowerOfTwoChoices,
-        Strategy::PickFirst,
-    ] {
-        let balancer = rt
-            .block_on(
-                resolver
-                    .balancer_builder("http://catalog")
-                    .strategy(strategy)
-                    .build(),
-            )
-            .unwrap();
-        group.bench_function(format!("{strategy:?}"), |b| b.iter(|| black_box(balancer.pick())));
+    for size in [3usize, 1000] {
+        let sandbox = Sandbox::new();
+        let urls: Vec<String> = (0..size)
+            .map(|i| format!("http://10.{}.{}.{}:80", i / 65536, (i / 256) % 256, i % 256))
+            .collect();
+        let resolver = rt.block_on(configured(&sandbox, "catalog", "http", &urls));
+        let mut group = c.benchmark_group(format!("clients/pick/{size}"));
+        // The baseline: the least a round-robin pick can be — an atomic counter and an
+        // Arc clone from a Vec, nothing followed, nothing checked.
+        let plain: Vec<std::sync::Arc<String>> = urls.iter().cloned().map(std::sync::Arc::new).collect();
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        group.bench_function("baseline_atomic_round_robin", |b| {
+            b.iter(|| {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % plain.len();
+                black_box(plain[i].clone())
+            })
+        });
+        let keys: Vec<String> = (0..1024).map(|k| format!("user-{k}")).collect();
+        for strategy in Strategy::ALL {
+            let balancer = rt
+                .block_on(
+                    resolver
+                        .balancer_builder("http://catalog")
+                        .strategy(strategy)
+                        .build(),
+                )
+                .unwrap();
+            if strategy == Strategy::ConsistentHash {
+                let mut k = 0;
+                group.bench_function(strategy.name(), |b| {
+                    b.iter(|| {
+                        k = (k + 1) % keys.len();
+                        black_box(balancer.pick_key(&keys[k]))
+                    })
+                });
+            } else {
+                group.bench_function(strategy.name(), |b| b.iter(|| black_box(balancer.pick())));
+            }
+        }
+        group.finish();
     }
-    group.finish();
 }
 
 fn http(c: &mut Criterion) {

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::extract::Request;
@@ -22,6 +22,11 @@ struct Instance {
     name: String,
     address: SocketAddr,
     hits: Arc<AtomicUsize>,
+    /// Whether its health endpoint says healthy (`/healthz` for HTTP, the health
+    /// service's SERVING for gRPC).
+    healthy: Arc<AtomicBool>,
+    /// The gRPC instance's health reporter.
+    reporter: Option<tonic_health::server::HealthReporter>,
     task: JoinHandle<()>,
     /// Graceful shutdown: stop accepting, close idle connections.
     stop: Option<oneshot::Sender<()>>,
@@ -29,18 +34,29 @@ struct Instance {
 
 impl Instances {
     /// `count` axum servers named `{service}-1`, `{service}-2`, ...; each answers
-    /// `{name} {path and query}`.
+    /// `{name} {path and query}`, except `/healthz`: 200, or 503 once
+    /// [`Instances::set_healthy`] says so (health checks are not counted as hits).
     pub async fn http(service: &str, count: usize) -> Instances {
         let mut instances = Vec::new();
         for i in 1..=count {
             let name = format!("{service}-{i}");
             let hits = Arc::new(AtomicUsize::new(0));
-            let (answer, counter) = (name.clone(), hits.clone());
+            let healthy = Arc::new(AtomicBool::new(true));
+            let (answer, counter, up) = (name.clone(), hits.clone(), healthy.clone());
             let app = axum::Router::new().fallback(move |request: Request| {
-                counter.fetch_add(1, Ordering::Relaxed);
                 let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+                let status = if target == "/healthz" {
+                    if up.load(Ordering::Relaxed) {
+                        http::StatusCode::OK
+                    } else {
+                        http::StatusCode::SERVICE_UNAVAILABLE
+                    }
+                } else {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    http::StatusCode::OK
+                };
                 let answer = format!("{answer} {target}");
-                async move { answer }
+                async move { (status, answer) }
             });
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let address = listener.local_addr().unwrap();
@@ -57,6 +73,8 @@ impl Instances {
                 name,
                 address,
                 hits,
+                healthy,
+                reporter: None,
                 task,
                 stop: Some(stop),
             });
@@ -96,6 +114,21 @@ impl Instances {
             {
                 instance.task.abort();
             }
+        }
+    }
+
+    /// Make instance `index` (from 0) report healthy or not: `/healthz` answers 200 or
+    /// 503; the gRPC health service SERVING or NOT_SERVING.
+    pub async fn set_healthy(&self, index: usize, healthy: bool) {
+        let instance = &self.instances[index];
+        instance.healthy.store(healthy, Ordering::Relaxed);
+        if let Some(reporter) = &instance.reporter {
+            let status = if healthy {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
         }
     }
 
@@ -151,8 +184,9 @@ async fn grpc_instance(name: String, listener: TcpListener) -> Instance {
     });
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     let (stop, stopped) = oneshot::channel::<()>();
+    let kept = reporter.clone();
     let task = tokio::spawn(async move {
-        let _reporter = reporter;
+        let _reporter = kept;
         tonic::transport::Server::builder()
             .layer(tag)
             .add_service(health)
@@ -166,6 +200,8 @@ async fn grpc_instance(name: String, listener: TcpListener) -> Instance {
         name,
         address,
         hits,
+        healthy: Arc::new(AtomicBool::new(true)),
+        reporter: Some(reporter),
         task,
         stop: Some(stop),
     }

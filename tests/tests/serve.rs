@@ -429,6 +429,53 @@ fn http_resolve_serves_the_cli_json_and_says_what_failed_with_its_status() {
 }
 
 #[test]
+fn http_pick_turns_through_the_configured_policy_across_requests() {
+    let config = format!("{CONFIG_ONLY}[[policy]]\nservice = \"basket\"\nstrategy = \"consistent-hash\"\n");
+    let sandbox = sandbox(&config);
+    let served = Served::start(&sandbox);
+    let pick = |path: &str| {
+        let (status, body) = served.get(path);
+        assert_eq!(status, 200, "{body}");
+        json(&body)
+    };
+    // catalog has no policy: round-robin, whose turn the server keeps across requests
+    // (one balancer per query): three requests, its three endpoints.
+    let picks: Vec<Value> = (0..3).map(|_| pick("/v1/pick?query=catalog")).collect();
+    assert_eq!(picks[0]["strategy"], "round-robin");
+    assert_eq!(picks[0]["health"], "healthy");
+    let mut endpoints: Vec<&str> = picks.iter().map(|p| p["endpoint"].as_str().unwrap()).collect();
+    endpoints.sort();
+    assert_eq!(
+        endpoints,
+        [
+            "http://10.0.0.7:8080",
+            "https://10.46.24.90:443",
+            "https://127.0.0.1:8443"
+        ]
+    );
+    let one = picks
+        .iter()
+        .find(|p| p["endpoint"] == "https://127.0.0.1:8443")
+        .unwrap();
+    assert_eq!(
+        (one["host"].clone(), one["port"].clone()),
+        ("127.0.0.1".into(), 8443.into())
+    );
+    // basket's policy: consistent hashing, one key to one endpoint every time.
+    let keyed: Vec<Value> = (0..5).map(|_| pick("/v1/pick?query=basket&key=user-1")).collect();
+    assert_eq!(keyed[0]["strategy"], "consistent-hash");
+    assert!(
+        keyed.iter().all(|p| p["endpoint"] == "http://10.0.0.1:80"),
+        "{keyed:?}"
+    );
+    // As /v1/resolve: 404 without endpoints (filters apply), 400 for a bad query.
+    let (status, body) = served.get("/v1/pick?query=catalog&filter=zone%3Deu");
+    assert_eq!(status, 404, "{body}");
+    let (status, body) = served.get("/v1/pick?query=https%2B://catalog");
+    assert_eq!(status, 400, "{body}");
+}
+
+#[test]
 fn a_failing_provider_is_503_in_http_and_servfail_in_dns_never_a_later_answer() {
     // etcd first, on a port where nothing listens; config after it knows catalog.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
