@@ -30,8 +30,10 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use wasd_core::{Clock, Endpoint, EndpointSet, Error, Latest, Query, SetInner, Watch};
 
 use crate::resolver::Resolver;
+#[cfg(feature = "tonic")]
+pub(crate) use health::EndpointHealth;
 pub use health::Health;
-pub(crate) use health::{EndpointHealth, HealthTable};
+use health::HealthTable;
 use policy::Overrides;
 pub(crate) use policy::Selector;
 pub use policy::{Check, HealthCheck, Outlier, Policies, Policy, Strategy, Subset};
@@ -80,6 +82,7 @@ impl Balancing {
         self.policies.load_full()
     }
 
+    #[cfg(feature = "tonic")]
     pub(crate) fn table(&self) -> &HealthTable {
         &self.table
     }

@@ -43,6 +43,10 @@ struct View {
     schedule: Vec<u32>,
     /// Consistent hashing: (point, member) sorted by point.
     ring: Vec<(u64, u32)>,
+    /// Turns that found their endpoint left out: each goes on from a further point, so
+    /// that a left-out endpoint's turns are shared evenly rather than all given to the
+    /// endpoint after it.
+    skips: AtomicU64,
 }
 
 /// What one pick asks of a view.
@@ -206,6 +210,7 @@ impl View {
             members,
             schedule,
             ring,
+            skips: AtomicU64::new(0),
         }
     }
 
@@ -214,14 +219,26 @@ impl View {
         let usable = |i: u32| slots[i as usize].health.usable(pick.now);
         let n = self.members.len();
         match strategy {
-            Strategy::RoundRobin => walk(&self.members, (pick.sequence % n as u64) as usize, usable),
+            Strategy::RoundRobin => {
+                let start = (pick.sequence % n as u64) as usize;
+                let first = self.members[start];
+                if usable(first) {
+                    return first;
+                }
+                walk(&self.members, self.skip(start, n), usable)
+            }
             Strategy::WeightedRoundRobin => {
                 let len = self.schedule.len();
                 let start = (pick.sequence % len as u64) as usize;
-                // Probe the schedule a little way, then any member.
+                let first = self.schedule[start];
+                if usable(first) {
+                    return first;
+                }
+                // Probe the schedule a little way from a further point, then any member.
+                let from = self.skip(start, len);
                 let probe = len.min(2 * n + 16);
                 (0..probe)
-                    .map(|k| self.schedule[(start + k) % len])
+                    .map(|k| self.schedule[(from + k) % len])
                     .find(|&i| usable(i))
                     .unwrap_or_else(|| walk(&self.members, start % n, usable))
             }
@@ -256,6 +273,17 @@ impl View {
                     .unwrap_or(self.ring[start].1)
             }
         }
+    }
+
+    /// Where a turn whose endpoint is left out goes on from: 1, 2, ... places further
+    /// in turn (of `len`), so that its turns are spread over the others.
+    #[cold]
+    fn skip(&self, start: usize, len: usize) -> usize {
+        if len < 2 {
+            return start;
+        }
+        let k = self.skips.fetch_add(1, Ordering::Relaxed) as usize;
+        (start + 1 + k % (len - 1)) % len
     }
 
     /// A random usable member: a few draws, then a walk from the last.
@@ -466,6 +494,30 @@ mod tests {
         assert_eq!(next.slots[1].health.outstanding.load(Ordering::Relaxed), 0);
         let filtered = Snapshot::new(&set(&["b", "c"]), &[only_c], rr, &table, false).unwrap();
         assert_eq!(hosts(&filtered), ["c"]);
+    }
+
+    #[test]
+    fn a_left_out_endpoints_turns_are_shared_evenly() {
+        let table = HealthTable::new(Clock::exact(), None);
+        for strategy in [Strategy::RoundRobin, Strategy::WeightedRoundRobin] {
+            let snapshot =
+                Snapshot::new(&set(&["a", "b", "c", "d"]), &[], policy(strategy), &table, false).unwrap();
+            snapshot.slots[0].health.failed(&Default::default(), || true);
+            let now = table.common().now_ms();
+            let mut counts = [0; 4];
+            for sequence in 0..48 {
+                let pick = Pick {
+                    sequence,
+                    random: 0,
+                    key: None,
+                    now,
+                };
+                counts[snapshot.pick(&pick, &table)] += 1;
+            }
+            // a's twelve turns went four to each of the others, not all to b.
+            assert_eq!(counts, [0, 16, 16, 16], "{strategy}");
+            snapshot.slots[0].health.succeeded();
+        }
     }
 
     #[test]
