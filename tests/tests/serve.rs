@@ -1414,6 +1414,97 @@ mod protocol {
         }
     }
 
+    /// Each endpoint's address and whether it is sent HEALTHY, sorted.
+    fn health(response: &DiscoveryResponse) -> Vec<(String, bool)> {
+        use envoy_types::pb::envoy::config::core::v3::HealthStatus;
+        let mut all = Vec::new();
+        for any in &response.resources {
+            let assignment = ClusterLoadAssignment::decode(any.value.as_slice()).unwrap();
+            for locality in assignment.endpoints {
+                for endpoint in locality.lb_endpoints {
+                    let healthy = endpoint.health_status == HealthStatus::Healthy as i32;
+                    let Some(HostIdentifier::Endpoint(lb)) = endpoint.host_identifier else {
+                        panic!("no endpoint")
+                    };
+                    let Some(AddressKind::SocketAddress(socket)) = lb.address.unwrap().address else {
+                        panic!("no socket address")
+                    };
+                    let Some(PortSpecifier::PortValue(port)) = socket.port_specifier else {
+                        panic!("no port")
+                    };
+                    all.push((format!("{}:{port}", socket.address), healthy));
+                }
+            }
+        }
+        all.sort();
+        all
+    }
+
+    #[test]
+    fn an_endpoint_failing_its_policys_grpc_health_check_is_sent_unhealthy() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        // Two tonic servers with the standard health service, whose status the test sets.
+        let servers = runtime.block_on(wasd_tests::servers::Instances::grpc("greeter", 2));
+        let urls = servers.urls("grpc");
+        let sandbox = Sandbox::new();
+        sandbox.write_services("greeter", "grpc", &urls);
+        sandbox.write(
+            "wasd.toml",
+            format!(
+                "{}\n[[policy]]\nservice = \"greeter\"\nhealth = {{ grpc = \"\", interval = \"50ms\", healthy-threshold = 1, unhealthy-threshold = 1 }}\n",
+                super::CONFIG_ONLY
+            ),
+        );
+        let served = Served::start_with_args(&sandbox, &[], &["--xds", "127.0.0.1:0"]);
+        let xds = format!("http://{}", served.xds.as_deref().unwrap());
+        let addresses: Vec<String> = urls
+            .iter()
+            .map(|u| u.trim_start_matches("grpc://").to_owned())
+            .collect();
+        runtime.block_on(async {
+            let (_client, requests, mut responses) = open(xds).await;
+            requests
+                .send(request(ENDPOINTS, &["greeter"], "", "", None))
+                .await
+                .unwrap();
+            // Answers until `want`, ACKing each; fails after 10 s.
+            let mut until = async |want: Vec<(String, bool)>| {
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    assert!(tokio::time::Instant::now() < deadline, "never sent {want:?}");
+                    let answer = next(&mut responses).await;
+                    requests
+                        .send(request(
+                            ENDPOINTS,
+                            &["greeter"],
+                            &answer.version_info,
+                            &answer.nonce,
+                            None,
+                        ))
+                        .await
+                        .unwrap();
+                    if health(&answer) == want {
+                        return;
+                    }
+                }
+            };
+            let both = |first: bool| {
+                let mut want = vec![(addresses[0].clone(), first), (addresses[1].clone(), true)];
+                want.sort();
+                want
+            };
+            until(both(true)).await;
+            servers.set_healthy(0, false).await;
+            until(both(false)).await;
+            servers.set_healthy(0, true).await;
+            until(both(true)).await;
+        });
+    }
+
     #[test]
     fn a_plugin_swapped_in_the_plugin_folder_reaches_a_subscribed_client_within_1s() {
         let sandbox = Sandbox::new();

@@ -30,7 +30,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use wasd_core::{Clock, Endpoint, EndpointSet, Error, Latest, Query, SetInner, Watch};
 
 use crate::resolver::Resolver;
-#[cfg(feature = "tonic")]
+#[cfg(any(feature = "tonic", feature = "xds"))]
 pub(crate) use health::EndpointHealth;
 pub use health::Health;
 use health::HealthTable;
@@ -82,7 +82,7 @@ impl Balancing {
         self.policies.load_full()
     }
 
-    #[cfg(feature = "tonic")]
+    #[cfg(any(feature = "tonic", feature = "xds"))]
     pub(crate) fn table(&self) -> &HealthTable {
         &self.table
     }

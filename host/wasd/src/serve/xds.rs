@@ -18,7 +18,7 @@
 //! chain fails for a service with no last good set, or a host name cannot be looked
 //! up, the client keeps what it had, and the culprit is logged.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -170,7 +170,9 @@ struct Subscription {
 
 /// A service's latest answer as a stream knows it, from its watch.
 enum Latest {
-    Set(EndpointSet),
+    /// The set, and those of its endpoints whose active health checks (the query's
+    /// `[[policy]]`) fail: sent as UNHEALTHY, which gRPC clients do not pick.
+    Set(EndpointSet, Arc<HashSet<Endpoint>>),
     /// The chain failed with no last good set, or the query is invalid: the reason.
     Failed(String),
 }
@@ -235,7 +237,9 @@ impl Session {
                     }
                     // Set numbers only grow: a lower one is an older set, reported late.
                     let changed = match (&latest, self.latest.get(&service)) {
-                        (Latest::Set(new), Some(Latest::Set(old))) => new.index() > old.index(),
+                        (Latest::Set(new, sick), Some(Latest::Set(old, was))) => {
+                            new.index() > old.index() || (new.index() == old.index() && sick != was)
+                        }
                         _ => true,
                     };
                     if !changed {
@@ -389,8 +393,8 @@ impl Session {
     /// The service's endpoints as a load assignment; `None` while there is no answer
     /// to give (not asked yet, failing, a host name that cannot be looked up).
     async fn load_assignment(&self, service: &str) -> Option<ClusterLoadAssignment> {
-        let set = match self.latest.get(service)? {
-            Latest::Set(set) => set,
+        let (set, unhealthy) = match self.latest.get(service)? {
+            Latest::Set(set, unhealthy) => (set, unhealthy),
             Latest::Failed(reason) => {
                 tracing::warn!(node = %self.node, "xDS: no endpoints to send for '{service}': {reason}");
                 return None;
@@ -417,10 +421,11 @@ impl Session {
                 endpoint.metadata_value("zone").unwrap_or_default().to_owned(),
             );
             for ip in ips {
-                localities
-                    .entry(locality.clone())
-                    .or_default()
-                    .push(lb_endpoint(endpoint, SocketAddr::new(ip, port)));
+                localities.entry(locality.clone()).or_default().push(lb_endpoint(
+                    endpoint,
+                    SocketAddr::new(ip, port),
+                    !unhealthy.contains(endpoint),
+                ));
             }
         }
         Some(ClusterLoadAssignment {
@@ -455,6 +460,82 @@ impl Session {
 /// The client went away.
 struct Gone;
 
+/// A followed service's endpoints as the resolver's health table sees them, checked
+/// actively when the query's policy says so (held here: the checks run while the
+/// service is followed).
+struct Checks {
+    balancing: Arc<crate::balance::Balancing>,
+    check: Option<crate::HealthCheck>,
+    held: HashMap<Endpoint, Arc<crate::balance::EndpointHealth>>,
+    /// The health table's generation when `unhealthy` last looked.
+    seen: u64,
+}
+
+impl Checks {
+    fn new(resolver: &Resolver, query: &Query) -> Checks {
+        let balancing = resolver.balancing().clone();
+        let check = balancing.policies().for_query(query).health;
+        Checks {
+            balancing,
+            check,
+            held: HashMap::new(),
+            seen: 0,
+        }
+    }
+
+    /// Hold (and check) the set's endpoints; those failing their checks now.
+    fn follow(&mut self, set: &EndpointSet) -> Arc<HashSet<Endpoint>> {
+        let Some(check) = &self.check else {
+            return Arc::default();
+        };
+        let table = self.balancing.table();
+        self.held.retain(|e, _| set.iter().any(|s| s == e));
+        for endpoint in set.iter() {
+            if !self.held.contains_key(endpoint) {
+                let entry = table.entry(endpoint);
+                table.check(&entry, endpoint, check);
+                self.held.insert(endpoint.clone(), entry);
+            }
+        }
+        self.unhealthy(set)
+    }
+
+    /// The set's endpoints failing their checks; none when they all do (never an empty
+    /// set: the clients then try them all).
+    fn unhealthy(&mut self, set: &EndpointSet) -> Arc<HashSet<Endpoint>> {
+        // Before looking: a change while looking is then seen by `changed`.
+        self.seen = self.balancing.table().generation();
+        let failing: HashSet<Endpoint> = set
+            .iter()
+            .filter(|e| self.held.get(*e).is_some_and(|h| !h.checks_pass()))
+            .cloned()
+            .collect();
+        if failing.len() == set.len() {
+            return Arc::default();
+        }
+        Arc::new(failing)
+    }
+
+    /// Resolves when some endpoint's health changed since `unhealthy` last looked
+    /// (never, without checks).
+    fn changed(&self) -> impl Future<Output = ()> + use<> {
+        let balancing = self.balancing.clone();
+        let (checked, seen) = (self.check.is_some(), self.seen);
+        async move {
+            if !checked {
+                return std::future::pending::<()>().await;
+            }
+            let table = balancing.table();
+            let notified = table.common().notify().notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if table.generation() == seen {
+                notified.await;
+            }
+        }
+    }
+}
+
 /// `Listener`, `Cluster`: for logs.
 fn short(kind: &str) -> &str {
     kind.rsplit('.').next().unwrap_or(kind)
@@ -481,19 +562,39 @@ async fn follow(
         }
     };
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30)).with_jitter(0.2);
+    let mut checks = Checks::new(&resolver, &query);
     loop {
         match resolver.watch_query(&query).await {
             Ok(mut watch) => {
                 backoff.reset();
                 let mut current = watch.current();
+                let mut unhealthy = checks.follow(&current);
                 loop {
-                    if changes.send((service.clone(), Latest::Set(current))).is_err() {
+                    let report = Latest::Set(current.clone(), unhealthy.clone());
+                    if changes.send((service.clone(), report)).is_err() {
                         return;
                     }
-                    match watch.changed().await {
-                        Some(set) => current = set,
-                        // The resolver is going away.
-                        None => return,
+                    // The next change: a new set, or an endpoint's checks flipping.
+                    loop {
+                        let health = checks.changed();
+                        tokio::select! {
+                            set = watch.changed() => match set {
+                                Some(set) => {
+                                    current = set;
+                                    unhealthy = checks.follow(&current);
+                                    break;
+                                }
+                                // The resolver is going away.
+                                None => return,
+                            },
+                            () = health => {
+                                let now = checks.unhealthy(&current);
+                                if now != unhealthy {
+                                    unhealthy = now;
+                                    break;
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -572,7 +673,7 @@ fn cluster(service: &str) -> Cluster {
     }
 }
 
-fn lb_endpoint(endpoint: &Endpoint, address: SocketAddr) -> LbEndpoint {
+fn lb_endpoint(endpoint: &Endpoint, address: SocketAddr, healthy: bool) -> LbEndpoint {
     let weight = endpoint
         .metadata_value("weight")
         .and_then(|w| w.parse::<u32>().ok())
@@ -591,7 +692,11 @@ fn lb_endpoint(endpoint: &Endpoint, address: SocketAddr) -> LbEndpoint {
             }),
             ..Default::default()
         })),
-        health_status: HealthStatus::Healthy as i32,
+        health_status: if healthy {
+            HealthStatus::Healthy as i32
+        } else {
+            HealthStatus::Unhealthy as i32
+        },
         load_balancing_weight: weight.map(|value| UInt32Value { value }),
         ..Default::default()
     }
