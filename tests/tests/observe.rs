@@ -546,6 +546,16 @@ fn explain_shows_each_provider_its_imports_the_dropped_endpoints_and_the_failure
     );
     assert_eq!(json["answer"]["endpoints"][0]["endpoint"], "10.0.0.1:8080");
     assert_eq!(json["dropped"], Value::Array(vec![]));
+    // How a balancer would pick among the answer: no [[policy]], the defaults.
+    assert_eq!(
+        (
+            &json["policy"]["strategy"],
+            &json["policy"]["outlier"]["base_ejection_ms"]
+        ),
+        (&Value::from("round-robin"), &Value::from(1000.0)),
+        "{}",
+        json["policy"]
+    );
 
     // A filter no endpoint matches: the endpoint is dropped, naming the filter.
     let out = explain(&["--json", "--filter", "zone=eu"]);
@@ -591,6 +601,10 @@ fn explain_shows_each_provider_its_imports_the_dropped_endpoints_and_the_failure
         out.stdout
     );
     assert!(line("answer ").starts_with("answer     none: "), "{}", out.stdout);
+    assert_eq!(
+        line("policy "),
+        "policy     round-robin; ejects after 1 failure for 1s, doubling to 30s, at most 100 %"
+    );
     assert!(
         out.stderr.starts_with("wasd: ") && out.stderr.contains("etcd"),
         "{}",

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::{CacheState, Endpoint, EndpointSet, Explanation, Health, Query, RegistrationState, Strategy};
+use crate::{
+    CacheState, Check, Endpoint, EndpointSet, Explanation, Health, Policy, Query, RegistrationState, Strategy,
+};
 
 /// A query's endpoints as `wasd resolve --json` prints them and `GET /v1/resolve`
 /// serves them; `index` is the set's [`EndpointSet::index`].
@@ -172,5 +174,37 @@ pub fn pick(query: &Query, strategy: Strategy, endpoint: &Endpoint, health: Heal
         "port": endpoint.port(),
         "metadata": endpoint.metadata().iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "health": health.name(),
+    })
+}
+
+/// A query's policy as `wasd resolve --explain --json` shows it (`policy`).
+pub fn policy(policy: &Policy) -> serde_json::Value {
+    let health = policy.health.as_ref().map(|h| {
+        let (kind, target) = match &h.check {
+            Check::Http { path } => ("http", json!(path)),
+            Check::Grpc { service } => ("grpc", json!(service)),
+            Check::Tcp => ("tcp", json!(null)),
+        };
+        json!({
+            "kind": kind,
+            "target": target,
+            "interval_ms": millis(h.interval),
+            "timeout_ms": millis(h.timeout),
+            "healthy_threshold": h.healthy_threshold,
+            "unhealthy_threshold": h.unhealthy_threshold,
+        })
+    });
+    json!({
+        "strategy": policy.strategy.name(),
+        "zone": policy.zone,
+        "zone_min_healthy": policy.zone_min_healthy,
+        "subset": policy.subset.as_ref().map(|s| json!({"size": s.size, "client_id": s.client_id})),
+        "health": health,
+        "outlier": {
+            "consecutive_failures": policy.outlier.consecutive_failures,
+            "base_ejection_ms": millis(policy.outlier.base_ejection),
+            "max_ejection_ms": millis(policy.outlier.max_ejection),
+            "max_ejection_percent": policy.outlier.max_ejection_percent,
+        },
     })
 }

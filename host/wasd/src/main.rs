@@ -393,11 +393,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let resolver = config.resolver(false).await?;
             if explain {
                 let explanation = resolver.explain_query(&parsed).await;
+                // How a balancer would pick among the answer (`[[policy]]`).
+                let policy = resolver.policies().for_query(&parsed);
                 let mut out = std::io::stdout().lock();
                 if json {
-                    writeln!(out, "{}", wasd::json::explanation(&explanation))?;
+                    let mut value = wasd::json::explanation(&explanation);
+                    if let Some(fields) = value.as_object_mut() {
+                        fields.insert("policy".into(), wasd::json::policy(&policy));
+                    }
+                    writeln!(out, "{value}")?;
                 } else {
                     writeln!(out, "{explanation}")?;
+                    writeln!(out, "policy     {policy}")?;
                 }
                 out.flush()?;
                 // Explained, then said once more as the error it is.

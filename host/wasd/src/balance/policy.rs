@@ -351,6 +351,47 @@ impl Policy {
     }
 }
 
+impl fmt::Display for Policy {
+    /// One line: `round-robin; zone a (while 50 % healthy); checks http /healthz every
+    /// 5s; ejects after 1 failure for 1s, doubling to 30s, at most 100 %`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.strategy)?;
+        if let Some(zone) = &self.zone {
+            write!(
+                f,
+                "; zone {zone} (while {:.0} % healthy)",
+                self.zone_min_healthy * 100.0
+            )?;
+        }
+        if let Some(subset) = &self.subset {
+            write!(f, "; subset of {} (client {})", subset.size, subset.client_id)?;
+        }
+        if let Some(health) = &self.health {
+            let what = match &health.check {
+                Check::Http { path } => format!("http {path}"),
+                Check::Grpc { service } if service.is_empty() => "grpc".to_owned(),
+                Check::Grpc { service } => format!("grpc {service}"),
+                Check::Tcp => "tcp".to_owned(),
+            };
+            write!(
+                f,
+                "; checks {what} every {}",
+                humantime::format_duration(health.interval)
+            )?;
+        }
+        let o = &self.outlier;
+        write!(
+            f,
+            "; ejects after {} failure{} for {}, doubling to {}, at most {} %",
+            o.consecutive_failures,
+            if o.consecutive_failures == 1 { "" } else { "s" },
+            humantime::format_duration(o.base_ejection),
+            humantime::format_duration(o.max_ejection),
+            o.max_ejection_percent
+        )
+    }
+}
+
 /// Which queries a `[[policy]]` applies to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Selector {
@@ -483,6 +524,14 @@ mod tests {
             ejection: Some(Duration::from_millis(5)),
             ..Overrides::default()
         };
+        assert_eq!(
+            Policy::default()
+                .with_zone("a")
+                .with_health(HealthCheck::http("/healthz"))
+                .to_string(),
+            "round-robin; zone a (while 50 % healthy); checks http /healthz every 5s; \
+             ejects after 1 failure for 1s, doubling to 30s, at most 100 %"
+        );
         let applied = overrides.apply(&policies, &q("http://catalog"));
         assert_eq!(applied.strategy, Strategy::WeightedRoundRobin);
         assert_eq!(applied.zone.as_deref(), Some("b"));
