@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use wasd::{Health, HealthCheck, Resolver, Strategy};
+use wasd::{Health, HealthCheck, Resolver, Strategy, Subset};
 use wasd_tests::servers::Instances;
 use wasd_tests::{Sandbox, eventually};
 
@@ -226,6 +226,32 @@ async fn zone_traffic_returns_when_the_zones_endpoints_come_back() {
     assert_eq!(back.keys().collect::<Vec<_>>(), ["http://10.0.0.1:80"]);
 }
 
+/// `count` HTTP servers for `web` under a `[[policy]]`, and a balancer over them whose
+/// active checks (if any) have answered once.
+struct Web {
+    servers: Instances,
+    urls: Vec<String>,
+    resolver: Resolver,
+    balancer: wasd::Balancer,
+    _sandbox: Sandbox,
+}
+
+async fn checked_web(count: usize, policy: &str) -> Web {
+    let servers = Instances::http("web", count).await;
+    let urls = servers.urls("http");
+    let sandbox = Sandbox::new();
+    let resolver = web(&sandbox, &urls, policy).await;
+    let balancer = resolver.balancer("http://web").await.unwrap();
+    balancer.checked(WAIT).await;
+    Web {
+        servers,
+        urls,
+        resolver,
+        balancer,
+        _sandbox: sandbox,
+    }
+}
+
 /// Picks of `balancer`, 300 of them, counted by endpoint.
 fn spread(balancer: &wasd::Balancer) -> BTreeMap<String, usize> {
     counts((0..300).map(|_| balancer.pick().endpoint().to_string()))
@@ -233,17 +259,16 @@ fn spread(balancer: &wasd::Balancer) -> BTreeMap<String, usize> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn active_http_checks_leave_out_a_failing_healthz_and_take_it_back() {
-    let servers = Instances::http("web", 3).await;
-    let urls = servers.urls("http");
-    let sandbox = Sandbox::new();
-    let resolver = web(
-        &sandbox,
-        &urls,
+    let Web {
+        servers,
+        urls,
+        balancer,
+        ..
+    } = checked_web(
+        3,
         "health = { http = \"/healthz\", interval = \"50ms\", timeout = \"500ms\", healthy-threshold = 2, unhealthy-threshold = 2 }",
     )
     .await;
-    let balancer = resolver.balancer("http://web").await.unwrap();
-    balancer.checked(WAIT).await;
     assert!(
         balancer.health().iter().all(|(_, h)| *h == Health::Healthy),
         "{:?}",
@@ -346,17 +371,16 @@ async fn grpc_health_checks_follow_serving_and_not_serving() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tcp_checks_leave_out_a_server_that_stops_accepting() {
-    let mut servers = Instances::http("web", 2).await;
-    let urls = servers.urls("http");
-    let sandbox = Sandbox::new();
-    let resolver = web(
-        &sandbox,
-        &urls,
+    let Web {
+        mut servers,
+        urls,
+        balancer,
+        ..
+    } = checked_web(
+        2,
         "health = { tcp = true, interval = \"50ms\", unhealthy-threshold = 1 }",
     )
     .await;
-    let balancer = resolver.balancer("http://web").await.unwrap();
-    balancer.checked(WAIT).await;
     assert_eq!(spread(&balancer).len(), 2);
     servers.stop(0).await;
     eventually(WAIT, "the stopped server was never found unhealthy", || {
@@ -377,18 +401,16 @@ async fn tcp_checks_leave_out_a_server_that_stops_accepting() {
 async fn five_hundreds_through_reqwest_eject_within_the_cap() {
     // reqwest has TLS without a crypto provider in these tests: choose ring.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let servers = Instances::http("web", 3).await;
-    let urls = servers.urls("http");
-    // The first two answer /healthz with 503.
-    servers.set_healthy(0, false).await;
-    servers.set_healthy(1, false).await;
-    let sandbox = Sandbox::new();
-    let resolver = web(
-        &sandbox,
-        &urls,
+    let Web {
+        servers, resolver, ..
+    } = checked_web(
+        3,
         "outlier = { consecutive-failures = 3, base-ejection = \"1h\", max-ejection-percent = 50 }",
     )
     .await;
+    // The first two answer /healthz with 503.
+    servers.set_healthy(0, false).await;
+    servers.set_healthy(1, false).await;
     let client = resolver.http_client().unwrap();
     let mut statuses = Vec::new();
     for _ in 0..30 {
@@ -528,4 +550,86 @@ fn wasd_pick_counts_picks_by_endpoint_with_their_health() {
         "{}",
         out.stderr
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn seeded_random_repeats_and_spreads_and_ewma_prefers_the_faster_endpoint() {
+    let sandbox = Sandbox::new();
+    let refs = [
+        endpoint("10.0.0.1", ""),
+        endpoint("10.0.0.2", ""),
+        endpoint("10.0.0.3", ""),
+    ];
+    let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+    let resolver = sandbox.resolver(&table_config(&refs, "")).await.unwrap();
+    let random = |seed: u64| {
+        let resolver = resolver.clone();
+        async move {
+            let balancer = resolver
+                .balancer_builder("http://hello")
+                .strategy(Strategy::Random)
+                .seed(seed)
+                .build()
+                .await
+                .unwrap();
+            (0..3000)
+                .map(|_| balancer.pick().endpoint().host().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let seven = random(7).await;
+    // The same seed, the same picks; another seed, others.
+    assert_eq!(seven, random(7).await);
+    assert_ne!(seven, random(8).await);
+    // Uniform: 1000 expected each; 850..1150 is more than four standard deviations.
+    let spread = counts(seven);
+    assert!(spread.values().all(|n| (850..1150).contains(n)), "{spread:?}");
+
+    // Latency-aware: requests to .1 take 5 ms (the scenario's latency), to .2 none.
+    let ewma = resolver
+        .balancer_builder("http://hello")
+        .filter(|e| e.host() != "10.0.0.3")
+        .strategy(Strategy::PowerOfTwoEwma)
+        .build()
+        .await
+        .unwrap();
+    let mut picks = Vec::new();
+    for _ in 0..200 {
+        let picked = ewma.pick();
+        if picked.endpoint().host() == "10.0.0.1" {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        picked.succeeded();
+        picks.push(picked.endpoint().host().to_owned());
+    }
+    let spread = counts(picks);
+    // Each is tried once unmeasured; then the faster one wins every comparison.
+    assert!(spread["10.0.0.2"] >= 195, "{spread:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn subsets_of_consecutive_clients_cover_the_endpoints_once() {
+    let sandbox = Sandbox::new();
+    let endpoints: Vec<String> = (1..=6).map(|i| endpoint(&format!("10.0.0.{i}"), "")).collect();
+    let refs: Vec<&str> = endpoints.iter().map(String::as_str).collect();
+    let resolver = sandbox.resolver(&table_config(&refs, "")).await.unwrap();
+    let mut seen = Vec::new();
+    for client in 3..6 {
+        let balancer = resolver
+            .balancer_builder("http://hello")
+            .subset(Subset::new(2, client))
+            .build()
+            .await
+            .unwrap();
+        let held = balancer.endpoints();
+        assert_eq!(held.len(), 2, "{held:?}");
+        // Picks stay in the subset.
+        let picks = counts((0..20).map(|_| balancer.pick().endpoint().to_string()));
+        assert_eq!(picks.len(), 2);
+        assert!(picks.keys().all(|p| held.iter().any(|e| e.to_string() == *p)));
+        seen.extend(held.into_iter().map(|e| e.to_string()));
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 6, "{seen:?}");
 }
