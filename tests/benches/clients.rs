@@ -54,7 +54,7 @@ fn pick(c: &mut Criterion) {
             })
         });
         let keys: Vec<String> = (0..1024).map(|k| format!("user-{k}")).collect();
-        for strategy in Strategy::ALL {
+        for &strategy in Strategy::ALL {
             let balancer = rt
                 .block_on(
                     resolver

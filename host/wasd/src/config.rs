@@ -152,14 +152,14 @@ struct RawHealth {
     tcp: Option<bool>,
     interval: Option<Spanned<String>>,
     timeout: Option<Spanned<String>>,
-    healthy_threshold: Option<u32>,
-    unhealthy_threshold: Option<u32>,
+    healthy_threshold: Option<Spanned<u32>>,
+    unhealthy_threshold: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct RawOutlier {
-    consecutive_failures: Option<u32>,
+    consecutive_failures: Option<Spanned<u32>>,
     base_ejection: Option<Spanned<String>>,
     max_ejection: Option<Spanned<String>>,
     max_ejection_percent: Option<Spanned<u32>>,
@@ -415,11 +415,20 @@ impl Config {
             metrics_max_services: raw.metrics.max_services.unwrap_or(DEFAULT_MAX_SERVICES),
             serve: ServeSettings::default(),
             policies: Policies {
-                rules: raw
-                    .policies
-                    .iter()
-                    .map(|p| policy(&src, p))
-                    .collect::<Result<_, _>>()?,
+                rules: {
+                    let mut rules: Vec<(Selector, Policy)> = Vec::new();
+                    for spanned in &raw.policies {
+                        let (selector, policy) = policy(&src, spanned)?;
+                        if rules.iter().any(|(s, _)| *s == selector) {
+                            return Err(src.at(
+                                spanned,
+                                "another [[policy]] names the same service or query; one would never apply",
+                            ));
+                        }
+                        rules.push((selector, policy));
+                    }
+                    rules
+                },
                 zone: match &raw.zone {
                     Some(zone) if zone.get_ref().trim().is_empty() => {
                         return Err(src.at(zone, "zone names no zone"));
@@ -696,6 +705,16 @@ fn policy(src: &Source<'_>, spanned: &Spanned<RawPolicy>) -> Result<(Selector, P
             .map(|v| parse_duration(v.get_ref()).map_err(|e| src.at(v, e)))
             .transpose()
     };
+    // A duration that must be more than nothing, and a count that must be at least 1.
+    let nonzero = |value: &Option<Spanned<String>>, what: &str| match (duration(value)?, value) {
+        (Some(d), Some(v)) if d.is_zero() => Err(src.at(v, format!("{what} must be more than 0"))),
+        (d, _) => Ok(d),
+    };
+    let count = |value: &Option<Spanned<u32>>, what: &str| match value {
+        Some(v) if *v.get_ref() == 0 => Err(src.at(v, format!("{what} must be at least 1"))),
+        Some(v) => Ok(Some(*v.get_ref())),
+        None => Ok(None),
+    };
     let mut policy = Policy::default();
     if let Some(strategy) = &raw.strategy {
         policy.strategy = strategy
@@ -751,21 +770,22 @@ fn policy(src: &Source<'_>, spanned: &Spanned<RawPolicy>) -> Result<(Selector, P
         if h.grpc.is_some() {
             return Err(src.at(health, "gRPC health checks need wasd's `health-grpc` feature"));
         }
-        if let Some(interval) = duration(&h.interval)? {
+        if let Some(interval) = nonzero(&h.interval, "a check's interval")? {
             check = check.with_interval(interval);
         }
-        if let Some(timeout) = duration(&h.timeout)? {
+        if let Some(timeout) = nonzero(&h.timeout, "a check's timeout")? {
             check = check.with_timeout(timeout);
         }
-        let healthy = h.healthy_threshold.unwrap_or(check.healthy_threshold);
-        let unhealthy = h.unhealthy_threshold.unwrap_or(check.unhealthy_threshold);
+        let healthy = count(&h.healthy_threshold, "healthy-threshold")?.unwrap_or(check.healthy_threshold);
+        let unhealthy =
+            count(&h.unhealthy_threshold, "unhealthy-threshold")?.unwrap_or(check.unhealthy_threshold);
         check = check.with_thresholds(healthy, unhealthy);
         policy.health = Some(check);
     }
     if let Some(outlier) = &raw.outlier {
         let o = outlier.get_ref();
         let mut set = Outlier::default();
-        if let Some(n) = o.consecutive_failures {
+        if let Some(n) = count(&o.consecutive_failures, "consecutive-failures")? {
             set = set.with_consecutive_failures(n);
         }
         if let Some(base) = duration(&o.base_ejection)? {
@@ -1085,8 +1105,8 @@ health = { tcp = true }
         assert_eq!(catalog.zone_min_healthy, 0.25);
         let health = catalog.health.unwrap();
         assert_eq!(
-            health.check,
-            crate::Check::Http {
+            health.probe,
+            crate::Probe::Http {
                 path: "/healthz".into()
             }
         );
@@ -1110,7 +1130,7 @@ health = { tcp = true }
         assert_eq!(greeter.strategy, crate::Strategy::PowerOfTwoChoices);
         assert_eq!(greeter.subset, Some(Subset::new(3, 7)));
         let other = policies.for_query(&crate::Query::parse("basket").unwrap());
-        assert_eq!(other.health.unwrap().check, crate::Check::Tcp);
+        assert_eq!(other.health.unwrap().probe, crate::Probe::Tcp);
         assert_eq!(other.outlier, Outlier::default());
 
         for (text, expected) in [
@@ -1147,6 +1167,22 @@ health = { tcp = true }
                 "unknown field `weight`",
             ),
             ("zone = \" \"", "wasd.toml:1:8: zone names no zone"),
+            (
+                "[[policy]]\nservice = \"a\"\nhealth = { tcp = true, timeout = \"0s\" }",
+                "wasd.toml:3:34: a check's timeout must be more than 0",
+            ),
+            (
+                "[[policy]]\nservice = \"a\"\nhealth = { tcp = true, healthy-threshold = 0 }",
+                "wasd.toml:3:44: healthy-threshold must be at least 1",
+            ),
+            (
+                "[[policy]]\nservice = \"a\"\noutlier = { consecutive-failures = 0 }",
+                "wasd.toml:3:36: consecutive-failures must be at least 1",
+            ),
+            (
+                "[[policy]]\nservice = \"a\"\n[[policy]]\nservice = \"a\"",
+                "wasd.toml:3:1: another [[policy]] names the same service or query",
+            ),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(

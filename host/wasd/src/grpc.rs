@@ -275,11 +275,23 @@ impl Feeder {
                 // What every client of the resolver knows: a refused connection counts
                 // as a failure, and an endpoint failing its active checks stays out.
                 let healthy = match self.health.get(&endpoint) {
+                    Some(health) if reachable => {
+                        health.reached();
+                        health.checks_pass()
+                    }
                     Some(health) => {
-                        if !reachable {
-                            health.failed(&self.policy.outlier, || true);
-                        }
-                        reachable && health.checks_pass()
+                        // Within the policy's cap, counted over this channel's endpoints.
+                        let now = self.balancing.table().common().now_ms();
+                        let (n, out) = (
+                            self.health.len(),
+                            self.health
+                                .values()
+                                .filter(|h| h.ejected_until(now).is_some())
+                                .count(),
+                        );
+                        let cap = usize::from(self.policy.outlier.max_ejection_percent);
+                        health.failed(&self.policy.outlier, || out == 0 || (out + 1) * 100 <= cap * n);
+                        false
                     }
                     None => reachable,
                 };

@@ -274,9 +274,11 @@ impl Discovery {
             }
             match next.clone().run(this, extensions).await {
                 Ok(mut response) => {
-                    // A 5xx counts toward ejecting the endpoint (the outlier policy's
-                    // consecutive failures); the answer still goes to the caller.
-                    if response.status().is_server_error() {
+                    // A 502, 503 or 504 (the endpoint, or what stands before it, cannot
+                    // serve) counts toward ejecting it, as gRPC's UNAVAILABLE would; a
+                    // 500 is the application's answer. The answer goes to the caller.
+                    let unavailable = matches!(response.status().as_u16(), 502..=504);
+                    if unavailable {
                         picked.failed();
                     } else {
                         picked.succeeded();
@@ -293,7 +295,16 @@ impl Discovery {
                         return Err(e.into());
                     }
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // A request that timed out counts against the endpoint too: one
+                    // that never answers must not look like one never measured.
+                    if let reqwest_middleware::Error::Reqwest(e) = &e
+                        && e.is_timeout()
+                    {
+                        picked.failed();
+                    }
+                    return Err(e);
+                }
             }
         }
     }

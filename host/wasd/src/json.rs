@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::{
-    CacheState, Check, Endpoint, EndpointSet, Explanation, Health, Policy, Query, RegistrationState, Strategy,
+    CacheState, Endpoint, EndpointSet, Explanation, Health, Policy, Probe, Query, RegistrationState, Strategy,
 };
 
 /// A query's endpoints as `wasd resolve --json` prints them and `GET /v1/resolve`
@@ -180,10 +180,10 @@ pub fn pick(query: &Query, strategy: Strategy, endpoint: &Endpoint, health: Heal
 /// A query's policy as `wasd resolve --explain --json` shows it (`policy`).
 pub fn policy(policy: &Policy) -> serde_json::Value {
     let health = policy.health.as_ref().map(|h| {
-        let (kind, target) = match &h.check {
-            Check::Http { path } => ("http", json!(path)),
-            Check::Grpc { service } => ("grpc", json!(service)),
-            Check::Tcp => ("tcp", json!(null)),
+        let (kind, target) = match &h.probe {
+            Probe::Http { path } => ("http", json!(path)),
+            Probe::Grpc { service } => ("grpc", json!(service)),
+            Probe::Tcp => ("tcp", json!(null)),
         };
         json!({
             "kind": kind,

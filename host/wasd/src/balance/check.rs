@@ -14,7 +14,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use wasd_core::Endpoint;
 
 use super::health::EndpointHealth;
-use super::policy::{Check, HealthCheck};
+use super::policy::{HealthCheck, Probe};
 
 pub(crate) type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
@@ -33,7 +33,7 @@ pub(crate) async fn run(
     };
     let mut in_a_row = (true, 0u32);
     loop {
-        let outcome = match tokio::time::timeout(check.timeout, prober.probe(&endpoint, &check.check)).await {
+        let outcome = match tokio::time::timeout(check.timeout, prober.probe(&endpoint, &check.probe)).await {
             Ok(outcome) => outcome,
             Err(_) => Err(format!("no answer within {:?}", check.timeout)),
         };
@@ -45,7 +45,7 @@ pub(crate) async fn run(
         };
         metrics::counter!(
             super::HEALTH_CHECKS,
-            "kind" => check.check.kind(),
+            "kind" => check.probe.kind(),
             "outcome" => if passed { "pass" } else { "fail" }
         )
         .increment(1);
@@ -56,13 +56,13 @@ pub(crate) async fn run(
             let after = entry.checks_pass();
             match (&outcome, before, after) {
                 (Err(reason), true, false) => {
-                    tracing::warn!(%endpoint, check = check.check.kind(), "endpoint unhealthy: {reason}");
+                    tracing::warn!(%endpoint, check = check.probe.kind(), "endpoint unhealthy: {reason}");
                 }
                 (Ok(()), false, true) => {
-                    tracing::info!(%endpoint, check = check.check.kind(), "endpoint healthy again");
+                    tracing::info!(%endpoint, check = check.probe.kind(), "endpoint healthy again");
                 }
                 (Err(reason), _, _) => {
-                    tracing::debug!(%endpoint, check = check.check.kind(), "health check failed: {reason}");
+                    tracing::debug!(%endpoint, check = check.probe.kind(), "health check failed: {reason}");
                 }
                 _ => {}
             }
@@ -80,16 +80,16 @@ struct Prober {
 }
 
 impl Prober {
-    async fn probe(&mut self, endpoint: &Endpoint, check: &Check) -> Result<(), String> {
-        match check {
-            Check::Tcp => {
+    async fn probe(&mut self, endpoint: &Endpoint, probe: &Probe) -> Result<(), String> {
+        match probe {
+            Probe::Tcp => {
                 tokio::net::TcpStream::connect((endpoint.host(), port_of(endpoint)))
                     .await
                     .map_err(|e| format!("connect: {e}"))?;
                 Ok(())
             }
-            Check::Http { path } => http_get(&self.http, endpoint, path).await,
-            Check::Grpc { service } => self.grpc(endpoint, service).await,
+            Probe::Http { path } => http_get(&self.http, endpoint, path).await,
+            Probe::Grpc { service } => self.grpc(endpoint, service).await,
         }
     }
 

@@ -74,6 +74,9 @@ pub(crate) struct Common {
     generation: AtomicU64,
     /// Woken with every generation.
     notify: tokio::sync::Notify,
+    /// Held while deciding whether to eject and ejecting, so that failures arriving
+    /// together cannot all pass the ejection cap (the cold path only).
+    ejecting: Mutex<()>,
 }
 
 impl Common {
@@ -118,6 +121,7 @@ impl HealthTable {
                 clock,
                 generation: AtomicU64::new(0),
                 notify: tokio::sync::Notify::new(),
+                ejecting: Mutex::new(()),
             }),
             entries: Mutex::default(),
             runtime,
@@ -176,9 +180,11 @@ impl HealthTable {
         if let Some((_, old)) = checker.take() {
             old.abort();
         }
-        if entry.active.swap(UNCHECKED, Ordering::Relaxed) != UNCHECKED {
-            self.common.changed();
-        }
+        // A new check starts from "not answered yet" only if the endpoint had none; a
+        // changed check keeps the state the last one reached until it answers.
+        let _ = entry
+            .active
+            .compare_exchange(NOT_CHECKED, UNCHECKED, Ordering::Relaxed, Ordering::Relaxed);
         let http = self.http.get_or_init(super::check::http_client).clone();
         let task = runtime.spawn(super::check::run(
             Arc::downgrade(entry),
@@ -280,6 +286,7 @@ impl EndpointHealth {
         if in_a_row < threshold || outlier.max_ejection_percent == 0 {
             return false;
         }
+        let _deciding = self.common.ejecting.lock().expect("ejection lock");
         let now = self.common.now_ms();
         let already = self.ejected_until.load(Ordering::Relaxed) > now;
         if !already && !may_eject() {
@@ -291,6 +298,14 @@ impl EndpointHealth {
             .store(now + length.as_millis() as u64, Ordering::Relaxed);
         self.common.changed();
         true
+    }
+
+    /// It was reached (a TCP connection opened), which says nothing of its answers:
+    /// its failures in a row start again, an ejection runs its course.
+    pub(crate) fn reached(&self) {
+        if self.failures_in_a_row.load(Ordering::Relaxed) != 0 {
+            self.failures_in_a_row.store(0, Ordering::Relaxed);
+        }
     }
 
     /// A request to it succeeded: its failures start again, and an ejection ends.
@@ -321,13 +336,16 @@ impl EndpointHealth {
         self.ewma_ns.store(next.max(1), Ordering::Relaxed);
     }
 
-    /// The EWMA strategy's cost of sending it one more request.
+    /// The EWMA strategy's cost of sending it one more request. Not measured yet: 0
+    /// while it has no request outstanding (so it is tried), the failure penalty per
+    /// request otherwise (so a new endpoint that never answers is not sent everything).
     #[inline]
     pub(crate) fn load_score(&self) -> u64 {
         let outstanding = self.outstanding.load(Ordering::Relaxed) as u64;
-        self.ewma_ns
-            .load(Ordering::Relaxed)
-            .saturating_mul(outstanding + 1)
+        match self.ewma_ns.load(Ordering::Relaxed) {
+            0 => outstanding.saturating_mul(FAILURE_PENALTY.as_nanos() as u64),
+            ewma => ewma.saturating_mul(outstanding + 1),
+        }
     }
 
     /// The latency average, if measured.

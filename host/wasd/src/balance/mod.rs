@@ -36,7 +36,7 @@ pub use health::Health;
 use health::HealthTable;
 use policy::Overrides;
 pub(crate) use policy::Selector;
-pub use policy::{Check, HealthCheck, Outlier, Policies, Policy, Strategy, Subset};
+pub use policy::{HealthCheck, Outlier, Policies, Policy, Probe, Strategy, Subset};
 use snapshot::{Pick, Snapshot};
 
 /// How long an endpoint marked failed is left out, at first; doubling on each failure
@@ -218,7 +218,7 @@ impl BalancerBuilder {
             Snapshot::new(
                 &EndpointSet::from_shared(set.clone()),
                 &filters,
-                policy,
+                policy.clone(),
                 &balancing.table,
                 false,
             )
@@ -241,6 +241,7 @@ impl BalancerBuilder {
             next: AtomicU64::new(0),
             rng: AtomicU64::new(seed.unwrap_or_else(|| fastrand::u64(..))),
             snapshot: ArcSwap::from_pointee(snapshot),
+            policy: ArcSwap::new(policy),
             seen: ArcSwapOption::new(first),
             policy_generation: AtomicU64::new(generation),
             latest,
@@ -270,6 +271,9 @@ struct Shared {
     /// The random choices' state (wyrand).
     rng: AtomicU64,
     snapshot: ArcSwap<Snapshot>,
+    /// The policy in force: the next snapshot is made under it (a new policy whose set
+    /// could not be taken still applies to the next set).
+    policy: ArcSwap<Policy>,
     /// The query's set `snapshot` was made from (or skipped): held, so that its address
     /// cannot be reused by a later set and mistaken for it.
     seen: ArcSwapOption<SetInner>,
@@ -316,13 +320,12 @@ impl Shared {
         if !policy_changed && same_set(&latest, &self.seen.load()) {
             return;
         }
+        if policy_changed {
+            let policy = self.overrides.apply(&self.balancing.policies(), &self.query);
+            self.policy.store(Arc::new(policy));
+        }
         if let Some(set) = &latest {
-            let policy = if policy_changed {
-                Arc::new(self.overrides.apply(&self.balancing.policies(), &self.query))
-            } else {
-                self.snapshot.load().policy.clone()
-            };
-            self.update(&EndpointSet::from_shared(set.clone()), policy);
+            self.update(&EndpointSet::from_shared(set.clone()), self.policy.load_full());
         }
         self.seen.store(latest);
         self.policy_generation.store(generation, Ordering::Relaxed);
@@ -460,7 +463,7 @@ impl Balancer {
     /// The policy in force (the configured one with the builder's settings over it).
     pub fn policy(&self) -> Policy {
         self.shared.follow();
-        (*self.shared.snapshot.load().policy).clone()
+        (*self.shared.policy.load_full()).clone()
     }
 }
 

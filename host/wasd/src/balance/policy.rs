@@ -19,8 +19,9 @@ pub enum Strategy {
     #[default]
     RoundRobin,
     /// Each endpoint in turn, as often as its `weight` metadata says (etcd/Kratos
-    /// metadata; SRV weight from `dns-srv`), spread evenly through the cycle (smooth,
-    /// as nginx's): earliest-deadline-first over a schedule made once per set.
+    /// metadata; SRV weight from `dns-srv`), spread evenly through the cycle: nginx's
+    /// smooth weighted round-robin over a schedule made once per set
+    /// (earliest-deadline-first for very large sets).
     WeightedRoundRobin,
     /// Uniformly at random.
     Random,
@@ -44,7 +45,7 @@ pub enum Strategy {
 
 impl Strategy {
     /// Every strategy, in the order `wasd pick --help` lists them.
-    pub const ALL: [Strategy; 7] = [
+    pub const ALL: &'static [Strategy] = &[
         Strategy::RoundRobin,
         Strategy::WeightedRoundRobin,
         Strategy::Random,
@@ -88,7 +89,7 @@ impl FromStr for Strategy {
             _ => None,
         };
         alias
-            .or_else(|| Strategy::ALL.into_iter().find(|s| s.name() == text))
+            .or_else(|| Strategy::ALL.iter().copied().find(|s| s.name() == text))
             .ok_or_else(|| {
                 let names: Vec<&str> = Strategy::ALL.iter().map(|s| s.name()).collect();
                 format!("unknown strategy '{text}' (known: {})", names.join(", "))
@@ -111,8 +112,8 @@ pub struct Outlier {
     /// The longest ejection (default 30 s).
     pub max_ejection: Duration,
     /// The most of a service's endpoints that may be ejected at once, in percent
-    /// (default 100); one may always be. Never an empty set: with every endpoint left
-    /// out, picks use them all.
+    /// (default 100); one may always be, unless it is 0 (never eject). Never an empty
+    /// set: with every endpoint left out, picks use them all.
     pub max_ejection_percent: u8,
 }
 
@@ -156,7 +157,7 @@ impl Outlier {
 /// What an active health check asks.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum Check {
+pub enum Probe {
     /// `GET path` on the endpoint (http or https, as its scheme says), expecting 2xx.
     Http {
         /// The path, with its leading `/`.
@@ -172,13 +173,13 @@ pub enum Check {
     Tcp,
 }
 
-impl Check {
+impl Probe {
     /// `http`, `grpc` or `tcp`: the label of its metrics.
     pub fn kind(&self) -> &'static str {
         match self {
-            Check::Http { .. } => "http",
-            Check::Grpc { .. } => "grpc",
-            Check::Tcp => "tcp",
+            Probe::Http { .. } => "http",
+            Probe::Grpc { .. } => "grpc",
+            Probe::Tcp => "tcp",
         }
     }
 }
@@ -188,7 +189,7 @@ impl Check {
 #[non_exhaustive]
 pub struct HealthCheck {
     /// What is asked.
-    pub check: Check,
+    pub probe: Probe,
     /// Between the end of one check and the next (default 5 s).
     pub interval: Duration,
     /// How long a check may take before it counts as failed (default 1 s).
@@ -201,9 +202,9 @@ pub struct HealthCheck {
 }
 
 impl HealthCheck {
-    fn new(check: Check) -> HealthCheck {
+    fn new(probe: Probe) -> HealthCheck {
         HealthCheck {
-            check,
+            probe,
             interval: Duration::from_secs(5),
             timeout: Duration::from_secs(1),
             healthy_threshold: 2,
@@ -217,19 +218,19 @@ impl HealthCheck {
         if !path.starts_with('/') {
             path.insert(0, '/');
         }
-        HealthCheck::new(Check::Http { path })
+        HealthCheck::new(Probe::Http { path })
     }
 
     /// gRPC health v1 `Check` of `service` (`""`: the whole server).
     pub fn grpc(service: impl Into<String>) -> HealthCheck {
-        HealthCheck::new(Check::Grpc {
+        HealthCheck::new(Probe::Grpc {
             service: service.into(),
         })
     }
 
     /// A TCP connect.
     pub fn tcp() -> HealthCheck {
-        HealthCheck::new(Check::Tcp)
+        HealthCheck::new(Probe::Tcp)
     }
 
     /// Between checks (at least 10 ms).
@@ -367,11 +368,11 @@ impl fmt::Display for Policy {
             write!(f, "; subset of {} (client {})", subset.size, subset.client_id)?;
         }
         if let Some(health) = &self.health {
-            let what = match &health.check {
-                Check::Http { path } => format!("http {path}"),
-                Check::Grpc { service } if service.is_empty() => "grpc".to_owned(),
-                Check::Grpc { service } => format!("grpc {service}"),
-                Check::Tcp => "tcp".to_owned(),
+            let what = match &health.probe {
+                Probe::Http { path } => format!("http {path}"),
+                Probe::Grpc { service } if service.is_empty() => "grpc".to_owned(),
+                Probe::Grpc { service } => format!("grpc {service}"),
+                Probe::Tcp => "tcp".to_owned(),
             };
             write!(
                 f,
@@ -484,7 +485,7 @@ mod tests {
 
     #[test]
     fn strategy_names_round_trip_and_unknown_ones_list_the_known() {
-        for s in Strategy::ALL {
+        for &s in Strategy::ALL {
             assert_eq!(s.name().parse::<Strategy>(), Ok(s));
         }
         assert_eq!("p2c".parse::<Strategy>(), Ok(Strategy::PowerOfTwoChoices));

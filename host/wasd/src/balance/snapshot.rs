@@ -149,7 +149,7 @@ impl Snapshot {
     /// some endpoint's health changed or an ejection in the zone ended.
     fn stay_local(&self, local: &View, now: u64, table: &HealthTable) -> bool {
         let generation = table.generation() + 1;
-        let decision = self.zone_decision.load(Ordering::Relaxed);
+        let decision = self.zone_decision.load(Ordering::Acquire);
         if decision >> 1 == generation && now < self.zone_until.load(Ordering::Relaxed) {
             return decision & 1 == 1;
         }
@@ -165,9 +165,11 @@ impl Snapshot {
         }
         let share = healthy as f64 / local.members.len() as f64;
         let stay = healthy > 0 && share >= self.policy.zone_min_healthy;
+        // The deadline before the decision (Release), read after it (Acquire): a pick
+        // that sees a decision sees its deadline or a later one.
         self.zone_until.store(until, Ordering::Relaxed);
         self.zone_decision
-            .store(generation << 1 | u64::from(stay), Ordering::Relaxed);
+            .store(generation << 1 | u64::from(stay), Ordering::Release);
         stay
     }
 
@@ -240,7 +242,9 @@ impl View {
                 (0..probe)
                     .map(|k| self.schedule[(from + k) % len])
                     .find(|&i| usable(i))
-                    .unwrap_or_else(|| walk(&self.members, start % n, usable))
+                    .or_else(|| self.members.iter().copied().find(|&i| usable(i)))
+                    // None usable: the weighted turn's own endpoint.
+                    .unwrap_or(first)
             }
             Strategy::Random => self.random(pick.random, usable),
             Strategy::PickFirst => walk(&self.members, 0, usable),
@@ -324,8 +328,9 @@ fn weight_of(endpoint: &Endpoint) -> u32 {
 /// its weight, the one with the most goes and pays the total. Each endpoint's turns are
 /// spread evenly (within one turn of its share at every point of the cycle). Weights are
 /// reduced by their common divisor, and scaled down when their sum passes
-/// [`MAX_SCHEDULE`]; for very large sets (endpoints × cycle past 2^24) the cycle is made
-/// earliest-deadline-first instead (O(cycle · log n), within 1.5 turns).
+/// [`MAX_SCHEDULE`]; for large sets (endpoints × cycle past 2^20, about a millisecond of
+/// work) the cycle is made earliest-deadline-first instead (O(cycle · log n), within 1.5
+/// turns).
 fn smooth_schedule(weights: &[u64]) -> Vec<usize> {
     let total: u64 = weights.iter().sum();
     let weights: Vec<u64> = if total > MAX_SCHEDULE {
@@ -338,7 +343,7 @@ fn smooth_schedule(weights: &[u64]) -> Vec<usize> {
         weights.iter().map(|&w| w / gcd).collect()
     };
     let length: u64 = weights.iter().sum();
-    if (weights.len() as u64).saturating_mul(length) <= 1 << 24 {
+    if (weights.len() as u64).saturating_mul(length) <= 1 << 20 {
         let total = length as i64;
         let mut current = vec![0i64; weights.len()];
         let mut schedule = Vec::with_capacity(length as usize);
@@ -414,11 +419,14 @@ fn hash_ring(names: &[String], weights: &[u64]) -> Vec<(u64, usize)> {
         }
     };
     let mut ring = Vec::with_capacity(total.min(MAX_RING) as usize + names.len());
+    let mut label = String::new();
     for (k, name) in names.iter().enumerate() {
         let points = scale(weights[k].saturating_mul(RING_POINTS_PER_WEIGHT));
         for i in 0..points {
-            let point = xxhash_rust::xxh64::xxh64(format!("{name}_{i}").as_bytes(), 0);
-            ring.push((point, k));
+            use std::fmt::Write;
+            label.clear();
+            let _ = write!(label, "{name}_{i}");
+            ring.push((xxhash_rust::xxh64::xxh64(label.as_bytes(), 0), k));
         }
     }
     ring.sort_unstable();
@@ -439,12 +447,16 @@ fn deterministic_subset<'a>(mut endpoints: Vec<&'a Endpoint>, subset: &Subset) -
     if endpoints.len() <= size {
         return endpoints;
     }
-    endpoints.sort_by_cached_key(|e| e.to_string());
-    let per_round = (endpoints.len() / size) as u64;
+    let mut order = endpoints.clone();
+    order.sort_by_cached_key(|e| e.to_string());
+    let per_round = (order.len() / size) as u64;
     let round = subset.client_id / per_round;
-    fastrand::Rng::with_seed(round).shuffle(&mut endpoints);
+    fastrand::Rng::with_seed(round).shuffle(&mut order);
     let start = (subset.client_id % per_round) as usize * size;
-    endpoints[start..start + size].to_vec()
+    let chosen = &order[start..start + size];
+    // In the provider's order (SRV priority for pick-first).
+    endpoints.retain(|e| chosen.contains(e));
+    endpoints
 }
 
 #[cfg(test)]

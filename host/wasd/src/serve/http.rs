@@ -77,9 +77,10 @@ pub(crate) struct Api {
     pub(crate) token: Option<String>,
     /// Set once the server stops: blocked watches answer at once.
     pub(crate) stopping: watch::Sender<bool>,
-    /// `/v1/pick`'s balancers, by query and filters: each keeps its position, counters
-    /// and zone decision across requests.
-    pub(crate) balancers: std::sync::Mutex<std::collections::HashMap<String, crate::Balancer>>,
+    /// `/v1/pick`'s balancers, by query and filters, with when each was last used: each
+    /// keeps its position, counters and zone decision across requests.
+    pub(crate) balancers:
+        std::sync::Mutex<std::collections::HashMap<String, (crate::Balancer, std::time::Instant)>>,
     /// The xDS server's open streams and followed services, when it runs.
     #[cfg(feature = "xds")]
     pub(crate) xds: Option<Arc<super::xds::XdsCounts>>,
@@ -232,7 +233,8 @@ struct Params {
     key: Option<String>,
 }
 
-/// Balancers `/v1/pick` keeps; past it they are all dropped and made again.
+/// Balancers `/v1/pick` keeps; past it the least recently used one goes (with its watch
+/// and active checks).
 const MAX_BALANCERS: usize = 1024;
 
 /// `Err`: why the parameters are refused (a 400).
@@ -312,16 +314,30 @@ async fn pick(State(api): State<Arc<Api>>, RawQuery(raw): RawQuery) -> Response 
         Err(reason) => return error(StatusCode::BAD_REQUEST, reason),
     };
     let name = format!("{} {:?}", params.query, params.query.filters());
-    let existing = api.balancers.lock().expect("balancers lock").get(&name).cloned();
+    let now = std::time::Instant::now();
+    let existing = api
+        .balancers
+        .lock()
+        .expect("balancers lock")
+        .get_mut(&name)
+        .map(|(balancer, used)| {
+            *used = now;
+            balancer.clone()
+        });
     let balancer = match existing {
         Some(balancer) => balancer,
         None => match api.resolver.balancer_for_query(&params.query).build().await {
             Ok(balancer) => {
                 let mut balancers = api.balancers.lock().expect("balancers lock");
-                if balancers.len() >= MAX_BALANCERS {
-                    balancers.clear();
+                if balancers.len() >= MAX_BALANCERS
+                    && let Some(oldest) = balancers
+                        .iter()
+                        .min_by_key(|(_, (_, used))| *used)
+                        .map(|(k, _)| k.clone())
+                {
+                    balancers.remove(&oldest);
                 }
-                balancers.entry(name).or_insert(balancer).clone()
+                balancers.entry(name).or_insert((balancer, now)).0.clone()
             }
             Err(e) => return error(error_status(&e), e),
         },
