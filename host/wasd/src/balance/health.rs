@@ -249,6 +249,11 @@ impl EndpointHealth {
         self.ejected_until.load(Ordering::Relaxed) <= now && self.active.load(Ordering::Relaxed) != FAILING
     }
 
+    /// The clock's coarse milliseconds, as [`Common::now_ms`].
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.common.now_ms()
+    }
+
     /// Whether its active checks (if any) pass, or have not answered yet.
     pub(crate) fn checks_pass(&self) -> bool {
         self.active.load(Ordering::Relaxed) != FAILING

@@ -21,7 +21,7 @@ mod health;
 mod policy;
 mod snapshot;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -216,6 +216,7 @@ impl BalancerBuilder {
         let first = latest.load_full();
         let snapshot = first.as_ref().and_then(|set| {
             Snapshot::new(
+                query.service().into(),
                 &EndpointSet::from_shared(set.clone()),
                 &filters,
                 policy.clone(),
@@ -232,8 +233,8 @@ impl BalancerBuilder {
                     .unwrap_or_default(),
             });
         };
+        let seen_at = AtomicUsize::new(address_of(&first));
         let shared = Arc::new(Shared {
-            service: query.service().to_owned(),
             query,
             filters,
             overrides,
@@ -243,6 +244,7 @@ impl BalancerBuilder {
             snapshot: ArcSwap::from_pointee(snapshot),
             policy: ArcSwap::new(policy),
             seen: ArcSwapOption::new(first),
+            seen_at,
             policy_generation: AtomicU64::new(generation),
             latest,
             rebuild: Mutex::new(()),
@@ -261,8 +263,6 @@ pub struct Balancer {
 
 struct Shared {
     query: Query,
-    /// The query's service: the label of its metrics.
-    service: String,
     filters: Vec<Predicate>,
     overrides: Overrides,
     balancing: Arc<Balancing>,
@@ -277,6 +277,8 @@ struct Shared {
     /// The query's set `snapshot` was made from (or skipped): held, so that its address
     /// cannot be reused by a later set and mistaken for it.
     seen: ArcSwapOption<SetInner>,
+    /// `seen`'s address, for the check on each pick (one load, not a second guard).
+    seen_at: AtomicUsize,
     /// The policies' generation `snapshot` was made under.
     policy_generation: AtomicU64,
     latest: Latest,
@@ -286,12 +288,9 @@ struct Shared {
     _watch: Watch,
 }
 
-fn same_set(a: &Option<Arc<SetInner>>, b: &Option<Arc<SetInner>>) -> bool {
-    match (a, b) {
-        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-        (None, None) => true,
-        _ => false,
-    }
+/// A set's address (0 for none): a held set's address is never another set's.
+fn address_of(set: &Option<Arc<SetInner>>) -> usize {
+    set.as_ref().map_or(0, |set| Arc::as_ptr(set) as usize)
 }
 
 impl Shared {
@@ -299,7 +298,7 @@ impl Shared {
     #[inline]
     fn follow(&self) {
         if self.balancing.generation.load(Ordering::Relaxed) == self.policy_generation.load(Ordering::Relaxed)
-            && same_set(&self.latest.load(), &self.seen.load())
+            && address_of(&self.latest.load()) == self.seen_at.load(Ordering::Acquire)
         {
             return;
         }
@@ -317,7 +316,7 @@ impl Shared {
         let generation = self.balancing.generation.load(Ordering::Acquire);
         let policy_changed = generation != self.policy_generation.load(Ordering::Relaxed);
         let latest = self.latest.load_full();
-        if !policy_changed && same_set(&latest, &self.seen.load()) {
+        if !policy_changed && address_of(&latest) == self.seen_at.load(Ordering::Relaxed) {
             return;
         }
         if policy_changed {
@@ -327,14 +326,25 @@ impl Shared {
         if let Some(set) = &latest {
             self.update(&EndpointSet::from_shared(set.clone()), self.policy.load_full());
         }
+        let at = address_of(&latest);
         self.seen.store(latest);
         self.policy_generation.store(generation, Ordering::Relaxed);
+        // Last, so that a pick that finds it current finds the snapshot made from it.
+        self.seen_at.store(at, Ordering::Release);
     }
 
     /// Take a new set; false (keeping the old one) when no endpoint passes the filters.
     fn update(&self, set: &EndpointSet, policy: Arc<Policy>) -> bool {
         let stop_checks = policy.health.is_none() && self.snapshot.load().policy.health.is_some();
-        match Snapshot::new(set, &self.filters, policy, &self.balancing.table, stop_checks) {
+        let service = self.snapshot.load().service.clone();
+        match Snapshot::new(
+            service,
+            set,
+            &self.filters,
+            policy,
+            &self.balancing.table,
+            stop_checks,
+        ) {
             Some(next) => {
                 self.snapshot.store(Arc::new(next));
                 true
@@ -408,7 +418,6 @@ impl Balancer {
         Picked {
             snapshot,
             index,
-            shared: shared.clone(),
             started,
         }
     }
@@ -469,9 +478,9 @@ impl Balancer {
 
 /// One picked endpoint; counts as an outstanding request until dropped.
 pub struct Picked {
+    /// The snapshot it was picked from: its endpoint, health entry, policy and service.
     snapshot: Arc<Snapshot>,
     index: usize,
-    shared: Arc<Shared>,
     /// When it was picked, for the latency strategy.
     started: Option<tokio::time::Instant>,
 }
@@ -484,24 +493,25 @@ impl Picked {
 
     /// What is known of its health now.
     pub fn health(&self) -> Health {
-        self.snapshot.slots[self.index].health.state(self.shared.now_ms())
+        let health = &self.snapshot.slots[self.index].health;
+        health.state(health.now_ms())
     }
 
     /// The request failed (a refused connection, a 5xx, UNAVAILABLE): counts toward
     /// ejecting the endpoint (by default at once, for 1 s, doubling with each failure in
     /// a row up to 30 s), within the policy's ejection cap.
     pub fn failed(&self) {
-        let slot = &self.snapshot.slots[self.index];
-        let current = self.shared.snapshot.load();
-        let outlier = &current.policy.outlier;
+        // The cap over the snapshot it was picked from (the set as the pick saw it).
+        let snapshot = &self.snapshot;
+        let slot = &snapshot.slots[self.index];
+        let outlier = &snapshot.policy.outlier;
         let ejected = slot.health.failed(outlier, || {
-            let now = self.shared.now_ms();
-            let (n, out) = (current.slots.len(), current.ejected(now));
+            let (n, out) = (snapshot.slots.len(), snapshot.ejected(slot.health.now_ms()));
             out == 0 || (out + 1) * 100 <= usize::from(outlier.max_ejection_percent) * n
         });
         if ejected {
-            metrics::counter!(EJECTIONS, "service" => self.shared.service.clone()).increment(1);
-            tracing::debug!(endpoint = %slot.endpoint, query = %self.shared.query, "endpoint ejected");
+            metrics::counter!(EJECTIONS, "service" => snapshot.service.to_string()).increment(1);
+            tracing::debug!(endpoint = %slot.endpoint, service = %snapshot.service, "endpoint ejected");
         }
     }
 

@@ -62,6 +62,8 @@ pub(crate) struct Pick {
 
 /// The endpoints that pass the filters under one policy.
 pub(crate) struct Snapshot {
+    /// The query's service: the label of the balancer's metrics.
+    pub(crate) service: Arc<str>,
     pub(crate) policy: Arc<Policy>,
     pub(crate) slots: Vec<Slot>,
     all: View,
@@ -82,6 +84,7 @@ impl Snapshot {
     /// whatever the others' policies). `None` when none pass: like Kratos, a balancer
     /// never drops to an empty set.
     pub(crate) fn new(
+        service: Arc<str>,
         set: &EndpointSet,
         filters: &[Predicate],
         policy: Arc<Policy>,
@@ -126,6 +129,7 @@ impl Snapshot {
         });
         let view = |members: Vec<u32>| View::new(members, &slots, policy.strategy);
         Some(Snapshot {
+            service,
             all: view(all),
             local: local.map(view),
             slots,
@@ -480,16 +484,17 @@ mod tests {
     fn an_empty_set_is_refused_and_a_new_one_keeps_known_health() {
         let table = HealthTable::new(Clock::exact(), None);
         let rr = policy(Strategy::RoundRobin);
-        let first = Snapshot::new(&set(&["a", "b"]), &[], rr.clone(), &table, false).unwrap();
+        let first = Snapshot::new("test".into(), &set(&["a", "b"]), &[], rr.clone(), &table, false).unwrap();
         assert_eq!(hosts(&first), ["a", "b"]);
         first.slots[1].health.outstanding.store(3, Ordering::Relaxed);
 
         // An empty set never replaces endpoints: the update is refused.
-        assert!(Snapshot::new(&set(&[]), &[], rr.clone(), &table, false).is_none());
+        assert!(Snapshot::new("test".into(), &set(&[]), &[], rr.clone(), &table, false).is_none());
         // Nor does a set none of whose endpoints pass the filters.
         let only_c: Predicate = Arc::new(|e: &Endpoint| e.host() == "c");
         assert!(
             Snapshot::new(
+                "test".into(),
                 &set(&["a", "b"]),
                 std::slice::from_ref(&only_c),
                 rr.clone(),
@@ -500,11 +505,11 @@ mod tests {
         );
 
         // An endpoint that stays keeps what is known of it; a new one starts fresh.
-        let next = Snapshot::new(&set(&["b", "c"]), &[], rr.clone(), &table, false).unwrap();
+        let next = Snapshot::new("test".into(), &set(&["b", "c"]), &[], rr.clone(), &table, false).unwrap();
         assert_eq!(hosts(&next), ["b", "c"]);
         assert!(Arc::ptr_eq(&next.slots[0].health, &first.slots[1].health));
         assert_eq!(next.slots[1].health.outstanding.load(Ordering::Relaxed), 0);
-        let filtered = Snapshot::new(&set(&["b", "c"]), &[only_c], rr, &table, false).unwrap();
+        let filtered = Snapshot::new("test".into(), &set(&["b", "c"]), &[only_c], rr, &table, false).unwrap();
         assert_eq!(hosts(&filtered), ["c"]);
     }
 
@@ -512,8 +517,15 @@ mod tests {
     fn a_left_out_endpoints_turns_are_shared_evenly() {
         let table = HealthTable::new(Clock::exact(), None);
         for strategy in [Strategy::RoundRobin, Strategy::WeightedRoundRobin] {
-            let snapshot =
-                Snapshot::new(&set(&["a", "b", "c", "d"]), &[], policy(strategy), &table, false).unwrap();
+            let snapshot = Snapshot::new(
+                "test".into(),
+                &set(&["a", "b", "c", "d"]),
+                &[],
+                policy(strategy),
+                &table,
+                false,
+            )
+            .unwrap();
             snapshot.slots[0].health.failed(&Default::default(), || true);
             let now = table.common().now_ms();
             let mut counts = [0; 4];
