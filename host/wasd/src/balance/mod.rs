@@ -414,7 +414,7 @@ impl Balancer {
             .health
             .outstanding
             .fetch_add(1, Ordering::Relaxed);
-        let started = (strategy == Strategy::PowerOfTwoEwma).then(tokio::time::Instant::now);
+        let started = (strategy == Strategy::PowerOfTwoEwma).then(std::time::Instant::now);
         Picked {
             snapshot,
             index,
@@ -481,8 +481,9 @@ pub struct Picked {
     /// The snapshot it was picked from: its endpoint, health entry, policy and service.
     snapshot: Arc<Snapshot>,
     index: usize,
-    /// When it was picked, for the latency strategy.
-    started: Option<tokio::time::Instant>,
+    /// When it was picked, for the latency strategy (the machine's clock: a latency is
+    /// real time, and tokio's clock costs a check per read).
+    started: Option<std::time::Instant>,
 }
 
 impl Picked {
