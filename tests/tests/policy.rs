@@ -520,6 +520,17 @@ fn wasd_pick_counts_picks_by_endpoint_with_their_health() {
     let zoned: serde_json::Value =
         serde_json::from_str(&pick(&["http://hello", "--zone", "b", "--count", "5", "--json"])).unwrap();
     assert_eq!(zoned["picks"][1]["count"], 5, "{zoned}");
+    // The process's zone from WASD_ZONE, as a fleet sharing one config file sets it.
+    let out = wasd_tests::run(sandbox.wasd().env("WASD_ZONE", "b").args([
+        "pick",
+        "http://hello",
+        "--count",
+        "5",
+        "--json",
+    ]));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let from_env: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(from_env["picks"][1]["count"], 5, "{from_env}");
     let keyed: serde_json::Value = serde_json::from_str(&pick(&[
         "http://hello",
         "--strategy",
