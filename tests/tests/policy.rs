@@ -252,6 +252,14 @@ async fn checked_web(count: usize, policy: &str) -> Web {
     }
 }
 
+/// Wait (at most [`WAIT`]) until endpoint `index` of `balancer` is in `state`.
+async fn until_health(balancer: &wasd::Balancer, index: usize, state: Health) {
+    eventually(WAIT, &format!("endpoint {index} never became {state}"), || {
+        balancer.health()[index].1 == state
+    })
+    .await;
+}
+
 /// Picks of `balancer`, 300 of them, counted by endpoint.
 fn spread(balancer: &wasd::Balancer) -> BTreeMap<String, usize> {
     counts((0..300).map(|_| balancer.pick().endpoint().to_string()))
@@ -277,19 +285,13 @@ async fn active_http_checks_leave_out_a_failing_healthz_and_take_it_back() {
     assert_eq!(spread(&balancer).len(), 3);
 
     servers.set_healthy(1, false).await;
-    eventually(WAIT, "web-2 was never found unhealthy", || {
-        balancer.health()[1].1 == Health::Unhealthy
-    })
-    .await;
+    until_health(&balancer, 1, Health::Unhealthy).await;
     let picks = spread(&balancer);
     assert!(!picks.contains_key(&urls[1]), "{picks:?}");
     assert_eq!(picks.len(), 2);
 
     servers.set_healthy(1, true).await;
-    eventually(WAIT, "web-2 never came back", || {
-        balancer.health()[1].1 == Health::Healthy
-    })
-    .await;
+    until_health(&balancer, 1, Health::Healthy).await;
     assert_eq!(spread(&balancer).len(), 3);
 }
 
@@ -317,10 +319,7 @@ async fn grpc_health_checks_follow_serving_and_not_serving() {
     balancer.checked(WAIT).await;
     assert_eq!(spread(&balancer).len(), 2);
     servers.set_healthy(0, false).await;
-    eventually(WAIT, "NOT_SERVING was never seen", || {
-        balancer.health()[0].1 == Health::Unhealthy
-    })
-    .await;
+    until_health(&balancer, 0, Health::Unhealthy).await;
     let picks = spread(&balancer);
     assert_eq!(picks.keys().collect::<Vec<_>>(), [&urls[1]], "{picks:?}");
 
@@ -363,10 +362,7 @@ async fn grpc_health_checks_follow_serving_and_not_serving() {
         answered_by.push(name);
     }
     servers.set_healthy(0, true).await;
-    eventually(WAIT, "SERVING was never seen again", || {
-        balancer.health()[0].1 == Health::Healthy
-    })
-    .await;
+    until_health(&balancer, 0, Health::Healthy).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -383,10 +379,7 @@ async fn tcp_checks_leave_out_a_server_that_stops_accepting() {
     .await;
     assert_eq!(spread(&balancer).len(), 2);
     servers.stop(0).await;
-    eventually(WAIT, "the stopped server was never found unhealthy", || {
-        balancer.health()[0].1 == Health::Unhealthy
-    })
-    .await;
+    until_health(&balancer, 0, Health::Unhealthy).await;
     assert_eq!(spread(&balancer).keys().collect::<Vec<_>>(), [&urls[1]]);
     // Every endpoint failing its checks: picks use them all rather than none.
     servers.stop(1).await;

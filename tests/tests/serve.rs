@@ -1303,27 +1303,7 @@ mod protocol {
     }
 
     fn addresses(response: &DiscoveryResponse) -> Vec<String> {
-        let mut all = Vec::new();
-        for any in &response.resources {
-            let assignment = ClusterLoadAssignment::decode(any.value.as_slice()).unwrap();
-            for locality in assignment.endpoints {
-                assert!(locality.load_balancing_weight.is_some_and(|w| w.value > 0));
-                for endpoint in locality.lb_endpoints {
-                    let Some(HostIdentifier::Endpoint(endpoint)) = endpoint.host_identifier else {
-                        panic!("no endpoint")
-                    };
-                    let Some(AddressKind::SocketAddress(socket)) = endpoint.address.unwrap().address else {
-                        panic!("no socket address")
-                    };
-                    let Some(PortSpecifier::PortValue(port)) = socket.port_specifier else {
-                        panic!("no port")
-                    };
-                    all.push(format!("{}:{port}", socket.address));
-                }
-            }
-        }
-        all.sort();
-        all
+        health(response).into_iter().map(|(address, _)| address).collect()
     }
 
     #[test]
@@ -1414,13 +1394,15 @@ mod protocol {
         }
     }
 
-    /// Each endpoint's address and whether it is sent HEALTHY, sorted.
+    /// Each endpoint's address and whether it is sent HEALTHY, sorted (every locality
+    /// weighted: gRPC ignores one without a weight).
     fn health(response: &DiscoveryResponse) -> Vec<(String, bool)> {
         use envoy_types::pb::envoy::config::core::v3::HealthStatus;
         let mut all = Vec::new();
         for any in &response.resources {
             let assignment = ClusterLoadAssignment::decode(any.value.as_slice()).unwrap();
             for locality in assignment.endpoints {
+                assert!(locality.load_balancing_weight.is_some_and(|w| w.value > 0));
                 for endpoint in locality.lb_endpoints {
                     let healthy = endpoint.health_status == HealthStatus::Healthy as i32;
                     let Some(HostIdentifier::Endpoint(lb)) = endpoint.host_identifier else {
