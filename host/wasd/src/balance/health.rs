@@ -307,6 +307,7 @@ impl EndpointHealth {
 
     /// It was reached (a TCP connection opened), which says nothing of its answers:
     /// its failures in a row start again, an ejection runs its course.
+    #[cfg(feature = "tonic")]
     pub(crate) fn reached(&self) {
         if self.failures_in_a_row.load(Ordering::Relaxed) != 0 {
             self.failures_in_a_row.store(0, Ordering::Relaxed);
