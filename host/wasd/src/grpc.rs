@@ -361,10 +361,7 @@ impl Feeder {
 
 /// Whether the endpoint accepts a TCP connection now.
 async fn reachable(endpoint: &Endpoint) -> bool {
-    let port = endpoint.port().unwrap_or(match endpoint.scheme() {
-        Some("grpcs" | "https") => 443,
-        _ => 80,
-    });
+    let port = crate::balance::port_of(endpoint);
     let connect = tokio::net::TcpStream::connect((endpoint.host(), port));
     matches!(tokio::time::timeout(PROBE_TIMEOUT, connect).await, Ok(Ok(_)))
 }

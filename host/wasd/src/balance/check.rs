@@ -108,7 +108,7 @@ impl Prober {
                     }
                     _ => "http",
                 };
-                let uri = format!("{scheme}://{}:{}", bracketed(endpoint.host()), port_of(endpoint));
+                let uri = format!("{scheme}://{}", authority(endpoint));
                 let channel = tonic::transport::Endpoint::from_shared(uri)
                     .map_err(|e| e.to_string())?
                     .connect_lazy();
@@ -142,15 +142,20 @@ impl Prober {
     }
 }
 
-fn bracketed(host: &str) -> String {
-    if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_owned()
-    }
+/// `host:port` with the scheme's default port, IPv6 bracketed (`Endpoint`'s Display).
+fn authority(endpoint: &Endpoint) -> String {
+    Endpoint::from_parts(
+        None,
+        endpoint.host().to_owned(),
+        Some(port_of(endpoint)),
+        None,
+        Vec::new(),
+    )
+    .to_string()
 }
 
-fn port_of(endpoint: &Endpoint) -> u16 {
+/// The endpoint's port, else its scheme's default (443 for https and grpcs, else 80).
+pub(crate) fn port_of(endpoint: &Endpoint) -> u16 {
     endpoint.port().unwrap_or(match endpoint.scheme() {
         Some("https" | "grpcs") => 443,
         _ => 80,
@@ -162,11 +167,7 @@ async fn http_get(client: &HttpClient, endpoint: &Endpoint, path: &str) -> Resul
         Some("https" | "grpcs") => "https",
         _ => "http",
     };
-    let uri = format!(
-        "{scheme}://{}:{}{path}",
-        bracketed(endpoint.host()),
-        port_of(endpoint)
-    );
+    let uri = format!("{scheme}://{}{path}", authority(endpoint));
     let mut request = http::Request::get(uri);
     if let Some(name) = endpoint.host_name() {
         request = request.header(http::header::HOST, name);

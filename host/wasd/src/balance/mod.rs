@@ -30,6 +30,8 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use wasd_core::{Clock, Endpoint, EndpointSet, Error, Latest, Query, SetInner, Watch};
 
 use crate::resolver::Resolver;
+#[cfg(feature = "tonic")]
+pub(crate) use check::port_of;
 #[cfg(any(feature = "tonic", feature = "xds"))]
 pub(crate) use health::EndpointHealth;
 pub use health::Health;
