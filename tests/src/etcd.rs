@@ -5,6 +5,7 @@
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -328,23 +329,13 @@ grants = {{ http = ["{url}"] }}
 
     /// Write a key, optionally under a lease.
     pub fn put(&self, key: &str, value: &[u8], lease: Option<&str>) {
-        let mut body = json!({ "key": b64(key.as_bytes()), "value": b64(value) });
-        if let Some(lease) = lease {
-            body["lease"] = json!(lease);
-        }
-        self.post("/v3/kv/put", body);
+        self.post("/v3/kv/put", put_body(key, value, lease));
     }
 
     /// Write a Kratos ServiceInstance the way Kratos's Go registry does.
     pub fn put_instance(&self, name: &str, id: &str, version: &str, endpoints: &[&str], lease: Option<&str>) {
-        let value = json!({
-            "id": id, "name": name, "version": version, "metadata": null, "endpoints": endpoints,
-        });
-        self.put(
-            &format!("/microservices/{name}/{id}"),
-            value.to_string().as_bytes(),
-            lease,
-        );
+        let (key, value) = kratos_instance(name, id, version, endpoints);
+        self.put(&key, &value, lease);
     }
 
     pub fn delete(&self, key: &str) {
@@ -353,20 +344,7 @@ grants = {{ http = ["{url}"] }}
 
     /// The values under a prefix, decoded.
     pub fn get_prefix(&self, prefix: &str) -> Vec<(String, String)> {
-        let mut end = prefix.as_bytes().to_vec();
-        *end.last_mut().unwrap() += 1;
-        let answer = self.post(
-            "/v3/kv/range",
-            json!({ "key": b64(prefix.as_bytes()), "range_end": b64(&end) }),
-        );
-        answer["kvs"]
-            .as_array()
-            .map(|kvs| {
-                kvs.iter()
-                    .map(|kv| (unb64(&kv["key"]), unb64(&kv["value"])))
-                    .collect()
-            })
-            .unwrap_or_default()
+        decode_kvs(&self.post("/v3/kv/range", prefix_range(prefix)))
     }
 
     /// A new lease of `ttl` seconds; its id.
@@ -419,6 +397,44 @@ fn b64(bytes: &[u8]) -> String {
     BASE64.encode(bytes)
 }
 
+fn put_body(key: &str, value: &[u8], lease: Option<&str>) -> Value {
+    let mut body = json!({ "key": b64(key.as_bytes()), "value": b64(value) });
+    if let Some(lease) = lease {
+        body["lease"] = json!(lease);
+    }
+    body
+}
+
+/// The key and value Kratos's Go registry writes for an instance.
+fn kratos_instance(name: &str, id: &str, version: &str, endpoints: &[&str]) -> (String, Vec<u8>) {
+    let value = json!({
+        "id": id, "name": name, "version": version, "metadata": null, "endpoints": endpoints,
+    });
+    (
+        format!("/microservices/{name}/{id}"),
+        value.to_string().into_bytes(),
+    )
+}
+
+/// A range request for every key under `prefix`.
+fn prefix_range(prefix: &str) -> Value {
+    let mut end = prefix.as_bytes().to_vec();
+    *end.last_mut().unwrap() += 1;
+    json!({ "key": b64(prefix.as_bytes()), "range_end": b64(&end) })
+}
+
+/// A range answer's keys and values, decoded.
+fn decode_kvs(answer: &Value) -> Vec<(String, String)> {
+    answer["kvs"]
+        .as_array()
+        .map(|kvs| {
+            kvs.iter()
+                .map(|kv| (unb64(&kv["key"]), unb64(&kv["value"])))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn unb64(value: &Value) -> String {
     String::from_utf8(BASE64.decode(value.as_str().unwrap_or_default()).unwrap()).unwrap()
 }
@@ -426,4 +442,333 @@ fn unb64(value: &Value) -> String {
 fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("binding a port");
     listener.local_addr().unwrap().port()
+}
+
+/// One member of an [`EtcdCluster`].
+struct Member {
+    name: String,
+    child: Option<Child>,
+    data: TempDir,
+    client_port: u16,
+    peer_port: u16,
+    frozen: bool,
+}
+
+impl Member {
+    fn answers(&self) -> bool {
+        self.child.is_some() && !self.frozen
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+}
+
+/// A real etcd cluster on loopback: `n` members of Debian's etcd-server, each with its
+/// own ports and data folder, all stopped on drop. Members can be killed (SIGKILL),
+/// frozen (SIGSTOP, as behind a partition: the port still accepts connections, nothing
+/// answers), thawed and restarted on their data.
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    client: EtcdClient,
+}
+
+impl EtcdCluster {
+    /// Start `n` members and wait until each reports healthy (which needs a leader).
+    pub fn start(n: usize) -> EtcdCluster {
+        let members: Vec<Member> = (0..n)
+            .map(|i| Member {
+                name: format!("m{i}"),
+                child: None,
+                data: tempfile::tempdir().unwrap(),
+                client_port: free_port(),
+                peer_port: free_port(),
+                frozen: false,
+            })
+            .collect();
+        let client = EtcdClient::new(members.iter().map(Member::url).collect());
+        let mut cluster = EtcdCluster { members, client };
+        // All at once: each waits for the others to elect a leader.
+        for i in 0..n {
+            cluster.spawn(i, "new");
+        }
+        for i in 0..n {
+            cluster.wait_healthy(i);
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize, state: &str) {
+        let initial: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect();
+        let member = &mut self.members[i];
+        let url = member.url();
+        let peer = format!("http://127.0.0.1:{}", member.peer_port);
+        let child = Command::new("etcd")
+            .args(["--name", &member.name, "--data-dir"])
+            .arg(member.data.path())
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args([
+                "--initial-cluster-state",
+                state,
+                "--initial-cluster-token",
+                "wasd-test",
+            ])
+            .args(["--logger", "zap", "--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting etcd (scripts/setup installs Debian's etcd-server)");
+        member.child = Some(child);
+    }
+
+    fn wait_healthy(&self, i: usize) {
+        let url = self.members[i].url();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self
+            .client
+            .agent
+            .get(format!("{url}/health"))
+            .call()
+            .is_ok_and(|r| r.status() == 200)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "etcd member {i} did not become healthy at {url}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Member `i`'s client URL.
+    pub fn url(&self, i: usize) -> String {
+        self.members[i].url()
+    }
+
+    /// A client of the whole cluster, for writers on other threads.
+    pub fn client(&self) -> EtcdClient {
+        self.client.clone()
+    }
+
+    /// The member that leads now, as the running members say; waits (up to 15 s)
+    /// while an election is on.
+    pub fn leader(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let mut ids = vec![None; self.members.len()];
+            let mut leader = None;
+            for (i, member) in self.members.iter().enumerate() {
+                if !member.answers() {
+                    continue;
+                }
+                if let Some(status) = self.client.try_post(i, "/v3/maintenance/status", &json!({})) {
+                    ids[i] = status["header"]["member_id"].as_str().map(str::to_owned);
+                    leader = status["leader"].as_str().filter(|l| *l != "0").map(str::to_owned);
+                }
+            }
+            if let Some(at) = leader.and_then(|l| ids.iter().position(|id| id.as_deref() == Some(&l))) {
+                return at;
+            }
+            assert!(Instant::now() < deadline, "no etcd member leads");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL member `i`.
+    pub fn kill(&mut self, i: usize) {
+        self.members[i].frozen = false;
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start member `i` again on its data and ports; returns once it is healthy.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i, "existing");
+        self.wait_healthy(i);
+    }
+
+    /// Freeze member `i` (SIGSTOP): connections to it are accepted by the kernel and
+    /// never answered, as behind a partition.
+    pub fn freeze(&mut self, i: usize) {
+        self.signal(i, "-STOP");
+        self.members[i].frozen = true;
+    }
+
+    /// Thaw a frozen member (SIGCONT).
+    pub fn thaw(&mut self, i: usize) {
+        self.signal(i, "-CONT");
+        self.members[i].frozen = false;
+    }
+
+    /// The answering member with a watch stream open (gRPC watch streams started and
+    /// not yet handled, the gateway's included), waiting up to 10 s for one.
+    pub fn watch_holder(&self) -> usize {
+        let watch = "grpc_service=\"etcdserverpb.Watch\"";
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let holder = (0..self.members.len())
+                .filter(|&i| self.members[i].answers())
+                .find(|&i| {
+                    self.metric(i, "grpc_server_started_total", watch)
+                        > self.metric(i, "grpc_server_handled_total", watch)
+                });
+            if let Some(holder) = holder {
+                return holder;
+            }
+            assert!(Instant::now() < deadline, "no member has a watch open");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        let pid = self.members[i].child.as_ref().expect("a running member").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    /// How many gRPC `method` calls (`Range`, `Watch`, `LeaseKeepAlive`) member `i`
+    /// has handled, from its own Prometheus metrics (the gateway's requests included).
+    pub fn served(&self, i: usize, method: &str) -> u64 {
+        self.metric(
+            i,
+            "grpc_server_handled_total",
+            &format!("grpc_method=\"{method}\""),
+        )
+    }
+
+    /// The sum of member `i`'s samples of `name` whose labels contain `label`.
+    fn metric(&self, i: usize, name: &str, label: &str) -> u64 {
+        let mut response = self
+            .client
+            .agent
+            .get(format!("{}/metrics", self.url(i)))
+            .call()
+            .unwrap();
+        let text = response.body_mut().read_to_string().unwrap();
+        text.lines()
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with([' ', '{']) && rest.contains(label))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
+    /// A `wasd.toml` whose one provider is the etcd provider given `endpoints` (this
+    /// cluster's URLs, in the order the provider should try them), set up for a
+    /// cluster as README shows: requests go on through an election for 3 s, within a
+    /// 5 s limit.
+    pub fn config(&self, endpoints: &[String], settings: &str) -> String {
+        let list = endpoints
+            .iter()
+            .map(|u| format!("\"{u}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            r#"
+pass-through = false
+[[provider]]
+builtin = "etcd"
+settings = {{ endpoints = [{list}], retry-for = "3s" {settings} }}
+grants = {{ http = [{list}] }}
+limits = {{ timeout = "5s" }}
+"#
+        )
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            // SIGKILL ends a frozen process too.
+            self.kill(i);
+        }
+    }
+}
+
+/// A client of an [`EtcdCluster`] through etcd's own gateway, as a Go service given
+/// every endpoint would be: each request goes to the member that answered last, then
+/// the others, again through an election, for up to 15 s.
+#[derive(Clone)]
+pub struct EtcdClient {
+    urls: Vec<String>,
+    agent: ureq::Agent,
+    last: Arc<AtomicUsize>,
+}
+
+impl EtcdClient {
+    fn new(urls: Vec<String>) -> EtcdClient {
+        let agent = ureq::Agent::new_with_config(
+            ureq::config::Config::builder()
+                .http_status_as_error(false)
+                // A frozen member costs this much per request.
+                .timeout_global(Some(Duration::from_secs(1)))
+                .build(),
+        );
+        EtcdClient {
+            urls,
+            agent,
+            last: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn try_post(&self, i: usize, path: &str, body: &Value) -> Option<Value> {
+        let mut response = self
+            .agent
+            .post(format!("{}{path}", self.urls[i]))
+            .header("content-type", "application/json")
+            .send(body.to_string())
+            .ok()?;
+        if response.status() != 200 {
+            return None;
+        }
+        serde_json::from_str(&response.body_mut().read_to_string().ok()?).ok()
+    }
+
+    /// POST to the first member that answers 200; its answer.
+    pub fn post(&self, path: &str, body: Value) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let n = self.urls.len();
+        loop {
+            let first = self.last.load(Ordering::Relaxed);
+            for k in 0..n {
+                let i = (first + k) % n;
+                if let Some(answer) = self.try_post(i, path, &body) {
+                    self.last.store(i, Ordering::Relaxed);
+                    return answer;
+                }
+            }
+            assert!(Instant::now() < deadline, "no etcd member took {path}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Write a Kratos ServiceInstance the way Kratos's Go registry does; the revision
+    /// etcd wrote it at.
+    pub fn put_instance(&self, name: &str, id: &str, version: &str, endpoints: &[&str]) -> i64 {
+        let (key, value) = kratos_instance(name, id, version, endpoints);
+        let answer = self.post("/v3/kv/put", put_body(&key, &value, None));
+        answer["header"]["revision"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// The values under a prefix, decoded.
+    pub fn get_prefix(&self, prefix: &str) -> Vec<(String, String)> {
+        decode_kvs(&self.post("/v3/kv/range", prefix_range(prefix)))
+    }
 }

@@ -761,6 +761,14 @@ async fn bad_settings_refuse_the_provider() {
             r#"endpoints = ["http://127.0.0.1:2379"], timeout = "soon""#,
             "settings.timeout",
         ),
+        (
+            r#"endpoints = ["http://127.0.0.1:2379"], watch-keepalive = "0s""#,
+            "settings.watch-keepalive: '0s' is not a positive duration",
+        ),
+        (
+            r#"endpoints = ["http://127.0.0.1:2379"], retry-for = "a while""#,
+            "settings.retry-for: 'a while'",
+        ),
     ] {
         let toml = format!("[[provider]]\nbuiltin = \"etcd\"\nsettings = {{ {settings} }}\n");
         let err = sandbox.resolver(&toml).await.err().unwrap().to_string();

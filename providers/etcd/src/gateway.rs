@@ -4,7 +4,7 @@
 //! user is configured. The token and password never appear in an error or a log line.
 
 use std::cell::{Cell, RefCell};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -16,11 +16,17 @@ use wasd_sdk::http::{HttpError, Request, Response};
 /// Largest unary response read (a range over a big service).
 pub const MAX_RESPONSE: usize = 16 << 20;
 
+/// The pause between two rounds over the endpoints.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
 pub struct Gateway {
     endpoints: Vec<String>,
     /// The endpoint that answered last; tried first.
     current: Cell<usize>,
     pub timeout: Duration,
+    /// How long to go on trying the endpoints, round after round, when none answers
+    /// (a cluster electing a leader answers nothing for a second or two).
+    retry_for: Duration,
     credentials: Option<(String, String)>,
     token: RefCell<Option<String>>,
 }
@@ -32,11 +38,17 @@ enum Failure {
 }
 
 impl Gateway {
-    pub fn new(endpoints: Vec<String>, timeout: Duration, credentials: Option<(String, String)>) -> Gateway {
+    pub fn new(
+        endpoints: Vec<String>,
+        timeout: Duration,
+        retry_for: Duration,
+        credentials: Option<(String, String)>,
+    ) -> Gateway {
         Gateway {
             endpoints,
             current: Cell::new(0),
             timeout,
+            retry_for,
             credentials,
             token: RefCell::new(None),
         }
@@ -52,26 +64,69 @@ impl Gateway {
         })
     }
 
-    /// Open a streaming call (`/v3/watch`) whose body stays open for up to `wait`.
+    /// Open a streaming call (`/v3/watch`) whose body stays open for up to `wait`, on
+    /// the first member that answers; that member's index is [`Gateway::current`].
     pub fn stream(&self, path: &str, body: &Value, wait: Duration) -> Result<Response, Error> {
         self.with_failover(|endpoint| self.send(endpoint, path, body, Some(wait)))
     }
 
+    /// The endpoint that answered last (and is tried first).
+    pub fn current(&self) -> usize {
+        self.current.get()
+    }
+
+    /// Start the next call after `member`: it stopped answering mid-stream.
+    pub fn skip(&self, member: usize) {
+        self.current.set((member + 1) % self.endpoints.len());
+    }
+
+    /// Whether `member` answers a status request within the timeout: a watch stream
+    /// that stays quiet is either idle or on a member that froze (a partition, a
+    /// stopped process), and only a request can tell them apart.
+    pub fn probe(&self, member: usize) -> Result<(), String> {
+        let endpoint = &self.endpoints[member];
+        match self.send(endpoint, "/v3/maintenance/status", &json!({}), None) {
+            // A refusal is an answer too: the member is alive.
+            Ok(_) | Err(Failure::Final(_)) => Ok(()),
+            Err(Failure::Unreachable(e)) => Err(e),
+        }
+    }
+
+    /// The configured endpoint at `member`, for messages.
+    pub fn endpoint(&self, member: usize) -> &str {
+        &self.endpoints[member]
+    }
+
+    /// How many endpoints there are.
+    pub fn members(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// `f` on each endpoint in turn from the current one, until one answers; more
+    /// rounds while `retry_for` lasts. Every request here may be repeated: reads,
+    /// keep-alives, deletes and puts of the same value are idempotent, and a lease
+    /// granted twice leaves an unused one to expire.
     fn with_failover<T>(&self, mut f: impl FnMut(&str) -> Result<T, Failure>) -> Result<T, Error> {
         let n = self.endpoints.len();
-        let mut errors = Vec::new();
-        for attempt in 0..n {
-            let index = (self.current.get() + attempt) % n;
-            match f(&self.endpoints[index]) {
-                Ok(value) => {
-                    self.current.set(index);
-                    return Ok(value);
+        let started = Instant::now();
+        loop {
+            let mut errors = Vec::new();
+            for attempt in 0..n {
+                let index = (self.current.get() + attempt) % n;
+                match f(&self.endpoints[index]) {
+                    Ok(value) => {
+                        self.current.set(index);
+                        return Ok(value);
+                    }
+                    Err(Failure::Unreachable(e)) => errors.push(e),
+                    Err(Failure::Final(e)) => return Err(e),
                 }
-                Err(Failure::Unreachable(e)) => errors.push(e),
-                Err(Failure::Final(e)) => return Err(e),
             }
+            if started.elapsed() + RETRY_PAUSE >= self.retry_for {
+                return Err(Error::Unavailable(errors.join("; ")));
+            }
+            std::thread::sleep(RETRY_PAUSE);
         }
-        Err(Error::Unavailable(errors.join("; ")))
     }
 
     /// Send one request to one endpoint, authenticating first when needed and once
@@ -97,6 +152,11 @@ impl Gateway {
             if let Some(wait) = stream {
                 // The stream may stay quiet for the whole wait.
                 request = request.between_bytes_timeout(wait + self.timeout);
+                // etcd's "require leader" (clientv3's WithRequireLeader, forwarded by the
+                // gateway as gRPC metadata): a member cut off from its cluster's leader
+                // ends the stream with "no leader" instead of going silent, and the
+                // watch moves to another member.
+                request = request.header("grpc-metadata-hasleader", "true");
             }
             if let Some(token) = &token {
                 // etcd wants the bare token, not "Bearer <token>".

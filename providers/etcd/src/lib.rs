@@ -38,6 +38,14 @@ struct Settings {
     password: Option<String>,
     /// Read the password from this (granted) environment variable instead.
     password_env: Option<String>,
+    /// How long a watch stream may stay quiet before the member is asked whether it
+    /// is still there ("5s"); a frozen member is left for another after this plus
+    /// `timeout`.
+    watch_keepalive: Option<String>,
+    /// How long to go on trying the endpoints, round after round, when none answers
+    /// ("2s"; default: one round). An election takes 1-2 s with etcd's defaults;
+    /// keep this plus a round of `timeout`s under the provider's time limit.
+    retry_for: Option<String>,
 }
 
 fn default_namespace() -> String {
@@ -60,6 +68,7 @@ fn parse_duration(text: &str) -> Option<Duration> {
 struct Etcd {
     gateway: Gateway,
     namespace: String,
+    watch_keepalive: Duration,
 }
 
 impl Etcd {
@@ -140,6 +149,20 @@ impl Provider for Etcd {
                 ))
             })?,
         };
+        let watch_keepalive = match &settings.watch_keepalive {
+            None => Duration::from_secs(5),
+            Some(t) => parse_duration(t).filter(|d| !d.is_zero()).ok_or_else(|| {
+                Error::InvalidSettings(format!(
+                    "settings.watch-keepalive: '{t}' is not a positive duration like \"5s\""
+                ))
+            })?,
+        };
+        let retry_for = match &settings.retry_for {
+            None => Duration::ZERO,
+            Some(t) => parse_duration(t).ok_or_else(|| {
+                Error::InvalidSettings(format!("settings.retry-for: '{t}' is not a duration like \"2s\""))
+            })?,
+        };
         let password = match (&settings.password, &settings.password_env) {
             (Some(_), Some(_)) => {
                 return Err(Error::InvalidSettings(
@@ -164,8 +187,9 @@ impl Provider for Etcd {
             }
         };
         Ok(Etcd {
-            gateway: Gateway::new(endpoints, timeout, credentials),
+            gateway: Gateway::new(endpoints, timeout, retry_for, credentials),
             namespace,
+            watch_keepalive,
         })
     }
 
@@ -177,35 +201,69 @@ impl Provider for Etcd {
         let revision: i64 = version
             .parse()
             .map_err(|_| Error::InvalidQuery(format!("'{version}' is not an etcd revision")))?;
-        let wait = Duration::from_millis(timeout_ms);
-        let deadline = Instant::now() + wait;
+        let deadline = Instant::now() + Duration::from_millis(timeout_ms);
         let mut body = self.range_body(&query.service);
         body["start_revision"] = json!((revision + 1).to_string());
-        let mut stream = self
-            .gateway
-            .stream("/v3/watch", &json!({ "create_request": body }), wait)?;
+        let request = json!({ "create_request": body });
+        let gateway = &self.gateway;
+        let mut stream = gateway.stream("/v3/watch", &request, Duration::from_millis(timeout_ms))?;
+        let mut member = gateway.current();
+        // Moves to another member since the last sign of life; past one round of the
+        // cluster, the failure is the host's to back off from.
+        let mut moves = 0;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = match stream.next_line(left, MAX_WATCH_LINE) {
-                Ok(Some(line)) => line,
-                Ok(None) => return Err(Error::Unavailable("etcd closed the watch stream".into())),
-                Err(HttpError::Timeout) => return Ok(None),
-                Err(e) => return Err(e.into()),
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let lost = match stream.next_line(left.min(self.watch_keepalive), MAX_WATCH_LINE) {
+                Ok(Some(line)) if line.iter().all(u8::is_ascii_whitespace) => continue,
+                Ok(Some(line)) => {
+                    match gateway::parse_watch_line(&line).map_err(|e| malformed("etcd", "/v3/watch", &e))? {
+                        WatchMessage::Created | WatchMessage::Events(0) => {
+                            moves = 0;
+                            continue;
+                        }
+                        // A change, or history compacted past our revision: read it all again.
+                        WatchMessage::Events(_) | WatchMessage::Compacted(_) => {
+                            return self.read(&query).map(Some);
+                        }
+                        WatchMessage::Canceled(reason) => {
+                            return Err(Error::Unavailable(format!("etcd canceled the watch: {reason}")));
+                        }
+                        // "no leader" (see the gateway's require-leader header), or a
+                        // member shutting down: another member may serve the watch.
+                        WatchMessage::Error(message) => format!("etcd watch failed: {message}"),
+                    }
+                }
+                Ok(None) => "etcd closed the watch stream".to_owned(),
+                Err(HttpError::Timeout) if Instant::now() >= deadline => return Ok(None),
+                // Quiet for a while: idle, or a member that froze? Ask it.
+                Err(HttpError::Timeout) => match gateway.probe(member) {
+                    Ok(()) => continue,
+                    Err(e) => format!("the watch went quiet and the member does not answer: {e}"),
+                },
+                // An event batch past the limit is no member's fault.
+                Err(e @ HttpError::TooLarge(_)) => return Err(e.into()),
+                Err(e) => format!("the watch stream failed: {e}"),
             };
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
+            let from = gateway.endpoint(member);
+            moves += 1;
+            if moves > gateway.members() {
+                return Err(Error::Unavailable(format!("etcd at {from}: {lost}")));
             }
-            match gateway::parse_watch_line(&line).map_err(|e| malformed("etcd", "/v3/watch", &e))? {
-                WatchMessage::Created | WatchMessage::Events(0) => continue,
-                // A change, or history compacted past our revision: read it all again.
-                WatchMessage::Events(_) | WatchMessage::Compacted(_) => return self.read(&query).map(Some),
-                WatchMessage::Canceled(reason) => {
-                    return Err(Error::Unavailable(format!("etcd canceled the watch: {reason}")));
-                }
-                WatchMessage::Error(message) => {
-                    return Err(Error::Unavailable(format!("etcd watch failed: {message}")));
-                }
+            // The same watch on the next member, from the same revision: etcd keeps
+            // history, so nothing written meanwhile is missed.
+            wasd_sdk::debug!("etcd at {from}: {lost}; watching from another member");
+            gateway.skip(member);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // Out of time: the host asks the chain next, which reads from whichever
+                // member answers.
+                return Ok(None);
             }
+            stream = gateway.stream("/v3/watch", &request, left)?;
+            member = gateway.current();
         }
     }
 }
