@@ -617,3 +617,110 @@ async fn time_blocked_in_an_http_call_counts_toward_the_time_limit() {
     );
     drop(server);
 }
+
+/// A TCP echo server on 127.0.0.1: answers each line with itself, and counts the
+/// connections it accepted. Stops with the test process.
+fn echo_server() -> (u16, Arc<AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            counter.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    let _ = (&stream).write_all(line.as_bytes());
+                    line.clear();
+                }
+            });
+        }
+    });
+    (port, accepted)
+}
+
+/// `grants.tcp` opens exactly what it names: connections to the granted address (or
+/// to what a granted name resolves to, on its port), and nothing else of wasi:sockets.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tcp_grant_lets_through_only_its_own_addresses() {
+    let (granted, accepted) = echo_server();
+    let (other, other_accepted) = echo_server();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let udp_port = udp.local_addr().unwrap().port();
+    let sandbox = Sandbox::new();
+    let toml = |grant: &str| format!("{}grants = {{ tcp = [\"{grant}\"] }}\n", alone(LIMITS));
+
+    // By address.
+    let by_address = resolver(&sandbox, &toml(&format!("127.0.0.1:{granted}"))).await;
+    let set = by_address.resolve(&format!("tcp-echo:{granted}")).await.unwrap();
+    assert_eq!(set.endpoints()[0].metadata_value("echo"), Some("wasd-ping"));
+    let denials = [
+        // Another port of the same host.
+        (format!("tcp-connect:{other}"), "tcp connect: Permission denied"),
+        // Listening, on a given address or after binding the unspecified one.
+        ("tcp-listen".to_owned(), "tcp listen: Permission denied"),
+        ("tcp-listen-any".to_owned(), "tcp listen: Permission denied"),
+        (format!("udp-send:{udp_port}"), "udp send: Permission denied"),
+        // No name is granted, so no lookup at all.
+        (
+            "name-lookup".to_owned(),
+            "looking up localhost: failed to lookup address information",
+        ),
+        // Sixteen connections in one call, not the seventeenth.
+        (
+            format!("tcp-many:{granted}"),
+            "tcp connect #17: Permission denied",
+        ),
+    ];
+    for (query, expected) in &denials {
+        let err = by_address.resolve(query).await.unwrap_err().to_string();
+        assert!(
+            err.contains(expected) && !err.contains("leaked"),
+            "{query}: {err}"
+        );
+    }
+    // The cap is per call: the next call connects again.
+    assert!(by_address.resolve(&format!("tcp-echo:{granted}")).await.is_ok());
+
+    // By name: the host resolves `localhost` and lets the guest connect to what it
+    // resolves to, on the granted port; the guest may look that name up and no other.
+    let by_name = resolver(&sandbox, &toml(&format!("localhost:{granted}"))).await;
+    let set = by_name
+        .resolve(&format!("tcp-echo-name:{granted}"))
+        .await
+        .unwrap();
+    assert_eq!(set.endpoints()[0].metadata_value("echo"), Some("wasd-ping"));
+    let err = by_name
+        .resolve(&format!("tcp-echo-name:{other}"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tcp echo: Permission denied"), "{err}");
+    // Refused by the grant (a resolver's answer would be "does not resolve").
+    let err = by_name
+        .resolve("name-lookup-other")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Non-recoverable error"), "{err}");
+
+    assert_eq!(
+        other_accepted.load(Ordering::SeqCst),
+        0,
+        "a connection reached the port not granted"
+    );
+    // The echo by address, the sixteen of tcp-many, the echo after it, and the one by
+    // name (the server may still be accepting the closed ones of tcp-many).
+    let expected = 1 + 16 + 1 + 1;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while accepted.load(Ordering::SeqCst) < expected && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), expected);
+    udp.set_nonblocking(true).unwrap();
+    assert!(udp.recv_from(&mut [0u8; 64]).is_err(), "a datagram arrived");
+}

@@ -15,6 +15,7 @@ use wasmtime::{Config, Engine};
 
 use crate::bindings;
 use crate::capability::dns::{DnsClient, DnsSettings};
+use crate::capability::tcp::GrantedLookups;
 use crate::provider::ProviderState;
 
 /// How often the epoch advances: the granularity of call deadlines, and how often a
@@ -65,6 +66,14 @@ impl Runtime {
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        // Name lookups only for the names `grants.tcp` names (wasmtime-wasi's own
+        // switch is all or nothing).
+        linker.allow_shadowing(true);
+        wasmtime_wasi::p2::bindings::sockets::ip_name_lookup::add_to_linker::<_, GrantedLookups>(
+            &mut linker,
+            ProviderState::granted_lookup,
+        )?;
+        linker.allow_shadowing(false);
         bindings::Registry::add_to_linker::<_, HasSelf<ProviderState>>(&mut linker, |s| s)?;
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)?;
         let ticker = EpochTicker::start(engine.clone(), clock);

@@ -98,6 +98,15 @@ impl Surface {
                     .to_owned(),
             );
         }
+        if imports("wasi:sockets/tcp") && grants.tcp.is_empty() {
+            notes.push(
+                "imports wasi:sockets/tcp but grants.tcp is empty: any connection it opens will be refused"
+                    .to_owned(),
+            );
+        }
+        if imports("wasi:sockets/udp") {
+            notes.push("imports wasi:sockets/udp: UDP is never granted, any use will be refused".to_owned());
+        }
         if imports("wasd:provider/dns") && grants.dns.is_empty() {
             notes.push(
                 "imports wasd:provider/dns but grants.dns is empty: any lookup it makes will be denied"
@@ -240,14 +249,27 @@ mod tests {
     #[test]
     fn closed_capabilities_are_noted() {
         let s = surface(
-            &["wasi:http/outgoing-handler@0.2.0", "wasd:provider/dns@0.1.0"],
+            &[
+                "wasi:http/outgoing-handler@0.2.0",
+                "wasd:provider/dns@0.1.0",
+                "wasi:sockets/tcp@0.2.3",
+            ],
             &[RESOLVER_EXPORT],
         );
         let mut grants = Grants::default();
-        assert_eq!(s.ungranted(&grants).len(), 2);
+        let notes = s.ungranted(&grants);
+        assert_eq!(notes.len(), 3, "{notes:?}");
+        assert!(
+            notes[1].starts_with("imports wasi:sockets/tcp but grants.tcp is empty"),
+            "{notes:?}"
+        );
         grants.http.push("http://127.0.0.1:2379".into());
         grants.dns.push("cluster.local".into());
+        grants.tcp.push("127.0.0.1:2181".into());
         assert!(s.ungranted(&grants).is_empty());
+        // UDP is never granted.
+        let udp = surface(&["wasi:sockets/udp@0.2.3"], &[RESOLVER_EXPORT]);
+        assert_eq!(udp.ungranted(&grants).len(), 1);
     }
 }
 

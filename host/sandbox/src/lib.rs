@@ -31,6 +31,7 @@ mod spec;
 pub use builtin::Builtin;
 pub use capability::dns::{DEFAULT_DNS_TIMEOUT, DnsSettings};
 pub use capability::http::normalize_origin;
+pub use capability::tcp::normalize_tcp_target;
 pub use engine::{COMPILE_TARGET, Runtime};
 pub use inspect::{CheckReport, check};
 pub use provider::{Prepared, Provider};

@@ -16,6 +16,7 @@ use wasd_core::{
 };
 use wasmtime::component::{Component, InstancePre, ResourceTable};
 use wasmtime::{Store, UpdateDeadline};
+use wasmtime_wasi::sockets::WasiSocketsCtxView;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::WasiHttpCtx;
 
@@ -25,6 +26,7 @@ use crate::bindings::{
 };
 use crate::capability::dns::DnsClient;
 use crate::capability::http::{HttpHooks, HttpPolicy, TlsFiles};
+use crate::capability::tcp::{self, Connects, TcpGrant};
 use crate::engine::{EPOCH_TICK, Runtime};
 use crate::inspect::{RESOLVER_EXPORT, Surface};
 use crate::limits::{LimitExceeded, MemoryLimiter, StderrTail};
@@ -77,6 +79,9 @@ pub(crate) struct ProviderState {
     pub(crate) log_lines: u32,
     /// Where the current call notes its DNS lookups, when it is being explained.
     pub(crate) journal: Option<Imports>,
+    /// What `grants.tcp` lets through, and the connections this call opened.
+    tcp: Arc<TcpGrant>,
+    connects: Arc<Connects>,
 }
 
 impl ProviderState {
@@ -84,6 +89,17 @@ impl ProviderState {
     fn note_imports(&mut self, journal: Option<&Imports>) {
         self.journal = journal.cloned();
         self.http_hooks.journal = journal.cloned();
+    }
+}
+
+impl ProviderState {
+    /// wasi:sockets' view of this store, and the TCP grant (for name lookups).
+    pub(crate) fn sockets_and_grant(&mut self) -> (WasiSocketsCtxView<'_>, &TcpGrant) {
+        let sockets = WasiSocketsCtxView {
+            ctx: self.wasi.sockets(),
+            table: &mut self.table,
+        };
+        (sockets, &self.tcp)
     }
 }
 
@@ -135,6 +151,7 @@ pub struct Provider {
     configuration: Configuration,
     grants: Arc<Grants>,
     http: Arc<HttpPolicy>,
+    tcp: Arc<TcpGrant>,
     env: Vec<(String, String)>,
     limits: Limits,
     // Boxed on purpose: an instance moves into each call's future (see `instantiate`).
@@ -360,6 +377,7 @@ impl Provider {
             registrar,
             grants: Arc::new(spec.grants.clone()),
             http: Arc::new(http),
+            tcp: Arc::new(TcpGrant::new(&spec.grants.tcp)),
             env,
             limits: spec.limits,
             idle: Mutex::new(Vec::new()),
@@ -386,7 +404,11 @@ impl Provider {
     /// stdout discarded, stderr kept to explain traps.
     async fn instantiate(&self) -> Result<Box<Instance>, ProviderError> {
         let stderr = StderrTail::default();
-        let wasi = WasiCtx::builder().envs(&self.env).stderr(stderr.clone()).build();
+        let connects = Arc::new(Connects::default());
+        let mut wasi = WasiCtx::builder();
+        wasi.envs(&self.env).stderr(stderr.clone());
+        tcp::configure(&mut wasi, &self.tcp, &connects);
+        let wasi = wasi.build();
         let mut store = Store::new(
             &self.runtime.engine,
             ProviderState {
@@ -405,6 +427,8 @@ impl Provider {
                 imports: Arc::default(),
                 log_lines: 0,
                 journal: None,
+                tcp: self.tcp.clone(),
+                connects,
             },
         );
         store.limiter(|state| &mut state.limiter);
@@ -985,6 +1009,7 @@ fn arm_deadline(store: &mut Store<ProviderState>, timeout: Duration) {
     state.timeout = timeout;
     state.imports.reset(timeout);
     state.log_lines = 0;
+    state.connects.reset();
     store.set_epoch_deadline(1);
 }
 

@@ -102,6 +102,9 @@ pub struct Grants {
     pub dns: Vec<String>,
     /// HTTP origins the provider may call (`http://127.0.0.1:2379`).
     pub http: Vec<String>,
+    /// Addresses the provider may open TCP connections to (`127.0.0.1:2181`,
+    /// `zk-2.internal:2181`), normalised by [`crate::normalize_tcp_target`].
+    pub tcp: Vec<String>,
 }
 
 impl Grants {

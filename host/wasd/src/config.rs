@@ -27,7 +27,7 @@ use crate::observe::DEFAULT_MAX_SERVICES;
 use wasd_core::{ConfigError, DEFAULT_IDLE_TIMEOUT, DEFAULT_REFRESH_PERIOD};
 use wasd_sandbox::{
     Builtin, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_MEMORY, DEFAULT_TIMEOUT, DnsSettings, Grants, Limits,
-    ModuleSource, ProviderSpec, TlsSpec, normalize_origin,
+    ModuleSource, ProviderSpec, TlsSpec, normalize_origin, normalize_tcp_target,
 };
 
 /// A validated host configuration.
@@ -240,6 +240,8 @@ struct RawGrants {
     dns: Vec<String>,
     #[serde(default)]
     http: Vec<Spanned<String>>,
+    #[serde(default)]
+    tcp: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -614,6 +616,12 @@ fn provider_spec(
     for origin in &raw.grants.http {
         http.push(normalize_origin(origin.get_ref()).map_err(|e| src.at(origin, e))?);
     }
+    let mut tcp = Vec::new();
+    for target in &raw.grants.tcp {
+        tcp.push(
+            normalize_tcp_target(target.get_ref()).map_err(|e| src.at(target, format!("grants.tcp: {e}")))?,
+        );
+    }
     let limits = Limits {
         max_memory: match &raw.limits.max_memory {
             None => DEFAULT_MAX_MEMORY,
@@ -664,6 +672,7 @@ fn provider_spec(
             env: raw.grants.env.clone(),
             dns: raw.grants.dns.iter().map(|z| z.to_ascii_lowercase()).collect(),
             http,
+            tcp,
         },
         limits,
         tls,
@@ -872,7 +881,7 @@ refresh-period = "30s"
 [[provider]]
 builtin = "config"
 settings = { section = "Endpoints" }
-grants = { files = ["appsettings.json"], env = ["endpoints__*"], http = ["HTTP://127.0.0.1:2379/"] }
+grants = { files = ["appsettings.json"], env = ["endpoints__*"], http = ["HTTP://127.0.0.1:2379/"], tcp = ["ZK-1.Internal:2181"] }
 limits = { max-memory = "16MiB", timeout = "250ms", max-endpoints = 5 }
 
 [[provider]]
@@ -896,6 +905,7 @@ module = "/opt/mine.wasm"
             )]
         );
         assert_eq!(p.grants.http, ["http://127.0.0.1:2379"]);
+        assert_eq!(p.grants.tcp, ["zk-1.internal:2181"]);
         assert_eq!(
             p.limits,
             Limits {
@@ -967,6 +977,14 @@ module = "/opt/mine.wasm"
             (
                 "[[provider]]\nbuiltin = \"config\"\ngrants = { http = [\"etcd:2379\"] }",
                 "wasd.toml:3:20: 'etcd:2379' is not an origin",
+            ),
+            (
+                "[[provider]]\nbuiltin = \"config\"\ngrants = { tcp = [\"zk-1\"] }",
+                "wasd.toml:3:19: grants.tcp: 'zk-1' is not an address like \"127.0.0.1:2181\"",
+            ),
+            (
+                "[[provider]]\nbuiltin = \"config\"\ngrants = { tcp = [\"zk-1:99999\"] }",
+                "wasd.toml:3:19: grants.tcp: 'zk-1:99999': the port must be 1-65535",
             ),
             (
                 "[[provider]]\nsettings = {}",

@@ -6,6 +6,7 @@
 pub(crate) mod dns;
 pub(crate) mod http;
 mod log;
+pub(crate) mod tcp;
 
 use crate::bindings::wasd::provider::types;
 use crate::provider::ProviderState;

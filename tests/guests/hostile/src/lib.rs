@@ -154,6 +154,54 @@ impl Provider for Hostile {
                     Err(e) => Err(Error::Denied(format!("udp send: {e} (to 127.0.0.1:{port})"))),
                 }
             }
+            // With `grants.tcp`: legal to a granted address (an echo server, by address
+            // or by a granted name), refused anywhere else, and refused past the
+            // connections one call may open.
+            "tcp-echo" | "tcp-echo-name" => {
+                use std::io::{BufRead, BufReader, Write};
+                let port = query.port.unwrap_or(9);
+                let host = if query.service == "tcp-echo" {
+                    "127.0.0.1"
+                } else {
+                    "localhost"
+                };
+                let echoed = std::net::TcpStream::connect((host, port)).and_then(|mut stream| {
+                    stream.write_all(b"wasd-ping\n")?;
+                    let mut line = String::new();
+                    BufReader::new(stream).read_line(&mut line)?;
+                    Ok(line)
+                });
+                match echoed {
+                    Ok(line) => {
+                        let mut endpoint = Endpoint::new("10.9.0.7", Some(port));
+                        endpoint.metadata.push(("echo".into(), line.trim().to_owned()));
+                        Ok(Resolution::new(vec![endpoint]))
+                    }
+                    Err(e) => Err(Error::Denied(format!("tcp echo: {e} (to {host}:{port})"))),
+                }
+            }
+            "tcp-many" => {
+                let port = query.port.unwrap_or(9);
+                let mut open = Vec::new();
+                for n in 1..=40 {
+                    match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                        Ok(stream) => open.push(stream),
+                        Err(e) => return Err(Error::Denied(format!("tcp connect #{n}: {e}"))),
+                    }
+                }
+                leaked("tcp-many")
+            }
+            "tcp-listen-any" => match std::net::TcpListener::bind("0.0.0.0:0") {
+                Ok(_) => leaked("tcp-listen-any"),
+                Err(e) => Err(Error::Denied(format!("tcp listen: {e}"))),
+            },
+            "name-lookup-other" => {
+                use std::net::ToSocketAddrs;
+                match ("wasd-not-granted.invalid", 80).to_socket_addrs() {
+                    Ok(_) => leaked("name-lookup-other"),
+                    Err(e) => Err(Error::Denied(format!("looking up wasd-not-granted.invalid: {e}"))),
+                }
+            }
             "name-lookup" => {
                 use std::net::ToSocketAddrs;
                 match ("localhost", 80).to_socket_addrs() {
