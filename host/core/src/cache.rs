@@ -88,12 +88,19 @@ pub struct Settings {
     pub refresh_period: Duration,
     /// An entry nobody resolved or watched for this long is dropped.
     pub idle_timeout: Duration,
+    /// Most queries followed by long-poll at once (each holds a provider call and,
+    /// for etcd, a watch stream); the others are refreshed every `refresh_period`
+    /// until one is free. Read when the cache is made.
+    pub max_long_polls: usize,
 }
 
 /// Default `refresh-period`.
 pub const DEFAULT_REFRESH_PERIOD: Duration = Duration::from_secs(60);
 /// Default `idle-timeout`.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default `max-watches`: enough for every service a process talks to; a registry of
+/// 10 000 followed one long-poll each would hold 10 000 provider calls and streams.
+pub const DEFAULT_MAX_LONG_POLLS: usize = 1024;
 
 impl Default for Settings {
     fn default() -> Settings {
@@ -101,6 +108,7 @@ impl Default for Settings {
             allowed_schemes: Vec::new(),
             refresh_period: DEFAULT_REFRESH_PERIOD,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_long_polls: DEFAULT_MAX_LONG_POLLS,
         }
     }
 }
@@ -121,6 +129,12 @@ impl Settings {
     /// The same settings with another idle timeout.
     pub fn with_idle_timeout(mut self, timeout: Duration) -> Settings {
         self.idle_timeout = timeout;
+        self
+    }
+
+    /// The same settings with another cap on queries followed by long-poll at once.
+    pub fn with_max_long_polls(mut self, max: usize) -> Settings {
+        self.max_long_polls = max;
         self
     }
 }
@@ -150,6 +164,8 @@ struct Inner {
     /// synchronous code, another runtime's thread) would end with it, and its entry
     /// would serve the same set for ever.
     runtime: Option<tokio::runtime::Handle>,
+    /// One permit per long-poll in progress ([`Settings::max_long_polls`]).
+    long_polls: Arc<tokio::sync::Semaphore>,
 }
 
 /// A query reduced to what can change its answer.
@@ -318,8 +334,10 @@ impl Cache {
     /// runtime resolves; made outside one, on the runtime of the first resolve of each
     /// query.
     pub fn new(chain: Arc<ChainCell>, settings: Settings, clock: Clock) -> Cache {
+        let long_polls = Arc::new(tokio::sync::Semaphore::new(settings.max_long_polls));
         Cache {
             inner: Arc::new(Inner {
+                long_polls,
                 chain,
                 settings: ArcSwap::from_pointee(settings),
                 entries: DashMap::new(),
@@ -937,67 +955,83 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                 version,
                 until,
             } => {
-                let Some(period) = inner.upgrade().map(|i| i.settings.load().refresh_period) else {
+                let Some((period, permit)) = inner.upgrade().map(|i| {
+                    let permit = i.long_polls.clone().try_acquire_owned().ok();
+                    (i.settings.load().refresh_period, permit)
+                }) else {
                     return;
                 };
                 let period = until.map_or(period, |until| until.min(period));
                 long_polled = Some(source.name().clone());
-                // A burst of quick returns goes straight through; past LONG_POLL_BURST in a
-                // row, long-polls start at most one per LONG_POLL_GAP, whatever they
-                // returned (a change, or "nothing changed" from a source that ignores
-                // the wait), so a source that answers at once cannot spin. A reload
-                // meanwhile sends us to the (new) chain instead.
-                let pause = match last_long_poll {
-                    Some(called) if quick_returns > LONG_POLL_BURST => {
-                        LONG_POLL_GAP.saturating_sub(called.elapsed())
-                    }
-                    _ => Duration::ZERO,
-                };
-                let reloaded = !pause.is_zero()
-                    && tokio::select! {
-                        _ = tokio::time::sleep(pause) => false,
-                        woken = wake.wait() => match woken {
-                            Woken::Shutdown => return,
-                            Woken::Reload => true,
-                        },
-                    };
-                if !reloaded {
-                    // Long-poll until the next periodic chain refresh is due.
-                    let wait = period.saturating_sub(last_chain.elapsed()).max(MIN_REFRESH);
-                    let called = Instant::now();
-                    last_long_poll = Some(called);
-                    let polled = long_poll_once(
-                        &entry,
-                        &source,
-                        &version,
-                        wait,
-                        &mut wake,
-                        &mut long_poll_backoff,
-                        &mut catchup,
-                    )
-                    .await;
-                    quick_returns = if called.elapsed() < LONG_POLL_GAP {
-                        quick_returns + 1
-                    } else {
-                        0
-                    };
-                    match polled {
-                        Polled::Changed(Some(version)) => {
-                            let Some(inner) = inner.upgrade() else { return };
-                            if expire_if_idle(&inner, &entry) {
-                                return;
-                            }
-                            if last_chain.elapsed() < period {
-                                next = Next::LongPoll {
-                                    source,
-                                    version,
-                                    until,
-                                };
-                                continue;
-                            }
+                // Past `max_long_polls` queries followed at once, this one is refreshed
+                // on the period (and tries for a long-poll again after each refresh).
+                if let Some(_permit) = permit {
+                    // A burst of quick returns goes straight through; past LONG_POLL_BURST in a
+                    // row, long-polls start at most one per LONG_POLL_GAP, whatever they
+                    // returned (a change, or "nothing changed" from a source that ignores
+                    // the wait), so a source that answers at once cannot spin. A reload
+                    // meanwhile sends us to the (new) chain instead.
+                    let pause = match last_long_poll {
+                        Some(called) if quick_returns > LONG_POLL_BURST => {
+                            LONG_POLL_GAP.saturating_sub(called.elapsed())
                         }
-                        Polled::Changed(None) | Polled::AskChain => {}
-                        Polled::Shutdown => return,
+                        _ => Duration::ZERO,
+                    };
+                    let reloaded = !pause.is_zero()
+                        && tokio::select! {
+                            _ = tokio::time::sleep(pause) => false,
+                            woken = wake.wait() => match woken {
+                                Woken::Shutdown => return,
+                                Woken::Reload => true,
+                            },
+                        };
+                    if !reloaded {
+                        // Long-poll until the next periodic chain refresh is due.
+                        let wait = period.saturating_sub(last_chain.elapsed()).max(MIN_REFRESH);
+                        let called = Instant::now();
+                        last_long_poll = Some(called);
+                        let polled = long_poll_once(
+                            &entry,
+                            &source,
+                            &version,
+                            wait,
+                            &mut wake,
+                            &mut long_poll_backoff,
+                            &mut catchup,
+                        )
+                        .await;
+                        quick_returns = if called.elapsed() < LONG_POLL_GAP {
+                            quick_returns + 1
+                        } else {
+                            0
+                        };
+                        match polled {
+                            Polled::Changed(Some(version)) => {
+                                let Some(inner) = inner.upgrade() else { return };
+                                if expire_if_idle(&inner, &entry) {
+                                    return;
+                                }
+                                if last_chain.elapsed() < period {
+                                    next = Next::LongPoll {
+                                        source,
+                                        version,
+                                        until,
+                                    };
+                                    continue;
+                                }
+                            }
+                            Polled::Changed(None) | Polled::AskChain => {}
+                            Polled::Shutdown => return,
+                        }
+                    }
+                } else {
+                    let delay = period.saturating_sub(last_chain.elapsed()).max(MIN_REFRESH);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        () = catchup.recovered() => {}
+                        woken = wake.wait() => if let Woken::Shutdown = woken {
+                            return;
+                        },
                     }
                 }
             }

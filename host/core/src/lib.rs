@@ -35,7 +35,8 @@ pub mod text;
 
 pub use backoff::Backoff;
 pub use cache::{
-    Cache, DEFAULT_IDLE_TIMEOUT, DEFAULT_REFRESH_PERIOD, Latest, REFRESH_BACKOFF, Settings, Watch,
+    Cache, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_LONG_POLLS, DEFAULT_REFRESH_PERIOD, Latest, REFRESH_BACKOFF,
+    Settings, Watch,
 };
 pub use chain::{Chain, ChainAnswer, ChainCell};
 pub use clock::Clock;

@@ -24,7 +24,7 @@ use toml::Spanned;
 
 use crate::balance::{HealthCheck, Outlier, Policies, Policy, Selector, Subset};
 use crate::observe::DEFAULT_MAX_SERVICES;
-use wasd_core::{ConfigError, DEFAULT_IDLE_TIMEOUT, DEFAULT_REFRESH_PERIOD};
+use wasd_core::{ConfigError, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_LONG_POLLS, DEFAULT_REFRESH_PERIOD};
 use wasd_sandbox::{
     Builtin, DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_MEMORY, DEFAULT_TIMEOUT, DnsSettings, Grants, Limits,
     ModuleSource, ProviderSpec, TlsSpec, normalize_origin, normalize_tcp_target,
@@ -40,6 +40,8 @@ pub struct Config {
     pub(crate) pass_through: bool,
     pub(crate) refresh_period: Duration,
     pub(crate) idle_timeout: Duration,
+    /// Most queries followed by long-poll at once (`max-watches`).
+    pub(crate) max_watches: usize,
     pub(crate) dns: DnsSettings,
     pub(crate) providers: Vec<ProviderSpec>,
     /// The provider that registers instances; none: the first one that can.
@@ -108,6 +110,7 @@ struct RawConfig {
     pass_through: bool,
     refresh_period: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
+    max_watches: Option<usize>,
     #[serde(default)]
     dns: RawDns,
     #[serde(default, rename = "provider")]
@@ -291,6 +294,7 @@ impl Config {
             pass_through: true,
             refresh_period: DEFAULT_REFRESH_PERIOD,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_watches: DEFAULT_MAX_LONG_POLLS,
             dns: DnsSettings::default(),
             providers: vec![ProviderSpec {
                 name: Builtin::Config.name().to_owned(),
@@ -388,6 +392,7 @@ impl Config {
             pass_through: raw.pass_through,
             refresh_period: duration(&raw.refresh_period, DEFAULT_REFRESH_PERIOD)?,
             idle_timeout: duration(&raw.idle_timeout, DEFAULT_IDLE_TIMEOUT)?,
+            max_watches: raw.max_watches.unwrap_or(DEFAULT_MAX_LONG_POLLS),
             dns: DnsSettings {
                 servers: raw
                     .dns

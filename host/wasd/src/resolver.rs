@@ -53,6 +53,7 @@ fn settings_of(config: &Config) -> Settings {
         .with_allowed_schemes(config.allowed_schemes.clone())
         .with_refresh_period(config.refresh_period)
         .with_idle_timeout(config.idle_timeout)
+        .with_max_long_polls(config.max_watches)
 }
 
 /// Where the builder takes its configuration from.

@@ -216,7 +216,13 @@ impl Provider for Etcd {
             if left.is_zero() {
                 return Ok(None);
             }
-            let lost = match stream.next_line(left.min(self.watch_keepalive), MAX_WATCH_LINE) {
+            // With one endpoint there is nowhere to move: no probes, only the wait.
+            let quiet = if gateway.members() > 1 {
+                left.min(self.watch_keepalive)
+            } else {
+                left
+            };
+            let lost = match stream.next_line(quiet, MAX_WATCH_LINE) {
                 Ok(Some(line)) if line.iter().all(u8::is_ascii_whitespace) => continue,
                 Ok(Some(line)) => {
                     match gateway::parse_watch_line(&line).map_err(|e| malformed("etcd", "/v3/watch", &e))? {
