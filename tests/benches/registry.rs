@@ -5,7 +5,7 @@
 //! - the first resolve of every service (a range read each), and the direct client's
 //!   range read and decode of the same service;
 //! - a cached resolve, and an uncached one (the provider called);
-//! - the process's memory per instance held;
+//! - the memory a resolver holds per instance (measured in a fresh child process);
 //! - at 10 000 services, 1 000 watchers on different services: memory, and put →
 //!   notification p50 / p99 against 1 000 direct `/v3/watch` streams.
 //!
@@ -95,14 +95,60 @@ fn percentile(sorted: &[Duration], p: usize) -> Duration {
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
 
+fn etcd_only(url: &str) -> String {
+    format!(
+        "pass-through = false\n[[provider]]\nbuiltin = \"etcd\"\n\
+         settings = {{ endpoints = [\"{url}\"] }}\ngrants = {{ http = [\"{url}\"] }}\n"
+    )
+}
+
+/// In a process of its own (a freed allocation would be reused, not shown, in the
+/// same process): the resident memory a resolver adds by resolving `services`
+/// services, or by watching them, in KiB. Printed for the parent.
+fn memory_child(url: &str, services: usize, watch: bool) {
+    let rt = runtime();
+    let sandbox = Sandbox::new();
+    let resolver = rt.block_on(sandbox.resolver(&etcd_only(url))).unwrap();
+    // The provider instantiated and one query answered first: the fixed cost apart.
+    rt.block_on(resolver.resolve("svc-99999")).ok();
+    let before = rss_kib();
+    let mut watches = Vec::new();
+    for i in 0..services {
+        if watch {
+            watches.push(rt.block_on(resolver.watch(&service(i))).unwrap());
+        } else {
+            rt.block_on(resolver.resolve(&service(i))).unwrap();
+        }
+    }
+    // Every long-poll open (a provider call each) before reading.
+    std::thread::sleep(Duration::from_secs(2));
+    println!("{}", rss_kib().saturating_sub(before));
+}
+
+/// [`memory_child`] run in a child process.
+fn memory_of(url: &str, services: usize, watch: bool) -> u64 {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--memory-of",
+            url,
+            &services.to_string(),
+            if watch { "watch" } else { "resolve" },
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--memory-of") {
+        return memory_child(&args[2], args[3].parse().unwrap(), args[4] == "watch");
+    }
     let rt = runtime();
     let etcd = EtcdServer::start();
     let url = etcd.url();
-    let toml = format!(
-        "pass-through = false\n[[provider]]\nbuiltin = \"etcd\"\n\
-         settings = {{ endpoints = [\"{url}\"] }}\ngrants = {{ http = [\"{url}\"] }}\n"
-    );
+    let toml = etcd_only(&url);
     let agent = ureq::Agent::new_with_defaults();
     println!(
         "services | first resolve (provider) | direct range+decode | ratio | cached resolve | uncached resolve | memory / instance"
@@ -116,7 +162,6 @@ fn main() {
         let sandbox = Sandbox::new();
         let resolver = rt.block_on(sandbox.resolver(&toml)).unwrap();
         let names: Vec<String> = (0..services).map(service).collect();
-        let before = rss_kib();
 
         let started = Instant::now();
         for name in &names {
@@ -124,7 +169,7 @@ fn main() {
             assert_eq!(set.len(), INSTANCES, "{name}");
         }
         let first = started.elapsed() / services as u32;
-        let memory = (rss_kib().saturating_sub(before) * 1024) / (services * INSTANCES) as u64;
+        let memory = memory_of(&url, services, false) * 1024 / (services * INSTANCES) as u64;
 
         let started = Instant::now();
         for name in &names {
@@ -163,16 +208,13 @@ fn main() {
     // 1 000 watchers on different services, at 10 000 services, on a resolver of
     // their own (the one above follows its first 1 024 services already).
     drop(kept);
+    let watch_memory = memory_of(&url, WATCHERS, true);
     let sandbox = Sandbox::new();
     let resolver = rt.block_on(sandbox.resolver(&toml)).unwrap();
-    let before = rss_kib();
     let mut watches = Vec::new();
     for i in 0..WATCHERS {
         watches.push(rt.block_on(resolver.watch(&service(i))).unwrap());
     }
-    // Let every long-poll open (each holds a watch stream) before measuring.
-    std::thread::sleep(Duration::from_secs(2));
-    let watch_memory = rss_kib().saturating_sub(before);
     let mut latencies = Vec::new();
     for n in 0..PUTS {
         let i = (n * 37) % WATCHERS;
@@ -209,7 +251,7 @@ fn main() {
     println!("{WATCHERS} watchers at 10 000 services | put → notified p50 | p99 | memory");
     println!("---|---|---|---");
     println!(
-        "wasd | {:.2?} | {:.2?} | {} MiB ({} KiB a watcher)",
+        "wasd | {:.2?} | {:.2?} | {} MiB ({} KiB a watcher: its entry and its long-poll's provider instance)",
         percentile(&latencies, 50),
         percentile(&latencies, 99),
         watch_memory / 1024,
