@@ -769,6 +769,10 @@ async fn bad_settings_refuse_the_provider() {
             r#"endpoints = ["http://127.0.0.1:2379"], retry-for = "a while""#,
             "settings.retry-for: 'a while'",
         ),
+        (
+            r#"endpoints = ["http://127.0.0.1:2379"], max-response = "16MB""#,
+            "settings.max-response: '16MB' is not a size",
+        ),
     ] {
         let toml = format!("[[provider]]\nbuiltin = \"etcd\"\nsettings = {{ {settings} }}\n");
         let err = sandbox.resolver(&toml).await.err().unwrap().to_string();
@@ -805,4 +809,73 @@ async fn kratos_services_with_mixed_case_names_are_found_and_registered() {
     assert_eq!(stored.len(), 1, "{stored:?}");
     assert_eq!(stored[0].0, format!("/microservices/OrderService/{id}"));
     registration.deregister().await.unwrap();
+}
+
+/// A range of 100 000 instances: each limit it meets is named in its error, in the
+/// order a user raising them meets them, until the whole answer comes through.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_range_of_100_000_instances_names_each_limit_to_raise() {
+    let etcd = EtcdServer::start();
+    let puts: Vec<serde_json::Value> = (0..100_000)
+        .map(|i| {
+            let value = serde_json::json!({
+                "id": format!("big-{i}"), "name": "big", "version": "v1", "metadata": null,
+                "endpoints": [format!("http://10.{}.{}.{}:8080", i >> 16, (i >> 8) & 255, i & 255)],
+            });
+            serde_json::json!({ "request_put": {
+                "key": B64.encode(format!("/microservices/big/big-{i}")),
+                "value": B64.encode(value.to_string()),
+            } })
+        })
+        .collect();
+    // 128 puts a transaction: etcd's limit.
+    for batch in puts.chunks(128) {
+        etcd.post("/v3/kv/txn", serde_json::json!({ "success": batch }));
+    }
+    let url = etcd.url();
+    let sandbox = Sandbox::new();
+    let query = Query::parse("big").unwrap();
+    let toml = |settings: &str, limits: &str| {
+        format!(
+            "pass-through = false\n[[provider]]\nbuiltin = \"etcd\"\n\
+             settings = {{ endpoints = [\"{url}\"], timeout = \"30s\" {settings} }}\n\
+             grants = {{ http = [\"{url}\"] }}\nlimits = {{ timeout = \"60s\" {limits} }}\n"
+        )
+    };
+    let raise_response = r#", max-response = "64MiB""#;
+    for (settings, limits, expected) in [
+        // ~25 MB of JSON: past the 16 MiB the provider reads by default.
+        (
+            "",
+            "",
+            "is larger than settings.max-response (16384 KiB): raise it",
+        ),
+        // Read, it does not fit in 16 MiB of memory.
+        (
+            raise_response,
+            r#", max-memory = "16MiB""#,
+            ": raise limits.max-memory",
+        ),
+        // In the default 64 MiB it does, and is more endpoints than an answer may have
+        // by default.
+        (
+            raise_response,
+            "",
+            "100000 endpoints, more than its limit of 10000 (limits.max-endpoints)",
+        ),
+    ] {
+        let resolver = sandbox.resolver(&toml(settings, limits)).await.unwrap();
+        let err = resolver.resolve_uncached(&query).await.unwrap_err().to_string();
+        assert!(err.contains(expected), "{settings} {limits}: {err}");
+        assert!(err.len() < 1000, "{err}");
+    }
+    // All three raised: the whole answer.
+    let resolver = sandbox
+        .resolver(&toml(
+            raise_response,
+            r#", max-memory = "128MiB", max-endpoints = 100000"#,
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resolver.resolve_uncached(&query).await.unwrap().len(), 100_000);
 }

@@ -30,7 +30,7 @@ impl ResourceLimiter for MemoryLimiter {
     ) -> wasmtime::Result<bool> {
         if desired > self.max_memory {
             return Err(wasmtime::Error::new(LimitExceeded(format!(
-                "memory limit ({} MiB; it asked for {} MiB)",
+                "memory limit ({} MiB; it asked for {} MiB): raise limits.max-memory",
                 self.max_memory >> 20,
                 desired.div_ceil(1 << 20)
             ))));

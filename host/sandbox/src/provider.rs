@@ -788,7 +788,7 @@ impl Provider {
         };
         if resolution.endpoints.len() > self.limits.max_endpoints {
             return refuse(format!(
-                "{} endpoints, more than its limit of {}",
+                "{} endpoints, more than its limit of {} (limits.max-endpoints)",
                 resolution.endpoints.len(),
                 self.limits.max_endpoints
             ));

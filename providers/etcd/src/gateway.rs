@@ -13,8 +13,9 @@ use serde_json::{Value, json};
 use wasd_sdk::Error;
 use wasd_sdk::http::{HttpError, Request, Response};
 
-/// Largest unary response read (a range over a big service).
-pub const MAX_RESPONSE: usize = 16 << 20;
+/// Largest unary response read by default (a range over a big service):
+/// `settings.max-response`.
+pub const DEFAULT_MAX_RESPONSE: usize = 16 << 20;
 
 /// The pause between two rounds over the endpoints.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);
@@ -24,6 +25,8 @@ pub struct Gateway {
     /// The endpoint that answered last; tried first.
     current: Cell<usize>,
     pub timeout: Duration,
+    /// Largest unary response read (`settings.max-response`).
+    max_response: usize,
     /// How long to go on trying the endpoints, round after round, when none answers
     /// (a cluster electing a leader answers nothing for a second or two).
     retry_for: Duration,
@@ -42,12 +45,14 @@ impl Gateway {
         endpoints: Vec<String>,
         timeout: Duration,
         retry_for: Duration,
+        max_response: usize,
         credentials: Option<(String, String)>,
     ) -> Gateway {
         Gateway {
             endpoints,
             current: Cell::new(0),
             timeout,
+            max_response,
             retry_for,
             credentials,
             token: RefCell::new(None),
@@ -58,9 +63,15 @@ impl Gateway {
     pub fn call(&self, path: &str, body: &Value) -> Result<Vec<u8>, Error> {
         self.with_failover(|endpoint| {
             let response = self.send(endpoint, path, body, None)?;
-            response
-                .bytes(MAX_RESPONSE)
-                .map_err(|e| Failure::Unreachable(format!("etcd at {endpoint}: {e}")))
+            response.bytes(self.max_response).map_err(|e| match e {
+                // No other member has a shorter answer.
+                HttpError::TooLarge(limit) => Failure::Final(Error::Unavailable(format!(
+                    "etcd at {endpoint}: the answer to {path} is larger than settings.max-response ({} KiB): \
+                     raise it, and limits.max-memory to about three times as much",
+                    limit >> 10
+                ))),
+                e => Failure::Unreachable(format!("etcd at {endpoint}: {e}")),
+            })
         })
     }
 

@@ -46,6 +46,8 @@ struct Settings {
     /// ("2s"; default: one round). An election takes 1-2 s with etcd's defaults;
     /// keep this plus a round of `timeout`s under the provider's time limit.
     retry_for: Option<String>,
+    /// Largest answer read ("16MiB"); a range past it is an error naming this setting.
+    max_response: Option<String>,
 }
 
 fn default_namespace() -> String {
@@ -63,6 +65,22 @@ fn parse_duration(text: &str) -> Option<Duration> {
         "m" => Some(Duration::from_secs(n * 60)),
         _ => None,
     }
+}
+
+/// `"16MiB"`, `"512KiB"` or a number of bytes.
+fn parse_size(text: &str) -> Option<usize> {
+    let text = text.trim();
+    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let n: usize = number.parse().ok()?;
+    let scale = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(scale).filter(|n| *n > 0)
 }
 
 struct Etcd {
@@ -163,6 +181,14 @@ impl Provider for Etcd {
                 Error::InvalidSettings(format!("settings.retry-for: '{t}' is not a duration like \"2s\""))
             })?,
         };
+        let max_response = match &settings.max_response {
+            None => gateway::DEFAULT_MAX_RESPONSE,
+            Some(t) => parse_size(t).ok_or_else(|| {
+                Error::InvalidSettings(format!(
+                    "settings.max-response: '{t}' is not a size like \"16MiB\" or \"512KiB\""
+                ))
+            })?,
+        };
         let password = match (&settings.password, &settings.password_env) {
             (Some(_), Some(_)) => {
                 return Err(Error::InvalidSettings(
@@ -187,7 +213,7 @@ impl Provider for Etcd {
             }
         };
         Ok(Etcd {
-            gateway: Gateway::new(endpoints, timeout, retry_for, credentials),
+            gateway: Gateway::new(endpoints, timeout, retry_for, max_response, credentials),
             namespace,
             watch_keepalive,
         })
@@ -357,5 +383,14 @@ mod tests {
         assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
         assert_eq!(parse_duration("2"), None);
         assert_eq!(parse_duration("fast"), None);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("16MiB"), Some(16 << 20));
+        assert_eq!(parse_size("512KiB"), Some(512 << 10));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("0"), None);
+        assert_eq!(parse_size("16MB"), None);
     }
 }
