@@ -19,7 +19,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
 use wasd::Query;
-use wasd_tests::{EtcdServer, Sandbox, runtime};
+use wasd_tests::{EtcdServer, Sandbox, direct_discovery, runtime};
 
 const INSTANCES: usize = 10;
 const WATCHERS: usize = 1_000;
@@ -59,36 +59,6 @@ fn load(etcd: &EtcdServer, range: std::ops::Range<usize>) {
     for batch in puts.chunks(128) {
         etcd.post("/v3/kv/txn", json!({ "success": batch }));
     }
-}
-
-/// What a native Kratos discovery does per lookup: a range read of the service's prefix
-/// over the gateway, each value decoded into an instance, its endpoints collected.
-fn etcd_direct(agent: &ureq::Agent, url: &str, service: &str) -> Vec<String> {
-    let prefix = format!("/microservices/{service}/");
-    let mut end = prefix.clone().into_bytes();
-    *end.last_mut().unwrap() += 1;
-    let body = json!({ "key": B64.encode(&prefix), "range_end": B64.encode(&end) });
-    let text = agent
-        .post(format!("{url}/v3/kv/range"))
-        .header("content-type", "application/json")
-        .send(body.to_string())
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
-    let answer: Value = serde_json::from_str(&text).unwrap();
-    let mut endpoints = Vec::new();
-    for kv in answer["kvs"].as_array().into_iter().flatten() {
-        let value = B64.decode(kv["value"].as_str().unwrap()).unwrap();
-        let instance: Value = serde_json::from_slice(&value).unwrap();
-        if instance["name"] != service {
-            continue;
-        }
-        for endpoint in instance["endpoints"].as_array().into_iter().flatten() {
-            endpoints.push(endpoint.as_str().unwrap().to_owned());
-        }
-    }
-    endpoints
 }
 
 fn percentile(sorted: &[Duration], p: usize) -> Duration {
@@ -173,7 +143,7 @@ fn main() {
 
         let started = Instant::now();
         for name in &names {
-            assert_eq!(black_box(etcd_direct(&agent, &url, name)).len(), INSTANCES);
+            assert_eq!(black_box(direct_discovery(&agent, &url, name)).len(), INSTANCES);
         }
         let direct = started.elapsed() / services as u32;
 

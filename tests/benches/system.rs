@@ -21,8 +21,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use criterion::{Criterion, criterion_group, criterion_main};
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
@@ -31,7 +29,7 @@ use hickory_resolver::proto::rr::RData;
 use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 use wasd::Query;
-use wasd_tests::{DnsServer, EtcdServer, Sandbox, fixtures, runtime};
+use wasd_tests::{DnsServer, EtcdServer, Sandbox, direct_discovery, fixtures, runtime};
 
 /// Resident and peak memory of a process, in KiB, from /proc.
 fn memory_kib(pid: &str) -> (u64, u64) {
@@ -144,36 +142,6 @@ fn dns(c: &mut Criterion) {
 
 // --------------------------------------------------------------------------- etcd
 
-/// What a native Kratos discovery does per lookup: a range read of the service's prefix
-/// over the gateway, each value decoded into an instance, its endpoints collected.
-fn etcd_direct(agent: &ureq::Agent, url: &str, service: &str) -> Vec<String> {
-    let prefix = format!("/microservices/{service}/");
-    let mut end = prefix.clone().into_bytes();
-    *end.last_mut().unwrap() += 1;
-    let body = json!({ "key": B64.encode(&prefix), "range_end": B64.encode(&end) });
-    let text = agent
-        .post(format!("{url}/v3/kv/range"))
-        .header("content-type", "application/json")
-        .send(body.to_string())
-        .unwrap()
-        .body_mut()
-        .read_to_string()
-        .unwrap();
-    let answer: Value = serde_json::from_str(&text).unwrap();
-    let mut endpoints = Vec::new();
-    for kv in answer["kvs"].as_array().into_iter().flatten() {
-        let value = B64.decode(kv["value"].as_str().unwrap()).unwrap();
-        let instance: Value = serde_json::from_slice(&value).unwrap();
-        if instance["name"] != service {
-            continue;
-        }
-        for endpoint in instance["endpoints"].as_array().into_iter().flatten() {
-            endpoints.push(endpoint.as_str().unwrap().to_owned());
-        }
-    }
-    endpoints
-}
-
 fn etcd(c: &mut Criterion) {
     let rt = runtime();
     let etcd = EtcdServer::start();
@@ -197,14 +165,14 @@ fn etcd(c: &mut Criterion) {
     // A pooled client (keep-alive), as a native service would hold (and the host's HTTP
     // import does), and one that opens a connection per request.
     let pooled = ureq::Agent::new_with_defaults();
-    assert_eq!(etcd_direct(&pooled, &url, "hello").len(), 3);
+    assert_eq!(direct_discovery(&pooled, &url, "hello").len(), 3);
 
     let mut group = c.benchmark_group("etcd");
     group.bench_function("direct_http_keep_alive", |b| {
-        b.iter(|| black_box(etcd_direct(&pooled, &url, "hello")))
+        b.iter(|| black_box(direct_discovery(&pooled, &url, "hello")))
     });
     group.bench_function("direct_http_new_connection", |b| {
-        b.iter(|| black_box(etcd_direct(&ureq::Agent::new_with_defaults(), &url, "hello")))
+        b.iter(|| black_box(direct_discovery(&ureq::Agent::new_with_defaults(), &url, "hello")))
     });
     group.bench_function("etcd_provider", |b| {
         b.to_async(&rt)

@@ -202,18 +202,8 @@ impl EtcdServer {
     fn spawn(&mut self) {
         let url = self.url();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let mut cmd = Command::new("etcd");
-        cmd.args(["--name", "wasd-test", "--data-dir"])
-            .arg(self.data.path())
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
-            .args(["--initial-cluster", &format!("wasd-test={peer}")])
-            .args(["--logger", "zap", "--log-level", "error"])
+        let mut cmd = etcd_command("wasd-test", self.data.path(), &url, &peer);
+        cmd.args(["--initial-cluster", &format!("wasd-test={peer}")])
             .args(&self.flags)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
@@ -397,6 +387,43 @@ fn b64(bytes: &[u8]) -> String {
     BASE64.encode(bytes)
 }
 
+/// `etcd` on loopback: its name, data folder, client and peer URLs, errors only logged.
+fn etcd_command(name: &str, data: &Path, url: &str, peer: &str) -> Command {
+    let mut cmd = Command::new("etcd");
+    cmd.args(["--name", name, "--data-dir"])
+        .arg(data)
+        .args(["--listen-client-urls", url, "--advertise-client-urls", url])
+        .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
+        .args(["--logger", "zap", "--log-level", "error"]);
+    cmd
+}
+
+/// What a native Kratos discovery does per lookup, for benchmarks' baselines: a range
+/// read of the service's prefix over the gateway, each value decoded into an
+/// instance, its endpoints collected.
+pub fn direct_discovery(agent: &ureq::Agent, url: &str, service: &str) -> Vec<String> {
+    let answer: Value = {
+        let mut response = agent
+            .post(format!("{url}/v3/kv/range"))
+            .header("content-type", "application/json")
+            .send(prefix_range(&format!("/microservices/{service}/")).to_string())
+            .unwrap();
+        serde_json::from_str(&response.body_mut().read_to_string().unwrap()).unwrap()
+    };
+    let mut endpoints = Vec::new();
+    for kv in answer["kvs"].as_array().into_iter().flatten() {
+        let value = BASE64.decode(kv["value"].as_str().unwrap()).unwrap();
+        let instance: Value = serde_json::from_slice(&value).unwrap();
+        if instance["name"] != service {
+            continue;
+        }
+        for endpoint in instance["endpoints"].as_array().into_iter().flatten() {
+            endpoints.push(endpoint.as_str().unwrap().to_owned());
+        }
+    }
+    endpoints
+}
+
 fn put_body(key: &str, value: &[u8], lease: Option<&str>) -> Value {
     let mut body = json!({ "key": b64(key.as_bytes()), "value": b64(value) });
     if let Some(lease) = lease {
@@ -507,16 +534,7 @@ impl EtcdCluster {
         let member = &mut self.members[i];
         let url = member.url();
         let peer = format!("http://127.0.0.1:{}", member.peer_port);
-        let child = Command::new("etcd")
-            .args(["--name", &member.name, "--data-dir"])
-            .arg(member.data.path())
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args([
-                "--listen-peer-urls",
-                &peer,
-                "--initial-advertise-peer-urls",
-                &peer,
-            ])
+        let child = etcd_command(&member.name, member.data.path(), &url, &peer)
             .args(["--initial-cluster", &initial.join(",")])
             .args([
                 "--initial-cluster-state",
@@ -524,7 +542,6 @@ impl EtcdCluster {
                 "--initial-cluster-token",
                 "wasd-test",
             ])
-            .args(["--logger", "zap", "--log-level", "error"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

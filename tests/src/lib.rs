@@ -14,7 +14,7 @@ mod etcd;
 pub mod peers;
 pub mod servers;
 pub use dns::DnsServer;
-pub use etcd::{EtcdClient, EtcdCluster, EtcdServer, TlsFiles};
+pub use etcd::{EtcdClient, EtcdCluster, EtcdServer, TlsFiles, direct_discovery};
 
 /// Paths of the test fixture components, built from `guests/` by the build script.
 pub mod fixtures {
