@@ -277,8 +277,10 @@ impl View {
             Strategy::Random => self.random(pick.random, usable),
             Strategy::PickFirst => walk(&self.members, 0, usable),
             Strategy::PowerOfTwoChoices | Strategy::PowerOfTwoEwma if n > 1 => {
-                let a = (pick.random % n as u64) as usize;
-                let b = (a + 1 + ((pick.random >> 32) % (n as u64 - 1)) as usize) % n;
+                // Two different members: the second a non-zero step from the first.
+                let a = below(pick.random, n as u64) as usize;
+                let b = a + 1 + below(pick.random.rotate_left(32), n as u64 - 1) as usize;
+                let b = if b >= n { b - n } else { b };
                 let (a, b) = (self.members[a], self.members[b]);
                 let score = |i: u32| {
                     let health = &slots[i as usize].health;
@@ -327,14 +329,22 @@ impl View {
     fn random(&self, mut random: u64, usable: impl Fn(u32) -> bool) -> u32 {
         let n = self.members.len() as u64;
         for _ in 0..RANDOM_TRIES {
-            let i = self.members[(random % n) as usize];
+            let i = self.members[below(random, n) as usize];
             if usable(i) {
                 return i;
             }
             random = random.rotate_left(13).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         }
-        walk(&self.members, (random % n) as usize, usable)
+        walk(&self.members, below(random, n) as usize, usable)
     }
+}
+
+/// `random` reduced to `0..n` without a division (Lemire's multiply-shift: the high
+/// bits of the product; a division is most of a pick's arithmetic). Its bias over 64
+/// random bits is at most n / 2^64.
+#[inline]
+fn below(random: u64, n: u64) -> u64 {
+    ((u128::from(random) * u128::from(n)) >> 64) as u64
 }
 
 /// The first usable member from `start` on (wrapping); `start`'s when none is.
@@ -507,6 +517,27 @@ mod tests {
 
     fn policy(strategy: Strategy) -> Arc<Policy> {
         Arc::new(Policy::default().with_strategy(strategy))
+    }
+
+    #[test]
+    fn below_spreads_evenly_without_a_division() {
+        let mut rng = fastrand::Rng::with_seed(11);
+        for n in [1u64, 2, 3, 7, 1000] {
+            let mut counts = vec![0u32; n as usize];
+            let draws = 3000 * n as u32;
+            for _ in 0..draws {
+                let k = below(rng.u64(..), n);
+                assert!(k < n);
+                counts[k as usize] += 1;
+            }
+            // Each of n buckets near its 3 000 (a binomial's spread is ~55).
+            assert!(
+                counts.iter().all(|&c| (2700..3300).contains(&c)),
+                "{n}: {counts:?}"
+            );
+        }
+        assert_eq!(below(u64::MAX, 3), 2);
+        assert_eq!(below(0, 3), 0);
     }
 
     #[test]
