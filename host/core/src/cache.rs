@@ -88,9 +88,10 @@ pub struct Settings {
     pub refresh_period: Duration,
     /// An entry nobody resolved or watched for this long is dropped.
     pub idle_timeout: Duration,
-    /// Most queries followed by long-poll at once (each holds a provider call and,
-    /// for etcd, a watch stream); the others are refreshed every `refresh_period`
-    /// until one is free. Read when the cache is made.
+    /// Most queries nobody watches followed by long-poll at once (each holds a
+    /// provider call and, for etcd, a watch stream); the others are refreshed every
+    /// `refresh_period` until a turn is free. A watched query is always followed.
+    /// Read when the cache is made.
     pub max_long_polls: usize,
 }
 
@@ -98,8 +99,8 @@ pub struct Settings {
 pub const DEFAULT_REFRESH_PERIOD: Duration = Duration::from_secs(60);
 /// Default `idle-timeout`.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-/// Default `max-watches`: enough for every service a process talks to; a registry of
-/// 10 000 followed one long-poll each would hold 10 000 provider calls and streams.
+/// Default `max-watches`: enough for the services a process talks to; 10 000 resolved
+/// services followed one long-poll each would hold 10 000 provider calls and streams.
 pub const DEFAULT_MAX_LONG_POLLS: usize = 1024;
 
 impl Default for Settings {
@@ -164,7 +165,7 @@ struct Inner {
     /// synchronous code, another runtime's thread) would end with it, and its entry
     /// would serve the same set for ever.
     runtime: Option<tokio::runtime::Handle>,
-    /// One permit per long-poll in progress ([`Settings::max_long_polls`]).
+    /// One permit per long-poll of an unwatched query ([`Settings::max_long_polls`]).
     long_polls: Arc<tokio::sync::Semaphore>,
 }
 
@@ -955,17 +956,23 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                 version,
                 until,
             } => {
-                let Some((period, permit)) = inner.upgrade().map(|i| {
-                    let permit = i.long_polls.clone().try_acquire_owned().ok();
-                    (i.settings.load().refresh_period, permit)
+                // A query somebody watches is always followed (the application asked
+                // for it); the others share `max_long_polls` turns.
+                let Some((period, turn)) = inner.upgrade().map(|i| {
+                    let turn = if entry.state.receiver_count() > 0 {
+                        Some(None)
+                    } else {
+                        i.long_polls.clone().try_acquire_owned().ok().map(Some)
+                    };
+                    (i.settings.load().refresh_period, turn)
                 }) else {
                     return;
                 };
                 let period = until.map_or(period, |until| until.min(period));
                 long_polled = Some(source.name().clone());
-                // Past `max_long_polls` queries followed at once, this one is refreshed
-                // on the period (and tries for a long-poll again after each refresh).
-                if let Some(_permit) = permit {
+                // Past `max_long_polls` unwatched queries followed at once, this one is
+                // refreshed on the period (and tries for a turn after each refresh).
+                if let Some(_turn) = turn {
                     // A burst of quick returns goes straight through; past LONG_POLL_BURST in a
                     // row, long-polls start at most one per LONG_POLL_GAP, whatever they
                     // returned (a change, or "nothing changed" from a source that ignores

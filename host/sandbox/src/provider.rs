@@ -90,9 +90,7 @@ impl ProviderState {
         self.journal = journal.cloned();
         self.http_hooks.journal = journal.cloned();
     }
-}
 
-impl ProviderState {
     /// wasi:sockets' view of this store, and the TCP grant (for name lookups).
     pub(crate) fn sockets_and_grant(&mut self) -> (WasiSocketsCtxView<'_>, &TcpGrant) {
         let sockets = WasiSocketsCtxView {

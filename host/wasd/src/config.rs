@@ -40,7 +40,7 @@ pub struct Config {
     pub(crate) pass_through: bool,
     pub(crate) refresh_period: Duration,
     pub(crate) idle_timeout: Duration,
-    /// Most queries followed by long-poll at once (`max-watches`).
+    /// Most unwatched queries followed by long-poll at once (`max-watches`).
     pub(crate) max_watches: usize,
     pub(crate) dns: DnsSettings,
     pub(crate) providers: Vec<ProviderSpec>,
