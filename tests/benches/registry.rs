@@ -19,7 +19,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
 use wasd::Query;
-use wasd_tests::{EtcdServer, Sandbox, direct_discovery, runtime};
+use wasd_tests::{EtcdServer, Sandbox, direct_discovery, runtime, until_version};
 
 const INSTANCES: usize = 10;
 const WATCHERS: usize = 1_000;
@@ -196,20 +196,7 @@ fn main() {
             instance_value(&name, 0, &version).as_bytes(),
             None,
         );
-        rt.block_on(async {
-            loop {
-                let set = tokio::time::timeout(Duration::from_secs(10), watches[i].changed())
-                    .await
-                    .expect("no notification within 10 s")
-                    .unwrap();
-                if set
-                    .iter()
-                    .any(|e| e.metadata_value("version") == Some(version.as_str()))
-                {
-                    break;
-                }
-            }
-        });
+        rt.block_on(until_version(&mut watches[i], &version));
         latencies.push(started.elapsed());
     }
     latencies.sort();

@@ -29,7 +29,7 @@ use hickory_resolver::proto::rr::RData;
 use serde_json::{Value, json};
 use tokio::runtime::Runtime;
 use wasd::Query;
-use wasd_tests::{DnsServer, EtcdServer, Sandbox, direct_discovery, fixtures, runtime};
+use wasd_tests::{DnsServer, EtcdServer, Sandbox, direct_discovery, fixtures, runtime, until_version};
 
 /// Resident and peak memory of a process, in KiB, from /proc.
 fn memory_kib(pid: &str) -> (u64, u64) {
@@ -199,20 +199,7 @@ fn etcd(c: &mut Criterion) {
                     std::thread::sleep(Duration::from_millis(pause));
                     let start = Instant::now();
                     etcd.put_instance("hello", "b", &version, &["http://10.0.0.2:8000"], None);
-                    rt.block_on(async {
-                        loop {
-                            let set = tokio::time::timeout(Duration::from_secs(10), watch.changed())
-                                .await
-                                .expect("no notification within 10 s")
-                                .unwrap();
-                            if set
-                                .iter()
-                                .any(|e| e.metadata_value("version") == Some(version.as_str()))
-                            {
-                                break;
-                            }
-                        }
-                    });
+                    rt.block_on(until_version(&mut watch, &version));
                     total += start.elapsed();
                 }
                 total

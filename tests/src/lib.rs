@@ -319,6 +319,20 @@ pub fn example_provider(language: &str) -> PathBuf {
     root.join(format!("target/example-providers/{language}.wasm"))
 }
 
+/// Wait (10 s at most) until `watch` publishes a set in which an endpoint's `version`
+/// metadata is `version`: a put's notification, for benchmarks.
+pub async fn until_version(watch: &mut wasd::Watch, version: &str) {
+    loop {
+        let set = tokio::time::timeout(std::time::Duration::from_secs(10), watch.changed())
+            .await
+            .expect("no notification within 10 s")
+            .expect("the resolver is alive");
+        if set.iter().any(|e| e.metadata_value("version") == Some(version)) {
+            return;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
