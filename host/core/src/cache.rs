@@ -924,6 +924,16 @@ async fn long_poll_once(
     }
 }
 
+/// Whether `entry` may long-poll now: a query somebody watches always may (the
+/// application asked for it); the others hold one of `max_long_polls` permits, or may
+/// not (`None`).
+fn long_poll_turn(inner: &Inner, entry: &Entry) -> Option<Option<tokio::sync::OwnedSemaphorePermit>> {
+    if entry.state.receiver_count() > 0 {
+        return Some(None);
+    }
+    inner.long_polls.clone().try_acquire_owned().ok().map(Some)
+}
+
 /// Keeps one cached answer fresh until the resolver is dropped or the entry idles out.
 async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut next: Next) {
     let mut backoff = refresh_backoff();
@@ -940,6 +950,21 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
         return;
     };
     loop {
+        // Held through this turn's long-poll, if it is one.
+        let mut _turn = None;
+        if let Next::LongPoll { until, .. } = &next {
+            let Some(inner) = inner.upgrade() else { return };
+            match long_poll_turn(&inner, &entry) {
+                Some(turn) => _turn = turn,
+                // Past the cap: wait for the periodic refresh instead, as for a source
+                // that cannot long-poll, and try for a turn after it.
+                None => {
+                    let period = inner.settings.load().refresh_period;
+                    let period = until.map_or(period, |until| until.min(period));
+                    next = Next::Sleep(period.saturating_sub(last_chain.elapsed()).max(MIN_REFRESH));
+                }
+            }
+        }
         match next {
             Next::Sleep(delay) => {
                 quick_returns = 0;
@@ -956,89 +981,67 @@ async fn refresh_loop(inner: Weak<Inner>, entry: Arc<Entry>, mut wake: Wake, mut
                 version,
                 until,
             } => {
-                // A query somebody watches is always followed (the application asked
-                // for it); the others share `max_long_polls` turns.
-                let Some((period, turn)) = inner.upgrade().map(|i| {
-                    let turn = if entry.state.receiver_count() > 0 {
-                        Some(None)
-                    } else {
-                        i.long_polls.clone().try_acquire_owned().ok().map(Some)
-                    };
-                    (i.settings.load().refresh_period, turn)
-                }) else {
+                let Some(period) = inner.upgrade().map(|i| i.settings.load().refresh_period) else {
                     return;
                 };
                 let period = until.map_or(period, |until| until.min(period));
                 long_polled = Some(source.name().clone());
-                // Past `max_long_polls` unwatched queries followed at once, this one is
-                // refreshed on the period (and tries for a turn after each refresh).
-                if let Some(_turn) = turn {
-                    // A burst of quick returns goes straight through; past LONG_POLL_BURST in a
-                    // row, long-polls start at most one per LONG_POLL_GAP, whatever they
-                    // returned (a change, or "nothing changed" from a source that ignores
-                    // the wait), so a source that answers at once cannot spin. A reload
-                    // meanwhile sends us to the (new) chain instead.
-                    let pause = match last_long_poll {
-                        Some(called) if quick_returns > LONG_POLL_BURST => {
-                            LONG_POLL_GAP.saturating_sub(called.elapsed())
-                        }
-                        _ => Duration::ZERO,
-                    };
-                    let reloaded = !pause.is_zero()
-                        && tokio::select! {
-                            _ = tokio::time::sleep(pause) => false,
-                            woken = wake.wait() => match woken {
-                                Woken::Shutdown => return,
-                                Woken::Reload => true,
-                            },
-                        };
-                    if !reloaded {
-                        // Long-poll until the next periodic chain refresh is due.
-                        let wait = period.saturating_sub(last_chain.elapsed()).max(MIN_REFRESH);
-                        let called = Instant::now();
-                        last_long_poll = Some(called);
-                        let polled = long_poll_once(
-                            &entry,
-                            &source,
-                            &version,
-                            wait,
-                            &mut wake,
-                            &mut long_poll_backoff,
-                            &mut catchup,
-                        )
-                        .await;
-                        quick_returns = if called.elapsed() < LONG_POLL_GAP {
-                            quick_returns + 1
-                        } else {
-                            0
-                        };
-                        match polled {
-                            Polled::Changed(Some(version)) => {
-                                let Some(inner) = inner.upgrade() else { return };
-                                if expire_if_idle(&inner, &entry) {
-                                    return;
-                                }
-                                if last_chain.elapsed() < period {
-                                    next = Next::LongPoll {
-                                        source,
-                                        version,
-                                        until,
-                                    };
-                                    continue;
-                                }
-                            }
-                            Polled::Changed(None) | Polled::AskChain => {}
-                            Polled::Shutdown => return,
-                        }
+                // A burst of quick returns goes straight through; past LONG_POLL_BURST in a
+                // row, long-polls start at most one per LONG_POLL_GAP, whatever they
+                // returned (a change, or "nothing changed" from a source that ignores
+                // the wait), so a source that answers at once cannot spin. A reload
+                // meanwhile sends us to the (new) chain instead.
+                let pause = match last_long_poll {
+                    Some(called) if quick_returns > LONG_POLL_BURST => {
+                        LONG_POLL_GAP.saturating_sub(called.elapsed())
                     }
-                } else {
-                    let delay = period.saturating_sub(last_chain.elapsed()).max(MIN_REFRESH);
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        () = catchup.recovered() => {}
-                        woken = wake.wait() => if let Woken::Shutdown = woken {
-                            return;
+                    _ => Duration::ZERO,
+                };
+                let reloaded = !pause.is_zero()
+                    && tokio::select! {
+                        _ = tokio::time::sleep(pause) => false,
+                        woken = wake.wait() => match woken {
+                            Woken::Shutdown => return,
+                            Woken::Reload => true,
                         },
+                    };
+                if !reloaded {
+                    // Long-poll until the next periodic chain refresh is due.
+                    let wait = period.saturating_sub(last_chain.elapsed()).max(MIN_REFRESH);
+                    let called = Instant::now();
+                    last_long_poll = Some(called);
+                    let polled = long_poll_once(
+                        &entry,
+                        &source,
+                        &version,
+                        wait,
+                        &mut wake,
+                        &mut long_poll_backoff,
+                        &mut catchup,
+                    )
+                    .await;
+                    quick_returns = if called.elapsed() < LONG_POLL_GAP {
+                        quick_returns + 1
+                    } else {
+                        0
+                    };
+                    match polled {
+                        Polled::Changed(Some(version)) => {
+                            let Some(inner) = inner.upgrade() else { return };
+                            if expire_if_idle(&inner, &entry) {
+                                return;
+                            }
+                            if last_chain.elapsed() < period {
+                                next = Next::LongPoll {
+                                    source,
+                                    version,
+                                    until,
+                                };
+                                continue;
+                            }
+                        }
+                        Polled::Changed(None) | Polled::AskChain => {}
+                        Polled::Shutdown => return,
                     }
                 }
             }
