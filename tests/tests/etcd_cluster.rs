@@ -212,6 +212,33 @@ async fn a_watch_sees_every_put_in_order_through_a_leader_kill_and_a_frozen_memb
     );
 }
 
+/// Keep-alives handled so far by the members other than `away`.
+fn keep_alives_without(cluster: &EtcdCluster, away: usize) -> u64 {
+    blocking(|| {
+        (0..3)
+            .filter(|&i| i != away)
+            .map(|i| cluster.served(i, "LeaseKeepAlive"))
+            .sum()
+    })
+}
+
+/// Wait (30 s at most) until the members other than `away` have handled `n` more
+/// keep-alives than `before`.
+async fn renewed_without(cluster: &EtcdCluster, away: usize, before: u64, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let served = keep_alives_without(cluster, away) - before;
+        if served >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {served} keep-alives reached the members other than {away}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Poll the instance's key from another client until `done`; how many polls missed it.
 fn watch_key(
     client: EtcdClient,
@@ -253,29 +280,19 @@ async fn a_registration_keeps_its_lease_through_a_leader_kill_and_a_frozen_membe
     let done = Arc::new(AtomicBool::new(false));
     let poller = watch_key(cluster.client(), key.clone(), done.clone());
 
-    // The leader (which the provider talks to first) dies; the lease must outlive
-    // several TTLs with keep-alives going to the others.
-    let before: u64 = blocking(|| {
-        (0..3)
-            .filter(|&i| i != leader)
-            .map(|i| cluster.served(i, "LeaseKeepAlive"))
-            .sum()
-    });
+    // The leader (which the provider talks to first) dies; the lease must be renewed
+    // through the others for three TTLs' worth of keep-alives (one every TTL / 3).
+    let renewals = 9;
+    let before = keep_alives_without(&cluster, leader);
     blocking(|| cluster.kill(leader));
-    tokio::time::sleep(3 * ttl).await;
-    let after: u64 = blocking(|| {
-        (0..3)
-            .filter(|&i| i != leader)
-            .map(|i| cluster.served(i, "LeaseKeepAlive"))
-            .sum()
-    });
-    assert!(after > before, "no keep-alive reached the surviving members");
+    renewed_without(&cluster, leader, before, renewals).await;
     blocking(|| cluster.restart(leader));
 
     // The new leader freezes: keep-alives time out there and go elsewhere.
     let frozen = blocking(|| cluster.leader());
+    let before = keep_alives_without(&cluster, frozen);
     blocking(|| cluster.freeze(frozen));
-    tokio::time::sleep(3 * ttl).await;
+    renewed_without(&cluster, frozen, before, renewals).await;
     blocking(|| cluster.thaw(frozen));
     done.store(true, Ordering::SeqCst);
     let (polls, missing) = blocking(|| poller.join().unwrap());
