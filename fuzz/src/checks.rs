@@ -3,15 +3,18 @@
 //! test `tests/tests/fuzz_replay.rs` replays every stored corpus input through them, so
 //! a parser change that fails on a stored input fails CI.
 //!
-//! Included by `#[path]`; it compiles the etcd provider's parsers in the same way (the
-//! provider is a cdylib), by paths relative to this file.
+//! Included by `#[path]`; it compiles the etcd and zookeeper providers' parsers in the
+//! same way (the providers are cdylibs), by paths relative to this file.
 
 #[allow(dead_code)]
 #[path = "../../providers/etcd/src/gateway.rs"]
 mod gateway;
 #[allow(dead_code)]
-#[path = "../../providers/etcd/src/instance.rs"]
+#[path = "../../providers/registry/src/instance.rs"]
 mod instance;
+#[allow(dead_code)]
+#[path = "../../providers/zookeeper/src/jute.rs"]
+mod jute;
 
 /// `query`: a query text is rejected in one line, or parsed into something that parses
 /// again the same.
@@ -82,4 +85,30 @@ pub fn etcd_watch(line: &[u8]) {
     let _ = gateway::parse_lease_grant(line);
     let message = gateway::error_message(line);
     assert!(message.chars().count() <= 303);
+}
+
+/// `zookeeper_packet`: any packet a ZooKeeper server (or something posing as one) may
+/// send parses into records or an error, never a panic, and a list never holds more
+/// entries than the bytes could encode.
+pub fn zookeeper_packet(payload: &[u8]) {
+    let _ = jute::parse_connect_response(payload);
+    let Ok((_, record)) = jute::parse_reply(payload) else {
+        return;
+    };
+    if let Ok((children, _)) = jute::parse_children(record) {
+        assert!(children.len() <= record.len() / 4);
+        // What we would ask for next: the same names, encoded again, read back.
+        let mut again = jute::Packet::bare().int(children.len() as i32);
+        for child in &children {
+            again = again.string(child);
+        }
+        let mut bytes = again.finish()[4..].to_vec();
+        bytes.extend_from_slice(&[0; 68]);
+        assert_eq!(jute::parse_children(&bytes).unwrap().0, children);
+    }
+    if let Ok((data, _)) = jute::parse_data(record) {
+        assert!(data.len() <= record.len());
+    }
+    let _ = jute::parse_stat(record);
+    let _ = jute::parse_watcher_event(record);
 }

@@ -26,6 +26,7 @@ fn main() {
             ("dns", "wasd_provider_dns"),
             ("etcd", "wasd_provider_etcd"),
             ("pass-through", "wasd_provider_pass_through"),
+            ("zookeeper", "wasd_provider_zookeeper"),
         ],
     );
 }

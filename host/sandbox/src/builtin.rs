@@ -11,13 +11,21 @@ pub enum Builtin {
     Dns,
     /// Kratos-style instances in etcd, with watch and registration.
     Etcd,
+    /// Kratos-style instances in ZooKeeper, with watch and registration (over TCP).
+    ZooKeeper,
     /// The service name itself; always last.
     PassThrough,
 }
 
 impl Builtin {
     /// The builtins a `[[provider]]` table may name.
-    pub const ALL_CONFIGURABLE: &[Builtin] = &[Builtin::Config, Builtin::DnsSrv, Builtin::Dns, Builtin::Etcd];
+    pub const ALL_CONFIGURABLE: &[Builtin] = &[
+        Builtin::Config,
+        Builtin::DnsSrv,
+        Builtin::Dns,
+        Builtin::Etcd,
+        Builtin::ZooKeeper,
+    ];
 
     /// Its name in the config (`builtin = "dns-srv"`) and in answers.
     pub fn name(self) -> &'static str {
@@ -26,6 +34,7 @@ impl Builtin {
             Builtin::DnsSrv => "dns-srv",
             Builtin::Dns => "dns",
             Builtin::Etcd => "etcd",
+            Builtin::ZooKeeper => "zookeeper",
             Builtin::PassThrough => "pass-through",
         }
     }
@@ -37,6 +46,7 @@ impl Builtin {
             Builtin::DnsSrv,
             Builtin::Dns,
             Builtin::Etcd,
+            Builtin::ZooKeeper,
             Builtin::PassThrough,
         ]
         .into_iter()
@@ -50,6 +60,7 @@ impl Builtin {
             Builtin::DnsSrv => include_bytes!(concat!(env!("OUT_DIR"), "/dns-srv.wasm")),
             Builtin::Dns => include_bytes!(concat!(env!("OUT_DIR"), "/dns.wasm")),
             Builtin::Etcd => include_bytes!(concat!(env!("OUT_DIR"), "/etcd.wasm")),
+            Builtin::ZooKeeper => include_bytes!(concat!(env!("OUT_DIR"), "/zookeeper.wasm")),
             Builtin::PassThrough => include_bytes!(concat!(env!("OUT_DIR"), "/pass-through.wasm")),
         }
     }

@@ -194,6 +194,19 @@ mod tests {
         assert_eq!(builtin_grant_problems(&builtin(Dns, srv, &[], &[])).len(), 1);
         // No suffix (detected in Kubernetes at run time): nothing to check.
         assert!(builtin_grant_problems(&builtin(DnsSrv, "{}", &[], &[])).is_empty());
+
+        let zookeeper = r#"{"servers": ["127.0.0.1:2181", "ZK-2.internal:2181"]}"#;
+        let mut spec = builtin(crate::Builtin::ZooKeeper, zookeeper, &[], &[]);
+        // Grants are stored normalised (the config does it): the name lower-cased.
+        spec.grants.tcp = vec!["127.0.0.1:2181".into(), "zk-2.internal:2181".into()];
+        assert!(builtin_grant_problems(&spec).is_empty());
+        spec.grants.tcp.pop();
+        assert_eq!(
+            builtin_grant_problems(&spec),
+            [
+                "settings.servers names ZK-2.internal:2181, which grants.tcp [127.0.0.1:2181] does not cover: every connection to it will be refused"
+            ]
+        );
     }
 
     fn surface(imports: &[&str], exports: &[&str]) -> Surface {
@@ -274,7 +287,8 @@ mod tests {
 }
 
 /// What a standard provider's settings will ask of its grants, checked before it runs:
-/// the etcd `endpoints` against `grants.http`, the `dns-srv`/`dns` `suffix` or
+/// the etcd `endpoints` against `grants.http`, the zookeeper `servers` against
+/// `grants.tcp`, the `dns-srv`/`dns` `suffix` or
 /// `template` against `grants.dns`. Each is a failure at run time, so each is a problem
 /// here, one line each.
 pub(crate) fn builtin_grant_problems(spec: &crate::ProviderSpec) -> Vec<String> {
@@ -304,6 +318,27 @@ pub(crate) fn builtin_grant_problems(spec: &crate::ProviderSpec) -> Vec<String> 
                     "settings.endpoints names {origin}, which grants.http [{}] does not cover: every request to it will be refused",
                     spec.grants.http.join(", ")
                 ));
+            }
+        }
+        Builtin::ZooKeeper => {
+            let servers = settings
+                .get("servers")
+                .and_then(serde_json::Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(serde_json::Value::as_str);
+            for server in servers {
+                // Granted targets are stored normalised; a server that does not
+                // normalise is the provider's own error to report.
+                let Ok(target) = crate::capability::tcp::normalize_tcp_target(server) else {
+                    continue;
+                };
+                if !spec.grants.tcp.contains(&target) {
+                    problems.push(format!(
+                        "settings.servers names {server}, which grants.tcp [{}] does not cover: every connection to it will be refused",
+                        spec.grants.tcp.join(", ")
+                    ));
+                }
             }
         }
         Builtin::DnsSrv | Builtin::Dns => {

@@ -10,7 +10,6 @@
 
 // Pure parsers, also compiled into the fuzz targets (fuzz/) by path.
 mod gateway;
-mod instance;
 
 use std::time::{Duration, Instant};
 
@@ -20,7 +19,7 @@ use wasd_sdk::http::HttpError;
 use wasd_sdk::{Configuration, Endpoint, Error, Provider, Query, Registrar, Resolution, ServiceInstance};
 
 use crate::gateway::{Gateway, WatchMessage, b64, malformed, prefix_end, shorten};
-use crate::instance::{Instance, matches_name};
+use wasd_registry::{Instance, credentials, matches_name, parse_duration, parse_size};
 
 /// Longest watch line read (one event batch).
 const MAX_WATCH_LINE: usize = 16 << 20;
@@ -52,35 +51,6 @@ struct Settings {
 
 fn default_namespace() -> String {
     "/microservices".into()
-}
-
-fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let digits = text.find(|c: char| !c.is_ascii_digit())?;
-    let (number, unit) = text.split_at(digits);
-    let n: u64 = number.parse().ok()?;
-    match unit.trim() {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        "m" => Some(Duration::from_secs(n * 60)),
-        _ => None,
-    }
-}
-
-/// `"16MiB"`, `"512KiB"` or a number of bytes.
-fn parse_size(text: &str) -> Option<usize> {
-    let text = text.trim();
-    let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(digits);
-    let n: usize = number.parse().ok()?;
-    let scale = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        _ => return None,
-    };
-    n.checked_mul(scale).filter(|n| *n > 0)
 }
 
 struct Etcd {
@@ -189,29 +159,12 @@ impl Provider for Etcd {
                 ))
             })?,
         };
-        let password = match (&settings.password, &settings.password_env) {
-            (Some(_), Some(_)) => {
-                return Err(Error::InvalidSettings(
-                    "settings: give `password` or `password-env`, not both".into(),
-                ));
-            }
-            (Some(p), None) => Some(p.clone()),
-            (None, Some(var)) => Some(std::env::var(var).map_err(|_| {
-                Error::InvalidSettings(format!(
-                    "settings.password-env: the variable '{var}' is not set or not granted (grants.env)"
-                ))
-            })?),
-            (None, None) => None,
-        };
-        let credentials = match (settings.username, password) {
-            (Some(user), Some(password)) => Some((user, password)),
-            (None, None) => None,
-            _ => {
-                return Err(Error::InvalidSettings(
-                    "settings: `username` and a password go together".into(),
-                ));
-            }
-        };
+        let credentials = credentials(
+            settings.username,
+            settings.password,
+            settings.password_env,
+            "username",
+        )?;
         Ok(Etcd {
             gateway: Gateway::new(endpoints, timeout, retry_for, max_response, credentials),
             namespace,
@@ -372,25 +325,3 @@ impl Etcd {
 }
 
 wasd_sdk::export!(Etcd, registrar);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_duration("2"), None);
-        assert_eq!(parse_duration("fast"), None);
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("16MiB"), Some(16 << 20));
-        assert_eq!(parse_size("512KiB"), Some(512 << 10));
-        assert_eq!(parse_size("4096"), Some(4096));
-        assert_eq!(parse_size("0"), None);
-        assert_eq!(parse_size("16MB"), None);
-    }
-}

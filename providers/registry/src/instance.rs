@@ -1,12 +1,14 @@
-//! Kratos service instances: the JSON value under `{namespace}/{service}/{id}`, and how
-//! it becomes endpoints. Pure functions, so they are tested (and fuzzed) natively.
+//! Kratos service instances: the JSON value a Kratos registry stores under
+//! `{root}/{service}/{id}` (an etcd key, a ZooKeeper znode), and how it becomes
+//! endpoints. Shared by the registry providers; pure functions, so they are tested (and
+//! fuzzed, by path from `fuzz/src/checks.rs`) natively.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 use wasd_sdk::Endpoint;
 
-/// A service instance exactly as Kratos's etcd registry writes it. Unknown fields are
+/// A service instance exactly as Kratos's registries write it (`json.Marshal`). Unknown fields are
 /// ignored and `"metadata": null` is accepted, as Go's encoder writes a nil map.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Instance {
