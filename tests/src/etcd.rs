@@ -2,7 +2,7 @@
 //! temporary data folder, stopped on drop. Keys are written through etcd's own v3
 //! gateway (as another Kratos service would), never through wasd.
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,6 +13,8 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde_json::{Value, json};
 use tempfile::TempDir;
+
+use crate::free_port;
 
 /// A self-signed CA, a server certificate for 127.0.0.1 and a client certificate
 /// (for mutual TLS), made with openssl.
@@ -464,11 +466,6 @@ fn decode_kvs(answer: &Value) -> Vec<(String, String)> {
 
 fn unb64(value: &Value) -> String {
     String::from_utf8(BASE64.decode(value.as_str().unwrap_or_default()).unwrap()).unwrap()
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("binding a port");
-    listener.local_addr().unwrap().port()
 }
 
 /// One member of an [`EtcdCluster`].

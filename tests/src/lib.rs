@@ -1,6 +1,6 @@
 //! Support for the integration tests: fixture paths, temporary config folders, the
-//! `wasd` binary, and real servers on loopback: dnsmasq, etcd, and the HTTP and gRPC
-//! instances the client integrations call.
+//! `wasd` binary, and real servers on loopback: dnsmasq, etcd, ZooKeeper, and the HTTP
+//! and gRPC instances the client integrations call.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,8 +13,16 @@ mod dns;
 mod etcd;
 pub mod peers;
 pub mod servers;
+mod zookeeper;
 pub use dns::DnsServer;
 pub use etcd::{EtcdClient, EtcdCluster, EtcdServer, TlsFiles, direct_discovery};
+pub use zookeeper::{ZkClient, ZooKeeperEnsemble, ZooKeeperServer};
+
+/// A TCP port free on 127.0.0.1 now, for a server a test starts.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a port");
+    listener.local_addr().unwrap().port()
+}
 
 /// Paths of the test fixture components, built from `guests/` by the build script.
 pub mod fixtures {

@@ -61,3 +61,8 @@ fn etcd_range_corpus() {
 fn etcd_watch_corpus() {
     assert!(replay("etcd_watch", checks::etcd_watch) > 100);
 }
+
+#[test]
+fn zookeeper_packet_corpus() {
+    assert!(replay("zookeeper_packet", checks::zookeeper_packet) > 100);
+}
