@@ -1045,13 +1045,16 @@ module = "/opt/mine.wasm"
     #[test]
     fn example_configs_parse() {
         let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
-        for name in ["full-config.toml", "etcd.toml"] {
+        for name in ["full-config.toml", "etcd.toml", "zookeeper.toml"] {
             let c = Config::from_file(&examples.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(!c.providers.is_empty(), "{name}");
         }
         let etcd = Config::from_file(&examples.join("etcd.toml")).unwrap();
         assert_eq!(etcd.registrar.as_deref(), Some("etcd"));
         assert_eq!(etcd.providers[0].grants.http, ["http://127.0.0.1:2379"]);
+        let zookeeper = Config::from_file(&examples.join("zookeeper.toml")).unwrap();
+        assert_eq!(zookeeper.registrar.as_deref(), Some("zookeeper"));
+        assert_eq!(zookeeper.providers[0].grants.tcp, ["127.0.0.1:2181"]);
     }
 
     #[test]
