@@ -427,7 +427,7 @@ impl Connection {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::Session;
 
     #[test]
     fn leases_round_trip_and_reject_junk() {
