@@ -19,7 +19,7 @@ use wasd_sdk::http::HttpError;
 use wasd_sdk::{Configuration, Endpoint, Error, Provider, Query, Registrar, Resolution, ServiceInstance};
 
 use crate::gateway::{Gateway, WatchMessage, b64, malformed, prefix_end, shorten};
-use wasd_registry::{Instance, credentials, matches_name, parse_duration, parse_size};
+use wasd_registry::{Instance, credentials, matches_name, parse_duration, parse_size, push_endpoints};
 
 /// Longest watch line read (one event batch).
 const MAX_WATCH_LINE: usize = 16 << 20;
@@ -77,24 +77,8 @@ impl Etcd {
         let range = gateway::parse_range(&body).map_err(|e| malformed("etcd", "/v3/kv/range", &e))?;
         let mut endpoints = Vec::new();
         for kv in range.kvs {
-            let key = String::from_utf8_lossy(&kv.key).into_owned();
-            let instance = match Instance::parse(&kv.value) {
-                Ok(instance) => instance,
-                Err(e) => {
-                    // One broken value must not hide the healthy instances.
-                    wasd_sdk::warn!("skipping {}: {e}", shorten(&key, 200));
-                    continue;
-                }
-            };
-            if instance.name != query.service {
-                continue;
-            }
-            for endpoint in instance.endpoints() {
-                match endpoint {
-                    Ok(endpoint) => endpoints.push(endpoint),
-                    Err(e) => wasd_sdk::warn!("skipping an endpoint of {}: {e}", shorten(&key, 200)),
-                }
-            }
+            let key = String::from_utf8_lossy(&kv.key);
+            push_endpoints(&kv.value, &query.service, &shorten(&key, 200), &mut endpoints);
         }
         if let Some(name) = &query.endpoint_name {
             endpoints.retain(|e: &Endpoint| matches_name(e, name));

@@ -25,7 +25,7 @@ use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use wasd_registry::{Instance, credentials, matches_name, parse_duration, parse_size};
+use wasd_registry::{Instance, credentials, matches_name, parse_duration, parse_size, push_endpoints};
 use wasd_sdk::{Configuration, Endpoint, Error, Provider, Query, Registrar, Resolution, ServiceInstance};
 
 use crate::client::{Connection, Dial, Fault, Session};
@@ -183,23 +183,7 @@ impl ZooKeeper {
             // Deleted since the children were listed; the child watch says so.
             let Some((data, stat)) = value else { continue };
             newest = newest.max(stat.mzxid);
-            let instance = match Instance::parse(&data) {
-                Ok(instance) => instance,
-                Err(e) => {
-                    // One broken value must not hide the healthy instances.
-                    wasd_sdk::warn!("skipping {path}: {e}");
-                    continue;
-                }
-            };
-            if instance.name != query.service {
-                continue;
-            }
-            for endpoint in instance.endpoints() {
-                match endpoint {
-                    Ok(endpoint) => endpoints.push(endpoint),
-                    Err(e) => wasd_sdk::warn!("skipping an endpoint of {path}: {e}"),
-                }
-            }
+            push_endpoints(&data, &query.service, path, &mut endpoints);
         }
         if let Some(name) = &query.endpoint_name {
             endpoints.retain(|e: &Endpoint| matches_name(e, name));
