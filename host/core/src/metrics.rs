@@ -8,7 +8,6 @@
 //! store on the thread's own cache line) and published as a sum by [`report`], which
 //! the `wasd` crate calls every second.
 
-use std::cell::Cell;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -32,7 +31,7 @@ pub mod names {
     pub const REGISTRATION_RETRIES: &str = "wasd_registration_retries_total";
 }
 
-/// Threads with a slot of their own; later ones share the last slot (atomically).
+/// Threads with a slot of their own at once; more share the last slot (atomically).
 const SLOTS: usize = 64;
 
 /// One thread's count, on a cache line of its own.
@@ -41,23 +40,52 @@ struct Slot(AtomicU64);
 
 static HITS: [Slot; SLOTS + 1] = [const { Slot(AtomicU64::new(0)) }; SLOTS + 1];
 static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+/// Slots whose threads have ended, for new threads. A slot keeps its count: only the
+/// sum is ever read. Without this, a process whose threads come and go (tokio's
+/// blocking pool, a benchmark's threads) ran out of slots, and every thread then
+/// counted on the shared one: a contended atomic on every cached resolve.
+static FREE: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+
+/// A thread's claim on a slot, given back when the thread ends.
+struct Claim(usize);
+
+impl Claim {
+    fn new() -> Claim {
+        let free = FREE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        Claim(free.unwrap_or_else(|| NEXT_SLOT.fetch_add(1, Ordering::Relaxed).min(SLOTS)))
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if self.0 < SLOTS {
+            // The lock orders this thread's last count before the next owner's first.
+            FREE.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(self.0);
+        }
+    }
+}
 
 thread_local! {
     /// This thread's slot in [`HITS`], claimed on its first hit.
-    static SLOT: Cell<usize> = const { Cell::new(usize::MAX) };
+    static SLOT: Claim = Claim::new();
+}
+
+/// This thread's slot; the shared one while its own is being given back (a count from
+/// another thread-local's destructor).
+#[inline]
+fn slot() -> usize {
+    SLOT.try_with(|claim| claim.0).unwrap_or(SLOTS)
 }
 
 /// Count a resolve served from the cache.
 #[inline]
 pub(crate) fn count_hit() {
-    let slot = SLOT.with(|slot| {
-        let mut index = slot.get();
-        if index == usize::MAX {
-            index = NEXT_SLOT.fetch_add(1, Ordering::Relaxed).min(SLOTS);
-            slot.set(index);
-        }
-        index
-    });
+    let slot = slot();
     let counter = &HITS[slot].0;
     if slot < SLOTS {
         // Only this thread writes its slot: no read-modify-write needed.
@@ -147,5 +175,22 @@ mod tests {
         }
         // Other tests in this process may count hits too: at least ours.
         assert!(resolve_hits() - before >= (SLOTS as u64 + 8) * 1000);
+    }
+
+    #[test]
+    fn threads_that_end_give_their_slot_back_and_their_counts_stay() {
+        let before = resolve_hits();
+        // Many more threads than slots, one after the other.
+        for _ in 0..4 * SLOTS {
+            std::thread::spawn(count_hit).join().unwrap();
+        }
+        let slot = std::thread::spawn(|| {
+            count_hit();
+            slot()
+        })
+        .join()
+        .unwrap();
+        assert!(slot < SLOTS, "a new thread counts on the shared slot");
+        assert!(resolve_hits() - before > 4 * SLOTS as u64);
     }
 }
