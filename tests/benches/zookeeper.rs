@@ -104,20 +104,10 @@ fn main() {
         assert_eq!(black_box(native_resolve(&mut native)).len(), INSTANCES);
         direct.push(started.elapsed());
     }
-    wasd.sort();
-    direct.sort();
     println!("{INSTANCES} instances, {ROUNDS} rounds | p50 | p99");
     println!("---|---|---");
-    println!(
-        "uncached resolve through the provider | {:.2?} | {:.2?}",
-        percentile(&wasd, 50),
-        percentile(&wasd, 99)
-    );
-    println!(
-        "native client, same requests and decode | {:.2?} | {:.2?}",
-        percentile(&direct, 50),
-        percentile(&direct, 99)
-    );
+    row("uncached resolve through the provider", &mut wasd);
+    row("native client, same requests and decode", &mut direct);
     println!(
         "ratio (p50) | {:.2}× |",
         percentile(&wasd, 50).as_secs_f64() / percentile(&direct, 50).as_secs_f64()
@@ -149,19 +139,19 @@ fn main() {
         assert_eq!(event.path, path);
         direct.push(started.elapsed());
     }
-    wasd.sort();
-    direct.sort();
     println!();
     println!("rewrite → seen, {CHANGES} changes | p50 | p99");
     println!("---|---|---");
+    row("wasd watcher", &mut wasd);
+    row("native data watch", &mut direct);
+}
+
+/// One table row: the samples' p50 and p99 (sorted in place).
+fn row(what: &str, samples: &mut [Duration]) {
+    samples.sort();
     println!(
-        "wasd watcher | {:.2?} | {:.2?}",
-        percentile(&wasd, 50),
-        percentile(&wasd, 99)
-    );
-    println!(
-        "native data watch | {:.2?} | {:.2?}",
-        percentile(&direct, 50),
-        percentile(&direct, 99)
+        "{what} | {:.2?} | {:.2?}",
+        percentile(samples, 50),
+        percentile(samples, 99)
     );
 }

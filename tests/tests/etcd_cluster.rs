@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use wasd::{Query, RegistrationState, ServiceInstance};
-use wasd_tests::{EtcdClient, EtcdCluster, Sandbox, strings};
+use wasd_tests::{EtcdClient, EtcdCluster, Sandbox, eventually, strings};
 
 /// The provider's time limit in `EtcdCluster::config` (5 s), plus the second the
 /// cluster's promise allows.
@@ -225,18 +225,11 @@ fn keep_alives_without(cluster: &EtcdCluster, away: usize) -> u64 {
 /// Wait (30 s at most) until the members other than `away` have handled `n` more
 /// keep-alives than `before`.
 async fn renewed_without(cluster: &EtcdCluster, away: usize, before: u64, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let served = keep_alives_without(cluster, away) - before;
-        if served >= n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {served} keep-alives reached the members other than {away}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let what = format!("fewer than {n} keep-alives reached the members other than {away}");
+    eventually(Duration::from_secs(30), &what, || {
+        keep_alives_without(cluster, away) - before >= n
+    })
+    .await;
 }
 
 /// Poll the instance's key from another client until `done`; how many polls missed it.

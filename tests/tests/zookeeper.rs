@@ -260,21 +260,21 @@ fn wasd_register_is_seen_by_kazoo_and_comes_back_after_its_session_expired() {
             .unwrap();
         assert!(status.success());
     };
+    let rt = wasd_tests::runtime();
+    let path = "/microservices/hello/cli-1";
     signal("-STOP");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while reader.get("/microservices/hello/cli-1").is_some() {
-        assert!(Instant::now() < deadline, "the session never expired");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    rt.block_on(eventually(
+        Duration::from_secs(20),
+        "the session never expired",
+        || reader.get(path).is_none(),
+    ));
     signal("-CONT");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let new_owner = loop {
-        if let Some((_, owner)) = reader.get("/microservices/hello/cli-1") {
-            break owner;
-        }
-        assert!(Instant::now() < deadline, "never registered again");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    rt.block_on(eventually(
+        Duration::from_secs(20),
+        "never registered again",
+        || reader.get(path).is_some(),
+    ));
+    let (_, new_owner) = reader.get(path).unwrap();
     assert_ne!(new_owner, owner, "registered again under a new session");
 
     signal("-TERM");

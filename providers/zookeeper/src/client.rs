@@ -71,6 +71,13 @@ pub enum Fault {
     Code(i32),
 }
 
+/// A packet that does not parse: the connection is no longer trusted.
+impl From<jute::Malformed> for Fault {
+    fn from(malformed: jute::Malformed) -> Fault {
+        Fault::Io(malformed.to_string())
+    }
+}
+
 impl Fault {
     pub fn describe(&self) -> String {
         match self {
@@ -190,7 +197,7 @@ impl Connection {
         let payload = connection
             .packet(deadline)?
             .ok_or_else(|| Fault::Io("no answer to the connect request in time".into()))?;
-        let answer = jute::parse_connect_response(&payload).map_err(|e| Fault::Io(e.to_string()))?;
+        let answer = jute::parse_connect_response(&payload)?;
         if answer.timeout_ms <= 0 {
             return Err(Fault::Expired);
         }
@@ -277,7 +284,7 @@ impl Connection {
             let payload = self
                 .packet(deadline)?
                 .ok_or_else(|| Fault::Io(format!("no reply within {:?}", self.timeout)))?;
-            let (header, record) = jute::parse_reply(&payload).map_err(|e| Fault::Io(e.to_string()))?;
+            let (header, record) = jute::parse_reply(&payload)?;
             match header.xid {
                 x if x == want => return Ok((header, record.to_vec())),
                 xid::NOTIFICATION => self.queue_event(record)?,
@@ -289,8 +296,7 @@ impl Connection {
     }
 
     fn queue_event(&mut self, record: &[u8]) -> Result<(), Fault> {
-        let event = jute::parse_watcher_event(record).map_err(|e| Fault::Io(e.to_string()))?;
-        self.events.push_back(event);
+        self.events.push_back(jute::parse_watcher_event(record)?);
         Ok(())
     }
 
@@ -316,9 +322,7 @@ impl Connection {
     /// a child watch (or, when it does not exist, a creation watch) behind.
     pub fn children(&mut self, path: &str, watch: bool) -> Result<Option<(Vec<String>, Stat)>, Fault> {
         match self.call(op::GET_CHILDREN2, |p| p.string(path).bool(watch)) {
-            Ok(record) => jute::parse_children(&record)
-                .map(Some)
-                .map_err(|e| Fault::Io(e.to_string())),
+            Ok(record) => Ok(Some(jute::parse_children(&record)?)),
             Err(Fault::Code(code::NO_NODE)) => {
                 if watch && self.exists(path, true)?.is_some() {
                     // Created in between: read it again.
@@ -355,7 +359,7 @@ impl Connection {
         for xid in xids {
             let (header, record) = self.reply(xid)?;
             found.push(match header.err {
-                code::OK => Some(jute::parse_data(&record).map_err(|e| Fault::Io(e.to_string()))?),
+                code::OK => Some(jute::parse_data(&record)?),
                 code::NO_NODE => None,
                 err => return Err(Fault::Code(err)),
             });
@@ -366,9 +370,7 @@ impl Connection {
     /// The stat of `path`, none if it does not exist.
     pub fn exists(&mut self, path: &str, watch: bool) -> Result<Option<Stat>, Fault> {
         match self.call(op::EXISTS, |p| p.string(path).bool(watch)) {
-            Ok(record) => jute::parse_stat(&record)
-                .map(Some)
-                .map_err(|e| Fault::Io(e.to_string())),
+            Ok(record) => Ok(Some(jute::parse_stat(&record)?)),
             Err(Fault::Code(code::NO_NODE)) => Ok(None),
             Err(fault) => Err(fault),
         }
@@ -409,7 +411,7 @@ impl Connection {
             }
             let until = deadline.min(self.last_sent + ping_every);
             if let Some(payload) = self.packet(until)? {
-                let (header, record) = jute::parse_reply(&payload).map_err(|e| Fault::Io(e.to_string()))?;
+                let (header, record) = jute::parse_reply(&payload)?;
                 if header.xid == xid::NOTIFICATION {
                     self.queue_event(record)?;
                 }
