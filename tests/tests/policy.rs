@@ -612,6 +612,30 @@ async fn seeded_random_repeats_and_spreads_and_ewma_prefers_the_faster_endpoint(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn power_of_two_choices_avoids_an_endpoint_with_requests_outstanding() {
+    let sandbox = Sandbox::new();
+    let refs = [endpoint("10.0.0.1", ""), endpoint("10.0.0.2", "")];
+    let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
+    let resolver = sandbox.resolver(&table_config(&refs, "")).await.unwrap();
+    let balancer = resolver
+        .balancer_builder("http://hello")
+        .strategy(Strategy::PowerOfTwoChoices)
+        .build()
+        .await
+        .unwrap();
+    // With two endpoints both are compared on every pick: while one has a request
+    // outstanding, every other pick goes to the other.
+    let held = balancer.pick();
+    let busy = held.endpoint().host().to_owned();
+    let while_held = counts((0..200).map(|_| balancer.pick().endpoint().host().to_owned()));
+    assert_eq!(while_held.get(&busy), None, "{busy} busy: {while_held:?}");
+    // Once it ends, both are even again and each wins about half the ties.
+    drop(held);
+    let after = counts((0..200).map(|_| balancer.pick().endpoint().host().to_owned()));
+    assert!(after.values().all(|&n| n >= 60) && after.len() == 2, "{after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn subsets_of_consecutive_clients_cover_the_endpoints_once() {
     let sandbox = Sandbox::new();
     let endpoints: Vec<String> = (1..=6).map(|i| endpoint(&format!("10.0.0.{i}"), "")).collect();

@@ -211,7 +211,7 @@ struct Entry {
     /// The same set as `state`, for the read path: an `ArcSwap` load takes no lock.
     /// Shared with balancers ([`Latest`]) without sharing the entry, whose sender must
     /// go with the resolver so that watches end.
-    current: Arc<ArcSwapOption<SetInner>>,
+    current: Arc<Current>,
     /// Cleared when the entry leaves the cache (idle), so `by_text` never serves it.
     live: AtomicBool,
     /// The first run of the chain, shared by everyone who asked before it ended: its
@@ -250,7 +250,9 @@ impl Entry {
                     _ => NEXT_INDEX.fetch_add(1, Ordering::Relaxed),
                 };
                 let set = set.with_index(index);
-                self.current.store(Some(set.shared()));
+                self.current.set.store(Some(set.shared()));
+                // After the set: whoever sees the new version finds this set or a later one.
+                self.current.version.fetch_add(1, Ordering::Release);
                 *current = Some(set);
             }
             changed
@@ -392,7 +394,7 @@ impl Cache {
         // The hot path: a query seen before, answered from its entry without parsing.
         if let Some(entry) = self.inner.by_text.load().get(query)
             && entry.live.load(Ordering::Acquire)
-            && let Some(set) = &*entry.current.load()
+            && let Some(set) = &*entry.current.set.load()
         {
             self.inner.touch(entry);
             let result = non_empty(&entry.key.service, EndpointSet::from_shared(Arc::clone(set)));
@@ -437,7 +439,7 @@ impl Cache {
                 }
                 None => (self.inner.entry(query)?, false),
             };
-            let (set, cached) = match &*entry.current.load() {
+            let (set, cached) = match &*entry.current.set.load() {
                 Some(set) => (EndpointSet::from_shared(Arc::clone(set)), true),
                 // Boxed, as in `resolve`: a hit does not carry the miss's future.
                 None => Box::pin(self.inner.ready(&entry, false)).await?,
@@ -459,6 +461,7 @@ impl Cache {
         for entry in self.inner.entries.iter() {
             let len = entry
                 .current
+                .set
                 .load_full()
                 .map_or(0, |set| EndpointSet::from_shared(set).len());
             let count = counts.entry(entry.key.service.clone()).or_default();
@@ -650,7 +653,7 @@ impl Inner {
                         query: source_query(query, key.schemes.clone()),
                         key,
                         state: watch::channel(None).0,
-                        current: Arc::new(ArcSwapOption::empty()),
+                        current: Arc::default(),
                         live: AtomicBool::new(true),
                         init: OnceCell::new(),
                         last_used_ms: AtomicU64::new(0),
@@ -721,7 +724,7 @@ impl Inner {
         entry: &Arc<Entry>,
         keep_empty: bool,
     ) -> Result<(EndpointSet, bool), Error> {
-        if let Some(set) = &*entry.current.load() {
+        if let Some(set) = &*entry.current.set.load() {
             return Ok((EndpointSet::from_shared(Arc::clone(set)), true));
         }
         let init = entry
@@ -1208,19 +1211,36 @@ pub struct Watch {
     receiver: watch::Receiver<Option<EndpointSet>>,
 }
 
+/// An entry's current set, with a count of its replacements: a balancer asks on every
+/// pick whether the set changed, and one atomic load answers that where an `ArcSwap`
+/// guard would cost two locked instructions.
+#[derive(Default)]
+struct Current {
+    set: ArcSwapOption<SetInner>,
+    /// Raised after each store of `set`.
+    version: AtomicU64,
+}
+
 /// A query's current set as the cache holds it (stored before watchers are woken).
 /// Only the set's cell, not the entry: watches still end when the cache goes.
-pub struct Latest(Arc<ArcSwapOption<SetInner>>);
+pub struct Latest(Arc<Current>);
 
 impl Latest {
     /// The set as of now: one `ArcSwap` load, no lock.
     pub fn load(&self) -> arc_swap::Guard<Option<Arc<SetInner>>> {
-        self.0.load()
+        self.0.set.load()
     }
 
     /// The same, as an owned reference.
     pub fn load_full(&self) -> Option<Arc<SetInner>> {
-        self.0.load_full()
+        self.0.set.load_full()
+    }
+
+    /// How many times the set was replaced. Read it before [`Latest::load`]: a version
+    /// seen is then never newer than the set loaded after it, so a change is never
+    /// missed (at worst taken twice).
+    pub fn version(&self) -> u64 {
+        self.0.version.load(Ordering::Acquire)
     }
 }
 

@@ -8,7 +8,7 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, timeout};
 
 use super::fake::{Fake, WatchCall, WatchMode, answer, bare, cache_of, down, ms, secs, set};
-use crate::{Error, Settings};
+use crate::{EndpointSet, Error, Query, Settings};
 
 /// Lets every task run and time advance (on the paused clock) by `d`.
 async fn run_for(d: Duration) {
@@ -223,6 +223,39 @@ async fn a_set_is_numbered_anew_only_when_its_endpoints_change() {
         changed.index()
     );
     assert_eq!(cache.resolve("svc").await.unwrap().index(), changed.index());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_latest_sets_version_rises_with_each_set_stored_and_only_then() {
+    let a = Arc::new(Fake::new("a").answering(answer(&[bare("10.0.0.1")]).with_ttl(secs(5))));
+    let b = Arc::new(Fake::new("b").answering(answer(&[bare("10.0.0.9")])));
+    let cache = cache_of(&[&a, &b], Settings::default());
+    let (_watch, latest) = cache.watch_latest(&Query::parse("svc").unwrap()).await.unwrap();
+    let first = latest.version();
+    let endpoints = |latest: &crate::Latest| {
+        EndpointSet::from_shared(latest.load_full().expect("a set"))
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(endpoints(&latest), vec![bare("10.0.0.1")]);
+    // Refreshes with the same answer store nothing: the version stays.
+    run_for(ms(12_000)).await;
+    assert_eq!(latest.version(), first);
+    // A failed refresh keeps the endpoints but stores the set with its failure.
+    a.fail();
+    run_for(secs(5)).await;
+    let failed = latest.version();
+    assert!(failed > first, "{failed} after {first}");
+    assert_eq!(
+        EndpointSet::from_shared(latest.load_full().unwrap()).failures(),
+        &[down("a")][..]
+    );
+    // New endpoints: a higher version, and the set stored before it is visible.
+    a.answer(answer(&[bare("10.0.0.2")]).with_ttl(secs(5)));
+    run_for(secs(60)).await;
+    assert!(latest.version() > failed);
+    assert_eq!(endpoints(&latest), vec![bare("10.0.0.2")]);
 }
 
 // Rule 3: back-off after failures.

@@ -21,13 +21,13 @@ mod health;
 mod policy;
 mod snapshot;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwap;
 
-use wasd_core::{Clock, Endpoint, EndpointSet, Error, Latest, Query, SetInner, Watch};
+use wasd_core::{Clock, Endpoint, EndpointSet, Error, Latest, Query, Watch};
 
 use crate::resolver::Resolver;
 #[cfg(feature = "tonic")]
@@ -207,6 +207,7 @@ impl BalancerBuilder {
             None => Query::parse(&self.query)?,
         };
         let (watch, latest) = self.resolver.watch_latest(&query).await?;
+        LazyLock::force(&CLOCK);
         let balancing = self.resolver.balancing().clone();
         let generation = balancing.generation.load(Ordering::Acquire);
         let Options {
@@ -215,6 +216,8 @@ impl BalancerBuilder {
             seed,
         } = self.options;
         let policy = Arc::new(overrides.apply(&balancing.policies(), &query));
+        // The version before the set (see `Latest::version`).
+        let seen = AtomicU64::new(latest.version());
         let first = latest.load_full();
         let snapshot = first.as_ref().and_then(|set| {
             Snapshot::new(
@@ -235,18 +238,16 @@ impl BalancerBuilder {
                     .unwrap_or_default(),
             });
         };
-        let seen_at = AtomicUsize::new(address_of(&first));
         let shared = Arc::new(Shared {
             query,
             filters,
             overrides,
             balancing,
             next: AtomicU64::new(0),
-            rng: AtomicU64::new(seed.unwrap_or_else(|| fastrand::u64(..))),
+            seeded: seed.map(AtomicU64::new),
             snapshot: ArcSwap::from_pointee(snapshot),
             policy: ArcSwap::new(policy),
-            seen: ArcSwapOption::new(first),
-            seen_at,
+            seen,
             policy_generation: AtomicU64::new(generation),
             latest,
             rebuild: Mutex::new(()),
@@ -270,17 +271,16 @@ struct Shared {
     balancing: Arc<Balancing>,
     /// The round-robin position.
     next: AtomicU64,
-    /// The random choices' state (wyrand).
-    rng: AtomicU64,
+    /// The random choices' state (wyrand) when the builder gave a seed, for repeatable
+    /// picks. Unseeded picks draw from their thread's own generator: no cache line
+    /// shared between threads, no locked instruction.
+    seeded: Option<AtomicU64>,
     snapshot: ArcSwap<Snapshot>,
     /// The policy in force: the next snapshot is made under it (a new policy whose set
     /// could not be taken still applies to the next set).
     policy: ArcSwap<Policy>,
-    /// The query's set `snapshot` was made from (or skipped): held, so that its address
-    /// cannot be reused by a later set and mistaken for it.
-    seen: ArcSwapOption<SetInner>,
-    /// `seen`'s address, for the check on each pick (one load, not a second guard).
-    seen_at: AtomicUsize,
+    /// The version of the query's set that `snapshot` was made from (or skipped).
+    seen: AtomicU64,
     /// The policies' generation `snapshot` was made under.
     policy_generation: AtomicU64,
     latest: Latest,
@@ -290,17 +290,12 @@ struct Shared {
     _watch: Watch,
 }
 
-/// A set's address (0 for none): a held set's address is never another set's.
-fn address_of(set: &Option<Arc<SetInner>>) -> usize {
-    set.as_ref().map_or(0, |set| Arc::as_ptr(set) as usize)
-}
-
 impl Shared {
     /// Take up the query's current set, or a changed policy, if not taken yet.
     #[inline]
     fn follow(&self) {
         if self.balancing.generation.load(Ordering::Relaxed) == self.policy_generation.load(Ordering::Relaxed)
-            && address_of(&self.latest.load()) == self.seen_at.load(Ordering::Acquire)
+            && self.latest.version() == self.seen.load(Ordering::Acquire)
         {
             return;
         }
@@ -317,10 +312,11 @@ impl Shared {
         };
         let generation = self.balancing.generation.load(Ordering::Acquire);
         let policy_changed = generation != self.policy_generation.load(Ordering::Relaxed);
-        let latest = self.latest.load_full();
-        if !policy_changed && address_of(&latest) == self.seen_at.load(Ordering::Relaxed) {
+        let version = self.latest.version();
+        if !policy_changed && version == self.seen.load(Ordering::Relaxed) {
             return;
         }
+        let latest = self.latest.load_full();
         if policy_changed {
             let policy = self.overrides.apply(&self.balancing.policies(), &self.query);
             self.policy.store(Arc::new(policy));
@@ -328,11 +324,9 @@ impl Shared {
         if let Some(set) = &latest {
             self.update(&EndpointSet::from_shared(set.clone()), self.policy.load_full());
         }
-        let at = address_of(&latest);
-        self.seen.store(latest);
         self.policy_generation.store(generation, Ordering::Relaxed);
         // Last, so that a pick that finds it current finds the snapshot made from it.
-        self.seen_at.store(at, Ordering::Release);
+        self.seen.store(version, Ordering::Release);
     }
 
     /// Take a new set; false (keeping the old one) when no endpoint passes the filters.
@@ -362,11 +356,15 @@ impl Shared {
         }
     }
 
-    /// Random bits (wyrand over one atomic: lock-free, and repeatable from a seed).
+    /// Random bits: the thread's generator, or wyrand over the seeded state (lock-free,
+    /// and repeatable from the seed).
     #[inline]
     fn random(&self) -> u64 {
         const STEP: u64 = 0xa076_1d64_78bd_642f;
-        let s = self.rng.fetch_add(STEP, Ordering::Relaxed).wrapping_add(STEP);
+        let Some(state) = &self.seeded else {
+            return fastrand::u64(..);
+        };
+        let s = state.fetch_add(STEP, Ordering::Relaxed).wrapping_add(STEP);
         let t = u128::from(s) * u128::from(s ^ 0xe703_7ed1_a0b4_28db);
         (t >> 64) as u64 ^ t as u64
     }
@@ -404,22 +402,30 @@ impl Balancer {
                 }
                 _ => 0,
             },
-            random: match strategy {
-                Strategy::RoundRobin | Strategy::WeightedRoundRobin | Strategy::PickFirst => 0,
+            random: match (strategy, key) {
+                (Strategy::RoundRobin | Strategy::WeightedRoundRobin | Strategy::PickFirst, _)
+                | (Strategy::ConsistentHash, Some(_)) => 0,
                 _ => shared.random(),
             },
             key,
             now: shared.now_ms(),
         };
         let index = snapshot.pick(&pick, &shared.balancing.table);
-        snapshot.slots[index]
-            .health
-            .outstanding
-            .fetch_add(1, Ordering::Relaxed);
-        let started = (strategy == Strategy::PowerOfTwoEwma).then(std::time::Instant::now);
+        // Only the power-of-two strategies read the count: the others spare its two
+        // locked instructions. (After a policy change to one of them, requests picked
+        // before it are not counted; the count is right again once they end.)
+        let counted = matches!(strategy, Strategy::PowerOfTwoChoices | Strategy::PowerOfTwoEwma);
+        if counted {
+            snapshot.slots[index]
+                .health
+                .outstanding
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let started = (strategy == Strategy::PowerOfTwoEwma).then(|| CLOCK.raw());
         Picked {
             snapshot,
             index,
+            counted,
             started,
         }
     }
@@ -478,15 +484,24 @@ impl Balancer {
     }
 }
 
-/// One picked endpoint; counts as an outstanding request until dropped.
+/// One picked endpoint; under the power-of-two strategies it counts as an outstanding
+/// request until dropped.
 pub struct Picked {
     /// The snapshot it was picked from: its endpoint, health entry, policy and service.
     snapshot: Arc<Snapshot>,
     index: usize,
-    /// When it was picked, for the latency strategy (the machine's clock: a latency is
-    /// real time, and tokio's clock costs a check per read).
-    started: Option<std::time::Instant>,
+    /// Whether it counts in its endpoint's outstanding requests.
+    counted: bool,
+    /// When it was picked, for the latency strategy: [`CLOCK`]'s raw reading.
+    started: Option<u64>,
 }
+
+/// The clock latencies are measured with: the CPU's time-stamp counter where it is
+/// invariant (one `rdtsc`, ~13 ns here, where `Instant::now` costs ~40 ns: most of a
+/// pick), else the monotonic clock. Real time, not tokio's: a latency is real, and
+/// tokio's clock costs a check per read. Calibrated (under 1 ms) when the first balancer
+/// is built, not on a pick.
+pub(crate) static CLOCK: LazyLock<quanta::Clock> = LazyLock::new(quanta::Clock::new);
 
 impl Picked {
     /// The endpoint to send to.
@@ -523,7 +538,7 @@ impl Picked {
     pub fn succeeded(&self) {
         let health = &self.snapshot.slots[self.index].health;
         if let Some(started) = self.started {
-            health.record_latency(started.elapsed());
+            health.record_latency(Duration::from_nanos(CLOCK.delta_as_nanos(started, CLOCK.raw())));
         }
         health.succeeded();
     }
@@ -531,10 +546,12 @@ impl Picked {
 
 impl Drop for Picked {
     fn drop(&mut self) {
-        self.snapshot.slots[self.index]
-            .health
-            .outstanding
-            .fetch_sub(1, Ordering::Relaxed);
+        if self.counted {
+            self.snapshot.slots[self.index]
+                .health
+                .outstanding
+                .fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

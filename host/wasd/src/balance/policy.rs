@@ -36,7 +36,7 @@ pub enum Strategy {
     /// The first endpoint in the provider's order (priority order for DNS SRV); the
     /// next while it is left out.
     PickFirst,
-    /// A ring of the endpoints' hashes (xxHash64, as Envoy's ring hash), weighted; a
+    /// A ring of the endpoints' hashes (rapidhash v3: stable across versions), weighted; a
     /// request's key ([`Balancer::pick_key`](super::Balancer::pick_key)) goes to the
     /// first endpoint at or after its own hash, so that when one of N endpoints leaves
     /// only the keys it had (~1/N) move. Without a key, a random point.

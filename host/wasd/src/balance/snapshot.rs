@@ -469,16 +469,19 @@ fn hash_ring(names: &[String], weights: &[u64]) -> Vec<(u64, usize)> {
             use std::fmt::Write;
             label.clear();
             let _ = write!(label, "{name}_{i}");
-            ring.push((xxhash_rust::xxh64::xxh64(label.as_bytes(), 0), k));
+            ring.push((key_hash(label.as_bytes()), k));
         }
     }
     ring.sort_unstable();
     ring
 }
 
-/// A request key's point on the ring.
+/// A request key's point on the ring (and a ring point's, from its label): rapidhash
+/// v3, stable across versions and platforms, so that every client of a service puts a
+/// key at the same point.
+#[inline]
 pub(crate) fn key_hash(key: &[u8]) -> u64 {
-    xxhash_rust::xxh64::xxh64(key, 0)
+    rapidhash::v3::rapidhash_v3(key)
 }
 
 /// Google's deterministic subsetting: clients are grouped in rounds of
