@@ -27,6 +27,8 @@ struct Instance {
     healthy: Arc<AtomicBool>,
     /// The gRPC instance's health reporter.
     reporter: Option<tonic_health::server::HealthReporter>,
+    /// A gRPC instance answers every call UNAVAILABLE while set.
+    unavailable: Arc<AtomicBool>,
     task: JoinHandle<()>,
     /// Graceful shutdown: stop accepting, close idle connections.
     stop: Option<oneshot::Sender<()>>,
@@ -75,6 +77,7 @@ impl Instances {
                 hits,
                 healthy,
                 reporter: None,
+                unavailable: Arc::default(),
                 task,
                 stop: Some(stop),
             });
@@ -132,6 +135,14 @@ impl Instances {
         }
     }
 
+    /// Make gRPC instance `index` (from 0) answer every call UNAVAILABLE (a
+    /// trailers-only answer, as a server that is shutting down gives), or not.
+    pub fn set_unavailable(&self, index: usize, unavailable: bool) {
+        self.instances[index]
+            .unavailable
+            .store(unavailable, Ordering::Relaxed);
+    }
+
     /// `http://127.0.0.1:PORT` of each instance (`scheme` instead of http).
     pub fn urls(&self, scheme: &str) -> Vec<String> {
         self.instances
@@ -182,13 +193,24 @@ async fn grpc_instance(name: String, listener: TcpListener) -> Instance {
         response.headers_mut().insert("x-instance", header.clone());
         response
     });
+    let unavailable = Arc::new(AtomicBool::new(false));
+    let refusing = unavailable.clone();
+    let refuse = tonic::service::InterceptorLayer::new(move |request| {
+        if refusing.load(Ordering::Relaxed) {
+            Err(tonic::Status::unavailable("shutting down"))
+        } else {
+            Ok(request)
+        }
+    });
     let incoming = tonic::transport::server::TcpIncoming::from(listener);
     let (stop, stopped) = oneshot::channel::<()>();
     let kept = reporter.clone();
     let task = tokio::spawn(async move {
         let _reporter = kept;
+        // The tag outermost: refused calls are tagged too.
         tonic::transport::Server::builder()
             .layer(tag)
+            .layer(refuse)
             .add_service(health)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
@@ -202,6 +224,7 @@ async fn grpc_instance(name: String, listener: TcpListener) -> Instance {
         hits,
         healthy: Arc::new(AtomicBool::new(true)),
         reporter: Some(reporter),
+        unavailable,
         task,
         stop: Some(stop),
     }

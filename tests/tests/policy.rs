@@ -1,13 +1,17 @@
 //! Endpoint policy against real servers: weighted round-robin from `weight` metadata,
 //! consistent hashing through a live change, zone preference and its fallback, active
 //! HTTP / gRPC / TCP checks against servers whose health flips, outlier ejection from
-//! 5xx answers through reqwest within the ejection cap, policies reloaded with the
-//! config, and `wasd pick`.
+//! 5xx answers through reqwest within the ejection cap, gRPC calls through wasd's
+//! balanced channel counted against the endpoint they went to, request keys through
+//! both clients, policies reloaded with the config, and `wasd pick`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use wasd::{Health, HealthCheck, Resolver, Strategy, Subset};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use wasd::grpc::BalancedChannel;
+use wasd::{Health, HealthCheck, PickKey, Resolver, Strategy, Subset};
 use wasd_tests::servers::Instances;
 use wasd_tests::{Sandbox, eventually};
 
@@ -660,4 +664,224 @@ async fn subsets_of_consecutive_clients_cover_the_endpoints_once() {
     seen.sort();
     seen.dedup();
     assert_eq!(seen.len(), 6, "{seen:?}");
+}
+
+/// A config provider serving `greeter`'s gRPC endpoints from `urls` (rewritten by
+/// `Sandbox::write_services`), then `extra` (a `[[policy]]`, say).
+async fn greeter(sandbox: &Sandbox, urls: &[String], extra: &str) -> Resolver {
+    sandbox.write_services("greeter", "grpc", urls);
+    let toml = format!(
+        "pass-through = false\nrefresh-period = \"1s\"\n[[provider]]\nbuiltin = \"config\"\n\
+         grants = {{ files = [\"{}\"] }}\n{extra}\n",
+        sandbox.path().join("appsettings.json").display()
+    );
+    sandbox.resolver(&toml).await.unwrap()
+}
+
+/// `n` health checks through `channel` (with `key` as their pick key, if any): the
+/// instances that answered, counted, and those that failed, in order.
+async fn grpc_calls(
+    channel: &BalancedChannel,
+    n: usize,
+    key: Option<&str>,
+) -> (BTreeMap<String, usize>, Vec<String>) {
+    let mut client = HealthClient::new(channel.clone());
+    let (mut answered, mut failed) = (BTreeMap::new(), Vec::new());
+    for _ in 0..n {
+        let mut request = tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
+        if let Some(key) = key {
+            request.extensions_mut().insert(PickKey::new(key));
+        }
+        let instance = |metadata: &tonic::metadata::MetadataMap| {
+            let name = metadata.get("x-instance").expect("the server's tag");
+            name.to_str().unwrap().to_owned()
+        };
+        match client.check(request).await {
+            Ok(response) => *answered.entry(instance(response.metadata())).or_default() += 1,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                failed.push(instance(status.metadata()));
+            }
+        }
+    }
+    (answered, failed)
+}
+
+/// What the resolver's health table says of the endpoint at `url`.
+fn health_of(balancer: &wasd::Balancer, url: &str) -> Health {
+    let health = balancer.health();
+    let found = health.iter().find(|(e, _)| e.to_string() == url);
+    found.unwrap_or_else(|| panic!("{url} not in {health:?}")).1
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn balanced_grpc_calls_count_against_the_endpoint_they_went_to() {
+    let servers = Instances::grpc("greeter", 3).await;
+    let urls = servers.urls("grpc");
+    let sandbox = Sandbox::new();
+    let resolver = greeter(&sandbox, &urls, "").await;
+    let channel = resolver
+        .grpc_balanced_channel("discovery:///greeter")
+        .await
+        .unwrap();
+    // Another balancer of the query reads the same health table.
+    let view = resolver.balancer("grpc://greeter").await.unwrap();
+    let (answered, failed) = grpc_calls(&channel, 30, None).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(
+        answered.len() == 3 && answered.values().all(|&n| n == 10),
+        "round-robin: {answered:?}"
+    );
+
+    // greeter-1 answers UNAVAILABLE: its first call fails and ejects it (the default
+    // outlier policy: at once, for 1 s); the others answer every other call.
+    servers.set_unavailable(0, true);
+    let (answered, failed) = grpc_calls(&channel, 30, None).await;
+    assert_eq!(failed, ["greeter-1"], "answered: {answered:?}");
+    assert_eq!(answered.values().sum::<usize>(), 29, "{answered:?}");
+    assert!(
+        matches!(health_of(&view, &urls[0]), Health::Ejected { .. }),
+        "{:?}",
+        view.health()
+    );
+    assert_eq!(health_of(&view, &urls[1]), Health::Healthy);
+
+    // It serves again: once its ejection ends a call goes to it, succeeds, and it stays.
+    servers.set_unavailable(0, false);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (answered, failed) = grpc_calls(&channel, 6, None).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        if answered.contains_key("greeter-1") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "greeter-1 never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(health_of(&view, &urls[0]), Health::Healthy);
+
+    // It leaves the set: calls stop reaching it once the balancer takes up the change.
+    sandbox.write_services("greeter", "grpc", &urls[1..]);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while grpc_calls(&channel, 6, None).await.0.contains_key("greeter-1") {
+        assert!(tokio::time::Instant::now() < deadline, "greeter-1 still called");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn balanced_grpc_channel_passes_over_an_unreachable_endpoint_before_sending() {
+    let servers = Instances::grpc("greeter", 2).await;
+    // A port bound (so nothing else takes it) with nothing listening: refused.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("grpc://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let mut urls = vec![dead_url.clone()];
+    urls.extend(servers.urls("grpc"));
+    let sandbox = Sandbox::new();
+    let resolver = greeter(&sandbox, &urls, "").await;
+    let channel = resolver
+        .grpc_balanced_channel("discovery:///greeter")
+        .await
+        .unwrap();
+    // Its turn comes first, and no call fails for it: the request waits for a
+    // connection, which the next endpoint gives.
+    let (answered, failed) = grpc_calls(&channel, 30, None).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(answered.values().sum::<usize>(), 30, "{answered:?}");
+    assert!(
+        matches!(health_of(channel.balancer(), &dead_url), Health::Ejected { .. }),
+        "{:?}",
+        channel.balancer().health()
+    );
+
+    // None reachable: the call fails naming the query and the last endpoint tried.
+    let only_dead = Sandbox::new();
+    let resolver = greeter(&only_dead, std::slice::from_ref(&dead_url), "").await;
+    let channel = resolver
+        .grpc_channel_builder("discovery:///greeter")
+        .attempts(2)
+        .build_balanced()
+        .await
+        .unwrap();
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    let message = status.message();
+    assert!(
+        message.contains("grpc://greeter")
+            && message.contains("2 attempts")
+            && message.contains(dead_url.trim_start_matches("grpc://")),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn request_keys_route_grpc_calls_and_http_requests_under_consistent_hashing() {
+    let servers = Instances::grpc("greeter", 3).await;
+    let sandbox = Sandbox::new();
+    let resolver = greeter(
+        &sandbox,
+        &servers.urls("grpc"),
+        "[[policy]]\nservice = \"greeter\"\nstrategy = \"consistent-hash\"",
+    )
+    .await;
+    let channel = resolver
+        .grpc_balanced_channel("discovery:///greeter")
+        .await
+        .unwrap();
+    assert_eq!(channel.balancer().strategy(), Strategy::ConsistentHash);
+    let mut homes = BTreeMap::new();
+    for user in 0..24 {
+        let key = format!("user-{user}");
+        let (answered, failed) = grpc_calls(&channel, 5, Some(&key)).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        // Every call of one key goes to one instance.
+        assert_eq!(answered.len(), 1, "{key}: {answered:?}");
+        *homes.entry(answered.into_keys().next().unwrap()).or_insert(0) += 1;
+    }
+    // 24 keys over 3 instances: each gets some (all on one or two: ~1 in 10^3).
+    assert_eq!(homes.len(), 3, "{homes:?}");
+
+    // The HTTP client reads the same extension.
+    let web_servers = Instances::http("web", 3).await;
+    let web_sandbox = Sandbox::new();
+    let resolver = web(
+        &web_sandbox,
+        &web_servers.urls("http"),
+        "strategy = \"consistent-hash\"",
+    )
+    .await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = resolver.http_client().unwrap();
+    let mut http_homes = BTreeMap::new();
+    for user in 0..24 {
+        let key = PickKey::new(format!("user-{user}"));
+        let mut answered = BTreeMap::new();
+        for _ in 0..5 {
+            let response = client
+                .get("http://web/")
+                .with_extension(key)
+                .send()
+                .await
+                .unwrap();
+            let body = response.text().await.unwrap();
+            let name = body.split_whitespace().next().unwrap().to_owned();
+            *answered.entry(name).or_insert(0) += 1;
+        }
+        assert_eq!(answered.len(), 1, "user-{user}: {answered:?}");
+        *http_homes
+            .entry(answered.into_keys().next().unwrap())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(http_homes.len(), 3, "{http_homes:?}");
 }

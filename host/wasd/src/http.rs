@@ -262,7 +262,11 @@ impl Discovery {
             } else {
                 None
             };
-            let picked = service.balancer.pick();
+            // A request keyed for consistent hashing (a `PickKey` extension) picks by it.
+            let picked = match extensions.get::<crate::PickKey>() {
+                Some(&key) => service.balancer.pick_hashed(key),
+                None => service.balancer.pick(),
+            };
             let target = target(picked.endpoint(), &original, &service.query, pins.is_some())
                 .map_err(middleware_error)?;
             if let (Some(pins), Some((name, address))) = (pins, target.pin) {

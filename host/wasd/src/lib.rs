@@ -72,8 +72,8 @@ mod resolver;
 pub mod serve;
 
 pub use balance::{
-    Balancer, BalancerBuilder, DEFAULT_EJECTION, Health, HealthCheck, Outlier, Picked, Policies, Policy,
-    Probe, Strategy, Subset,
+    Balancer, BalancerBuilder, DEFAULT_EJECTION, Health, HealthCheck, Outlier, PickKey, Picked, Policies,
+    Policy, Probe, Strategy, Subset,
 };
 pub use check::check;
 pub use config::{Config, ServeSettings, XdsService};

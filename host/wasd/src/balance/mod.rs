@@ -390,6 +390,18 @@ impl Balancer {
         self.pick_with(Some(snapshot::key_hash(key.as_ref())))
     }
 
+    /// Pick for a request with this already hashed key (see [`PickKey`]).
+    pub(crate) fn pick_hashed(&self, key: PickKey) -> Picked {
+        self.pick_with(Some(key.0))
+    }
+
+    /// The version of the query's set the balancer picks from: it changes when the set
+    /// does (read on a pick; taken up by the next one).
+    pub(crate) fn set_version(&self) -> u64 {
+        self.shared.follow();
+        self.shared.seen.load(Ordering::Acquire)
+    }
+
     fn pick_with(&self, key: Option<u64>) -> Picked {
         let shared = &self.shared;
         shared.follow();
@@ -481,6 +493,25 @@ impl Balancer {
     pub fn policy(&self) -> Policy {
         self.shared.follow();
         (*self.shared.policy.load_full()).clone()
+    }
+}
+
+/// A request's key for [`Strategy::ConsistentHash`], carried as a request extension:
+/// the balanced gRPC channel ([`crate::grpc::BalancedChannel`]) and the HTTP client
+/// ([`crate::http::Discovery`]) pick by it, as [`Balancer::pick_key`] does. Hashed once,
+/// when made.
+///
+/// ```
+/// let mut request = http::Request::new(());
+/// request.extensions_mut().insert(wasd::PickKey::new("user-42"));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PickKey(u64);
+
+impl PickKey {
+    /// The key of `key` (a user id, a session, a cache key).
+    pub fn new(key: impl AsRef<[u8]>) -> PickKey {
+        PickKey(snapshot::key_hash(key.as_ref()))
     }
 }
 

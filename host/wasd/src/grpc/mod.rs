@@ -1,5 +1,12 @@
 //! gRPC channels over a watched query (feature `tonic`): Kratos's `discovery:///name`
-//! dialing for tonic. Endpoints reach tonic's balanced channel
+//! dialing for tonic, two ways.
+//!
+//! [`ChannelBuilder::build_balanced`] (a [`BalancedChannel`]): wasd balances each call
+//! itself, under the query's policy, over one tonic channel per endpoint, and each
+//! call's failure counts against the endpoint it went to (see `balanced.rs`).
+//!
+//! [`ChannelBuilder::build`] (tonic's own [`Channel`]): endpoints reach tonic's balanced
+//! channel
 //! (`Channel::balance_channel`, power of two choices) as insert/remove changes, so the
 //! channel follows them live and, like Kratos, never drops to an empty set.
 //!
@@ -24,6 +31,10 @@ use wasd_core::{Backoff, Endpoint, EndpointSet, Error, Query, Watch};
 
 use crate::balance::{Balancing, EndpointHealth, Policy};
 use crate::resolver::Resolver;
+
+mod balanced;
+
+pub use balanced::BalancedChannel;
 
 /// Changes buffered between the watch and the channel.
 const CHANGE_BUFFER: usize = 64;
@@ -52,7 +63,11 @@ pub struct ChannelBuilder {
     configure: Option<Configure>,
     health_interval: Duration,
     health_check: Option<crate::HealthCheck>,
+    attempts: usize,
 }
+
+/// Endpoints a call of a [`BalancedChannel`] tries, unless `attempts` says otherwise.
+pub const DEFAULT_ATTEMPTS: usize = 3;
 
 impl ChannelBuilder {
     /// Check endpoints actively (a gRPC health `Check`, say), over the configured
@@ -86,10 +101,52 @@ impl ChannelBuilder {
     }
 
     /// How often endpoints are checked for reachability (default 5 s): an endpoint that
-    /// stopped accepting connections leaves the channel within this time.
+    /// stopped accepting connections leaves the channel within this time. For
+    /// [`build`](Self::build) only: a [`BalancedChannel`] leaves such an endpoint out at
+    /// its first failed call.
     pub fn health_interval(mut self, interval: Duration) -> Self {
         self.health_interval = interval.max(Duration::from_millis(10));
         self
+    }
+
+    /// How many endpoints a call of a [`BalancedChannel`] tries when their connections
+    /// cannot be made (default 3; the request is unsent until one is). A call that was
+    /// sent is never sent again.
+    pub fn attempts(mut self, attempts: usize) -> Self {
+        self.attempts = attempts.max(1);
+        self
+    }
+
+    /// Resolve the target (failing as [`Resolver::resolve`] does when nothing answers)
+    /// and return a channel that balances each call itself, through a [`Balancer`] under
+    /// the query's policy (`[[policy]]`, with this builder's health check over it):
+    /// every strategy, zones, subsets, active checks, and ejection fed by the calls'
+    /// own outcomes. Each endpoint gets its own tonic channel, connected by the first
+    /// call that picks it; an endpoint whose connection cannot be made is passed over
+    /// before the request is sent.
+    ///
+    /// [`Balancer`]: crate::Balancer
+    pub async fn build_balanced(self) -> Result<BalancedChannel, Error> {
+        let mut query = target_query(&self.target)?;
+        for (key, value) in self.filters {
+            query = query.with_filter(key, value);
+        }
+        let mut balancer = self.resolver.balancer_for_query(&query);
+        if let Some(check) = self.health_check {
+            balancer = balancer.health_check(check);
+        }
+        let balancer = balancer.build().await?;
+        // Every endpoint must be one a channel can be made for: refuse a target of
+        // others now rather than at each call.
+        for endpoint in balancer.endpoints() {
+            tonic_endpoint(&endpoint, &query)?;
+        }
+        Ok(BalancedChannel::new(
+            balancer,
+            query,
+            self.configure,
+            self.attempts,
+        ))
     }
 
     /// Resolve the target (failing as [`Resolver::resolve`] does when nothing answers),
@@ -446,7 +503,22 @@ impl Resolver {
             configure: None,
             health_interval: DEFAULT_HEALTH_INTERVAL,
             health_check: None,
+            attempts: DEFAULT_ATTEMPTS,
         }
+    }
+
+    /// A [`BalancedChannel`] over a discovery target: wasd balances each call under the
+    /// query's policy and counts its failure against the endpoint it went to.
+    ///
+    /// ```no_run
+    /// # async fn demo(resolver: wasd::Resolver) -> Result<(), wasd::Error> {
+    /// let channel = resolver.grpc_balanced_channel("discovery:///greeter").await?;
+    /// // let mut client = GreeterClient::new(channel);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn grpc_balanced_channel(&self, target: &str) -> Result<BalancedChannel, Error> {
+        self.grpc_channel_builder(target).build_balanced().await
     }
 }
 
