@@ -9,7 +9,8 @@
 //! - `overhead`: the same middleware stack ending in a canned answer, with and without
 //!   discovery: its own cost per request, without the network's noise;
 //! - `grpc`: a health check to one tonic instance over a plain `Channel`, over tonic's
-//!   own balanced channel with a fixed list, and over `Resolver::grpc_channel`.
+//!   own balanced channel with a fixed list, over `Resolver::grpc_channel`, and over
+//!   `Resolver::grpc_balanced_channel` (wasd picks each call).
 //!
 //! `cargo bench -p wasd-tests --bench clients`
 
@@ -168,6 +169,9 @@ fn grpc(c: &mut Criterion) {
         let discovered = resolver.grpc_channel("discovery:///greeter").await.unwrap();
         (direct, listed, discovered)
     });
+    let balanced = rt
+        .block_on(resolver.grpc_balanced_channel("discovery:///greeter"))
+        .unwrap();
     let mut group = c.benchmark_group("clients/grpc");
     for (name, channel) in [
         ("channel", direct),
@@ -186,6 +190,18 @@ fn grpc(c: &mut Criterion) {
             })
         });
     }
+    // wasd's own balancing: a pick per call, the endpoint's channel, the outcome read.
+    group.bench_function("wasd_balanced", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut client = HealthClient::new(balanced.clone());
+            async move {
+                let request = HealthCheckRequest {
+                    service: String::new(),
+                };
+                black_box(client.check(request).await.unwrap())
+            }
+        })
+    });
     group.finish();
 }
 

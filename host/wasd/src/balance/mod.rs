@@ -433,7 +433,9 @@ impl Balancer {
                 .outstanding
                 .fetch_add(1, Ordering::Relaxed);
         }
-        let started = (strategy == Strategy::PowerOfTwoEwma).then(|| CLOCK.raw());
+        let started = (strategy == Strategy::PowerOfTwoEwma
+            && snapshot.slots[index].health.time_request(pick.now))
+        .then(|| CLOCK.raw());
         Picked {
             snapshot,
             index,
@@ -523,7 +525,7 @@ pub struct Picked {
     index: usize,
     /// Whether it counts in its endpoint's outstanding requests.
     counted: bool,
-    /// When it was picked, for the latency strategy: [`CLOCK`]'s raw reading.
+    /// When it was picked, if the latency strategy measures it: [`CLOCK`]'s raw reading.
     started: Option<u64>,
 }
 
