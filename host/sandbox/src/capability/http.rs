@@ -317,7 +317,9 @@ impl WasiHttpHooks for HttpHooks {
 
 /// Send on the provider's pooled client. hyper-util sends a request again on a new
 /// connection when a pooled one turns out closed before the request went out (the
-/// keep-alive race), and closes idle connections after [`IDLE_TIMEOUT`].
+/// keep-alive race), and closes idle connections after [`IDLE_TIMEOUT`]; when it
+/// turns out closed only after, an idempotent request with an empty body is sent again
+/// here.
 async fn send(
     request: http::Request<WasiBody>,
     options: Option<RequestOptions>,
@@ -332,14 +334,104 @@ async fn send(
         .between_bytes_timeout
         .unwrap_or(DEFAULT_BETWEEN_BYTES_TIMEOUT)
         .max(Duration::from_millis(1));
-    let response = tokio::time::timeout(
-        connect_timeout + first_byte_timeout,
-        policy.client.request(request),
-    )
-    .await
-    .map_err(|_| HttpError::ConnectionReadTimeout)?
-    .map_err(client_error)?;
+    let replay = Replay::of(&request);
+    let sent = async {
+        match policy.client.request(request).await {
+            // The keep-alive race past hyper-util's own retry: the request went out on
+            // a pooled connection the server had already closed. Sent again on a new
+            // one when that is safe (RFC 9110 9.2.2: an idempotent method, and a body
+            // known empty), as Go's client does.
+            Err(e) if closed_unanswered(&e) => match replay {
+                Some(replay) => {
+                    tracing::debug!(provider = %policy.provider, "a connection closed before answering; sending the request again");
+                    policy.client.request(replay.request()).await
+                }
+                None => Err(e),
+            },
+            sent => sent,
+        }
+    };
+    let response = tokio::time::timeout(connect_timeout + first_byte_timeout, sent)
+        .await
+        .map_err(|_| HttpError::ConnectionReadTimeout)?
+        .map_err(client_error)?;
     Ok(response.map(|incoming| TimedBody::new(incoming, between_bytes)))
+}
+
+/// What it takes to send a request again: its head, when its method is idempotent and
+/// its body known empty (no body asked for, or `content-length: 0`).
+struct Replay {
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+}
+
+impl Replay {
+    fn of(request: &http::Request<WasiBody>) -> Option<Replay> {
+        use http::Method;
+        let idempotent = [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::TRACE,
+            Method::PUT,
+            Method::DELETE,
+        ]
+        .contains(request.method());
+        let empty = request.body().is_end_stream()
+            || request
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .is_some_and(|length| length.as_bytes() == b"0");
+        (idempotent && empty).then(|| Replay {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            version: request.version(),
+            headers: request.headers().clone(),
+        })
+    }
+
+    fn request(self) -> http::Request<WasiBody> {
+        let mut request = http::Request::new(
+            http_body_util::Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        );
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers;
+        request
+    }
+}
+
+/// Whether the connection ended before any of the answer came: hyper's incomplete
+/// message, or a reset or broken pipe, on a connection that was made.
+fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
+    use std::error::Error as _;
+    if e.is_connect() {
+        return false;
+    }
+    let mut source = e.source();
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_incomplete_message)
+        {
+            return true;
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            )
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// What the guest is told when the client fails: a TLS failure as what it is (a
@@ -521,18 +613,32 @@ mod tests {
         /// Closed by the client (the server read end-of-file).
         closed_by_client: usize,
         requests: usize,
+        /// Requests read and left unanswered, their connection closed.
+        dropped: usize,
+    }
+
+    /// When a [`KeepAlive`] server closes a connection without saying so (no
+    /// `connection: close`).
+    #[derive(Clone, Copy, PartialEq)]
+    enum Close {
+        /// Only when the client does.
+        Never,
+        /// Right after each answer: the keep-alive race, every time.
+        AfterAnswer,
+        /// On a connection's second request, read and left unanswered: a request that
+        /// went out on a kept connection, every time.
+        OnSecondRequest,
     }
 
     /// A keep-alive HTTP/1.1 server on loopback that answers every request after
-    /// `hold`, optionally closing the connection after each answer without saying so
-    /// (no `connection: close`): the keep-alive race, every time.
+    /// `hold`, closing connections as `close` says.
     struct KeepAlive {
         url: String,
         seen: tokio::sync::watch::Receiver<Seen>,
     }
 
     impl KeepAlive {
-        async fn start(hold: Duration, close_after_each: bool) -> KeepAlive {
+        async fn start(hold: Duration, close: Close) -> KeepAlive {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let url = format!("http://{}", listener.local_addr().unwrap());
@@ -545,7 +651,7 @@ mod tests {
                     tokio::spawn(async move {
                         let mut buffer = Vec::new();
                         let mut chunk = [0u8; 1024];
-                        loop {
+                        for nth in 1.. {
                             while !buffer.windows(4).any(|w| w == b"\r\n\r\n") {
                                 match stream.read(&mut chunk).await {
                                     Ok(0) | Err(_) => {
@@ -557,9 +663,14 @@ mod tests {
                             }
                             buffer.clear();
                             tx.send_modify(|s| s.requests += 1);
+                            if nth == 2 && close == Close::OnSecondRequest {
+                                // Counted before the close, which the client sees after.
+                                tx.send_modify(|s| s.dropped += 1);
+                                return;
+                            }
                             tokio::time::sleep(hold).await;
                             let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                            if stream.write_all(answer).await.is_err() || close_after_each {
+                            if stream.write_all(answer).await.is_err() || close == Close::AfterAnswer {
                                 return;
                             }
                         }
@@ -598,6 +709,52 @@ mod tests {
         Ok(response.into_body().collect().await?.to_bytes())
     }
 
+    /// One POST with a body, as [`get`].
+    async fn post(policy: &HttpPolicy, url: &str) -> Result<Bytes, HttpError> {
+        let body = http_body_util::Full::new(Bytes::from_static(b"{}"))
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let request = http::Request::post(format!("{url}/")).body(body).unwrap();
+        let response = send(request, None, policy).await?;
+        Ok(response.into_body().collect().await?.to_bytes())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_a_kept_connection_drops_is_sent_again_only_when_idempotent() {
+        let server = KeepAlive::start(Duration::ZERO, Close::OnSecondRequest).await;
+        let policy = policy(&server, POOL);
+        let dropped = || server.seen.borrow().dropped;
+        // GETs until one goes out on a kept connection (the second or so): the server
+        // drops it unanswered, and it is sent again on a new connection.
+        for i in 0..50 {
+            let before = dropped();
+            assert_eq!(
+                get(&policy, &server.url)
+                    .await
+                    .unwrap_or_else(|e| panic!("GET {i}: {e}")),
+                "ok"
+            );
+            if dropped() > before {
+                break;
+            }
+            assert!(i < 49, "no GET went out on a kept connection");
+        }
+        // A POST is not sent again: the connection's end is its answer.
+        for i in 0..50 {
+            let before = dropped();
+            let answer = post(&policy, &server.url).await;
+            if dropped() > before {
+                assert!(
+                    matches!(answer, Err(HttpError::ConnectionTerminated)),
+                    "{answer:?}"
+                );
+                break;
+            }
+            assert_eq!(answer.unwrap(), "ok");
+            assert!(i < 49, "no POST went out on a kept connection");
+        }
+    }
+
     #[test]
     fn the_shipped_pool_keeps_8_connections_per_origin_for_30s() {
         assert_eq!(POOL.max_idle_per_origin, 8);
@@ -606,7 +763,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn at_most_8_idle_connections_are_kept_per_origin_and_reused() {
-        let mut server = KeepAlive::start(Duration::from_millis(200), false).await;
+        let mut server = KeepAlive::start(Duration::from_millis(200), Close::Never).await;
         let policy = Arc::new(policy(&server, POOL));
         // 20 requests at once need 20 connections; the answers' 200 ms hold keeps
         // them all busy together.
@@ -638,7 +795,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn idle_connections_are_closed_after_the_idle_timeout() {
-        let mut server = KeepAlive::start(Duration::ZERO, false).await;
+        let mut server = KeepAlive::start(Duration::ZERO, Close::Never).await;
         let idle_timeout = Duration::from_millis(300);
         let policy = policy(&server, Pool { idle_timeout, ..POOL });
         assert_eq!(get(&policy, &server.url).await.unwrap(), "ok");
@@ -665,7 +822,7 @@ mod tests {
         // The server closes every connection right after its answer, without saying
         // so: the client pools it as kept alive, and the next request finds it closed,
         // sometimes only as the request goes out.
-        let mut server = KeepAlive::start(Duration::ZERO, true).await;
+        let mut server = KeepAlive::start(Duration::ZERO, Close::AfterAnswer).await;
         let policy = policy(&server, POOL);
         for i in 0..200 {
             let body = get(&policy, &server.url).await;
