@@ -48,16 +48,27 @@ fn endpoint(host: &str, metadata: &str) -> String {
     format!(r#"{{ host = "{host}", port = 80, scheme = "http", metadata = {{ {metadata} }} }}"#)
 }
 
-/// A config provider serving `web` from `urls` (rewritten by `Sandbox::write_services`)
-/// with a `[[policy]]` for it.
-async fn web(sandbox: &Sandbox, urls: &[String], policy: &str) -> Resolver {
-    sandbox.write_services("web", "http", urls);
+/// A config provider serving `service` from `urls` under `section` (rewritten by
+/// `Sandbox::write_services`), then `extra` (a `[[policy]]`, say).
+async fn served(sandbox: &Sandbox, service: &str, section: &str, urls: &[String], extra: &str) -> Resolver {
+    sandbox.write_services(service, section, urls);
     let toml = format!(
         "pass-through = false\nrefresh-period = \"1s\"\n[[provider]]\nbuiltin = \"config\"\n\
-         grants = {{ files = [\"{}\"] }}\n[[policy]]\nservice = \"web\"\n{policy}\n",
+         grants = {{ files = [\"{}\"] }}\n{extra}\n",
         sandbox.path().join("appsettings.json").display()
     );
     sandbox.resolver(&toml).await.unwrap()
+}
+
+/// `web`'s HTTP endpoints from `urls`, with a `[[policy]]` for it.
+async fn web(sandbox: &Sandbox, urls: &[String], policy: &str) -> Resolver {
+    let policy = format!("[[policy]]\nservice = \"web\"\n{policy}");
+    served(sandbox, "web", "http", urls, &policy).await
+}
+
+/// `greeter`'s gRPC endpoints from `urls`, then `extra`.
+async fn greeter(sandbox: &Sandbox, urls: &[String], extra: &str) -> Resolver {
+    served(sandbox, "greeter", "grpc", urls, extra).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -664,18 +675,6 @@ async fn subsets_of_consecutive_clients_cover_the_endpoints_once() {
     seen.sort();
     seen.dedup();
     assert_eq!(seen.len(), 6, "{seen:?}");
-}
-
-/// A config provider serving `greeter`'s gRPC endpoints from `urls` (rewritten by
-/// `Sandbox::write_services`), then `extra` (a `[[policy]]`, say).
-async fn greeter(sandbox: &Sandbox, urls: &[String], extra: &str) -> Resolver {
-    sandbox.write_services("greeter", "grpc", urls);
-    let toml = format!(
-        "pass-through = false\nrefresh-period = \"1s\"\n[[provider]]\nbuiltin = \"config\"\n\
-         grants = {{ files = [\"{}\"] }}\n{extra}\n",
-        sandbox.path().join("appsettings.json").display()
-    );
-    sandbox.resolver(&toml).await.unwrap()
 }
 
 /// `n` health checks through `channel` (with `key` as their pick key, if any): the
