@@ -79,6 +79,14 @@ fn grpc_client_balances_and_follows_config_and_etcd() {
         assert!(!tallies[1].contains("greeter-3"), "{stdout}");
     };
     check(&example("grpc-client", &[]));
+    // wasd's own balancing under the default policy: round-robin, exactly.
+    let stdout = example("grpc-client", &["--balanced"]);
+    check(&stdout);
+    assert_eq!(
+        tallies(&stdout),
+        ["greeter-1=4 greeter-2=4 greeter-3=4", "greeter-1=6 greeter-2=6"],
+        "{stdout}"
+    );
     let etcd = EtcdServer::start();
     let stdout = example("grpc-client", &["--etcd", &etcd.url()]);
     assert_eq!(stdout.matches("registered greeter/").count(), 3, "{stdout}");
