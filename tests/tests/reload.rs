@@ -337,11 +337,24 @@ settings = {{ service = "*", answers = [{{ endpoints = ["{answer}"] }}] }}
         }));
     }
     let before = resolver.reload_status();
-    // 120 reloads in cycles of six: a module swap, a broken config, a config edit that
-    // repairs it and changes an answer, a broken module, a module swap that repairs it,
-    // another config edit. The broken ones are refused and change nothing.
+    // At least 120 reloads in cycles of six: a module swap, a broken config, a config
+    // edit that repairs it and changes an answer, a broken module, a module swap that
+    // repairs it, another config edit. The broken ones are refused and change nothing.
+    // Reloads go on (whole cycles) until enough resolves ran among them, however busy
+    // the machine: what is counted is resolves during reloads, not the machine's speed.
     let config = sandbox.path().join("wasd.toml");
-    for i in 0..120u32 {
+    let enough = || {
+        tally.cached.load(Ordering::Relaxed) >= 200
+            && tally.uncached.load(Ordering::Relaxed) >= 100
+            && tally.new_texts.load(Ordering::Relaxed) >= 100
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let mut i = 0u32;
+    while i < 120 || i % 6 != 0 || !enough() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still too few resolves after {i} reloads"
+        );
         match i % 6 {
             0 => write_then_rename(&plugin, &b),
             1 => write_then_rename(&config, b"[[provider]\nmodule = "),
@@ -353,6 +366,7 @@ settings = {{ service = "*", answers = [{{ endpoints = ["{answer}"] }}] }}
         let report = resolver.reload().await;
         let refused = matches!(i % 6, 1 | 3);
         assert_eq!(!report.errors.is_empty(), refused, "reload {i}: {report:?}");
+        i += 1;
     }
     stop.store(true, Ordering::Relaxed);
     for task in tasks {
