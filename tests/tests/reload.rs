@@ -350,7 +350,7 @@ settings = {{ service = "*", answers = [{{ endpoints = ["{answer}"] }}] }}
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let mut i = 0u32;
-    while i < 120 || i % 6 != 0 || !enough() {
+    while i < 120 || !i.is_multiple_of(6) || !enough() {
         assert!(
             std::time::Instant::now() < deadline,
             "still too few resolves after {i} reloads"
