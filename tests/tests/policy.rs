@@ -749,28 +749,26 @@ async fn balanced_grpc_calls_count_against_the_endpoint_they_went_to() {
 
     // It serves again: once its ejection ends a call goes to it, succeeds, and it stays.
     servers.set_unavailable(0, false);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (answered, failed) = grpc_calls(&channel, 6, None).await;
-        assert!(failed.is_empty(), "{failed:?}");
-        if answered.contains_key("greeter-1") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "greeter-1 never came back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(WAIT, "greeter-1's ejection never ended", || {
+        health_of(&view, &urls[0]) == Health::Healthy
+    })
+    .await;
+    let (answered, failed) = grpc_calls(&channel, 6, None).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(answered.get("greeter-1"), Some(&2), "{answered:?}");
     assert_eq!(health_of(&view, &urls[0]), Health::Healthy);
 
-    // It leaves the set: calls stop reaching it once the balancer takes up the change.
+    // It leaves the set: the cache stores the new set before it tells watchers, and
+    // the balancer takes it up at the next pick, so no call after the change reaches it.
+    let mut watch = resolver.watch("grpc://greeter").await.unwrap();
     sandbox.write_services("greeter", "grpc", &urls[1..]);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while grpc_calls(&channel, 6, None).await.0.contains_key("greeter-1") {
-        assert!(tokio::time::Instant::now() < deadline, "greeter-1 still called");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tokio::time::timeout(WAIT, watch.changed())
+        .await
+        .expect("the change is seen")
+        .unwrap();
+    let (answered, failed) = grpc_calls(&channel, 6, None).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(!answered.contains_key("greeter-1"), "{answered:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -839,16 +837,15 @@ async fn request_keys_route_grpc_calls_and_http_requests_under_consistent_hashin
         .await
         .unwrap();
     assert_eq!(channel.balancer().strategy(), Strategy::ConsistentHash);
-    let mut homes = BTreeMap::new();
+    let mut homes = Vec::new();
     for user in 0..60 {
         let key = format!("user-{user}");
         let (answered, failed) = grpc_calls(&channel, 5, Some(&key)).await;
         assert!(failed.is_empty(), "{failed:?}");
-        // Every call of one key goes to one instance.
-        assert_eq!(answered.len(), 1, "{key}: {answered:?}");
-        *homes.entry(answered.into_keys().next().unwrap()).or_insert(0) += 1;
+        homes.push(only_home(&key, answered));
     }
     // 60 keys over 3 instances: each gets some (all on one or two: ~1 run in 10^10).
+    let homes = counts(homes);
     assert_eq!(homes.len(), 3, "{homes:?}");
 
     // The HTTP client reads the same extension.
@@ -862,25 +859,28 @@ async fn request_keys_route_grpc_calls_and_http_requests_under_consistent_hashin
     .await;
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = resolver.http_client().unwrap();
-    let mut http_homes = BTreeMap::new();
+    let mut http_homes = Vec::new();
     for user in 0..60 {
-        let key = PickKey::new(format!("user-{user}"));
-        let mut answered = BTreeMap::new();
+        let key = format!("user-{user}");
+        let mut answered = Vec::new();
         for _ in 0..5 {
             let response = client
                 .get("http://web/")
-                .with_extension(key)
+                .with_extension(PickKey::new(&key))
                 .send()
                 .await
                 .unwrap();
             let body = response.text().await.unwrap();
-            let name = body.split_whitespace().next().unwrap().to_owned();
-            *answered.entry(name).or_insert(0) += 1;
+            answered.push(body.split_whitespace().next().unwrap().to_owned());
         }
-        assert_eq!(answered.len(), 1, "user-{user}: {answered:?}");
-        *http_homes
-            .entry(answered.into_keys().next().unwrap())
-            .or_insert(0) += 1;
+        http_homes.push(only_home(&key, counts(answered)));
     }
+    let http_homes = counts(http_homes);
     assert_eq!(http_homes.len(), 3, "{http_homes:?}");
+}
+
+/// The one instance that answered every call of `key`.
+fn only_home(key: &str, answered: BTreeMap<String, usize>) -> String {
+    assert_eq!(answered.len(), 1, "{key}: {answered:?}");
+    answered.into_keys().next().unwrap()
 }
