@@ -188,7 +188,8 @@ async fn http_get(client: &HttpClient, endpoint: &Endpoint, path: &str) -> Resul
     }
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
+/// `error` and its sources, as one line.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

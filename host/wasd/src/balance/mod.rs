@@ -31,7 +31,7 @@ use wasd_core::{Clock, Endpoint, EndpointSet, Error, Latest, Query, Watch};
 
 use crate::resolver::Resolver;
 #[cfg(feature = "tonic")]
-pub(crate) use check::port_of;
+pub(crate) use check::{error_chain, port_of};
 #[cfg(any(feature = "tonic", feature = "xds"))]
 pub(crate) use health::EndpointHealth;
 pub use health::Health;

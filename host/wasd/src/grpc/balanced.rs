@@ -29,7 +29,7 @@ use tonic::transport::Channel;
 use wasd_core::{Endpoint, Query};
 
 use super::{Configure, tonic_endpoint};
-use crate::balance::{Balancer, PickKey, Picked};
+use crate::balance::{Balancer, PickKey, Picked, error_chain};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -148,7 +148,7 @@ impl Inner {
             "no endpoint of {} accepted a connection in {} attempts; the last, {endpoint}: {}",
             self.query,
             self.attempts,
-            chain(&*error)
+            error_chain(&*error)
         ))))
     }
 
@@ -163,7 +163,11 @@ impl Inner {
                     self.balancer.endpoints().into_iter().collect();
                 channels.retain(|e, _| kept.contains(e));
             }
-            channels.entry(endpoint.clone()).or_default().clone()
+            // Cloned as a key only the first time: this runs on every call.
+            match channels.get(endpoint) {
+                Some(cell) => cell.clone(),
+                None => channels.entry(endpoint.clone()).or_default().clone(),
+            }
         };
         let channel = cell
             .get_or_try_init(|| async {
@@ -213,21 +217,6 @@ const GRPC_STATUS: &str = "grpc-status";
 /// DEADLINE_EXCEEDED (4).
 fn endpoint_failed(code: &[u8]) -> bool {
     matches!(code, b"14" | b"4")
-}
-
-/// `error` and its sources, as one line.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let next = e.to_string();
-        if !text.ends_with(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = e.source();
-    }
-    text
 }
 
 /// Where a watched body reports a failure: the pick (or a test's counter).

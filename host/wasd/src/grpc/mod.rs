@@ -6,9 +6,8 @@
 //! call's failure counts against the endpoint it went to (see `balanced.rs`).
 //!
 //! [`ChannelBuilder::build`] (tonic's own [`Channel`]): endpoints reach tonic's balanced
-//! channel
-//! (`Channel::balance_channel`, power of two choices) as insert/remove changes, so the
-//! channel follows them live and, like Kratos, never drops to an empty set.
+//! channel (`Channel::balance_channel`, power of two choices) as insert/remove changes,
+//! so the channel follows them live and, like Kratos, never drops to an empty set.
 //!
 //! tonic's balancer connects lazily and keeps picking an endpoint whose connection
 //! fails (each such call fails). grpc-go only picks subchannels that are READY; the same
@@ -117,6 +116,14 @@ impl ChannelBuilder {
         self
     }
 
+    /// The target as a query, with the builder's filters.
+    fn query(&self) -> Result<Query, Error> {
+        let query = target_query(&self.target)?;
+        Ok(self.filters.iter().fold(query, |query, (key, value)| {
+            query.with_filter(key.clone(), value.clone())
+        }))
+    }
+
     /// Resolve the target (failing as [`Resolver::resolve`] does when nothing answers)
     /// and return a channel that balances each call itself, through a [`Balancer`] under
     /// the query's policy (`[[policy]]`, with this builder's health check over it):
@@ -127,10 +134,7 @@ impl ChannelBuilder {
     ///
     /// [`Balancer`]: crate::Balancer
     pub async fn build_balanced(self) -> Result<BalancedChannel, Error> {
-        let mut query = target_query(&self.target)?;
-        for (key, value) in self.filters {
-            query = query.with_filter(key, value);
-        }
+        let query = self.query()?;
         let mut balancer = self.resolver.balancer_for_query(&query);
         if let Some(check) = self.health_check {
             balancer = balancer.health_check(check);
@@ -153,10 +157,7 @@ impl ChannelBuilder {
     /// check which endpoints accept connections, and return a channel that follows the
     /// target. Connections are made by tonic, per endpoint, on first use.
     pub async fn build(self) -> Result<Channel, Error> {
-        let mut query = target_query(&self.target)?;
-        for (key, value) in self.filters {
-            query = query.with_filter(key, value);
-        }
+        let query = self.query()?;
         let watch = self.resolver.watch_query(&query).await?;
         let first = watch.current();
         if first.is_empty() {
