@@ -125,6 +125,10 @@ pub(crate) struct HttpPolicy {
     /// again on every refresh and lease keep-alive; a new TCP (and TLS) connection each
     /// time would cost more than the request itself.
     client: Client<HttpsConnector<HttpConnector>, WasiBody>,
+    /// The same connector without a pool: a request sent again after a kept connection
+    /// dropped it goes out on a new connection, not on another kept one that may have
+    /// been closed with it.
+    fresh: Client<HttpsConnector<HttpConnector>, WasiBody>,
 }
 
 /// TLS material for a provider's HTTPS, as read from the files in its config.
@@ -196,6 +200,10 @@ impl HttpPolicy {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
+        let fresh = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .timer(TokioTimer::new())
+            .build(connector.clone());
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(pool.idle_timeout)
             .pool_max_idle_per_host(pool.max_idle_per_origin)
@@ -210,6 +218,7 @@ impl HttpPolicy {
             provider,
             origins,
             client,
+            fresh,
         })
     }
 }
@@ -338,13 +347,13 @@ async fn send(
     let sent = async {
         match policy.client.request(request).await {
             // The keep-alive race past hyper-util's own retry: the request went out on
-            // a pooled connection the server had already closed. Sent again on a new
-            // one when that is safe (RFC 9110 9.2.2: an idempotent method, and a body
-            // known empty), as Go's client does.
+            // a pooled connection the server had already closed. Sent again, on a new
+            // connection (not another kept one), when that is safe (RFC 9110 9.2.2: an
+            // idempotent method, and a body known empty), as Go's client does.
             Err(e) if closed_unanswered(&e) => match replay {
                 Some(replay) => {
                     tracing::debug!(provider = %policy.provider, "a connection closed before answering; sending the request again");
-                    policy.client.request(replay.request()).await
+                    policy.fresh.request(replay.request()).await
                 }
                 None => Err(e),
             },
@@ -413,25 +422,17 @@ fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
     if e.is_connect() {
         return false;
     }
-    let mut source = e.source();
-    while let Some(cause) = source {
-        if cause
+    std::iter::successors(e.source(), |&cause| cause.source()).any(|cause| {
+        cause
             .downcast_ref::<hyper::Error>()
             .is_some_and(hyper::Error::is_incomplete_message)
-        {
-            return true;
-        }
-        if let Some(io) = cause.downcast_ref::<std::io::Error>()
-            && matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-            )
-        {
-            return true;
-        }
-        source = cause.source();
-    }
-    false
+            || cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                )
+            })
+    })
 }
 
 /// What the guest is told when the client fails: a TLS failure as what it is (a
