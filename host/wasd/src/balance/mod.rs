@@ -426,8 +426,7 @@ impl Balancer {
         // Only the power-of-two strategies read the count: the others spare its two
         // locked instructions. (After a policy change to one of them, requests picked
         // before it are not counted; the count is right again once they end.)
-        let counted = matches!(strategy, Strategy::PowerOfTwoChoices | Strategy::PowerOfTwoEwma);
-        if counted {
+        if counts_outstanding(strategy) {
             snapshot.slots[index]
                 .health
                 .outstanding
@@ -439,7 +438,6 @@ impl Balancer {
         Picked {
             snapshot,
             index,
-            counted,
             started,
         }
     }
@@ -498,6 +496,12 @@ impl Balancer {
     }
 }
 
+/// Whether picks under `strategy` count their requests outstanding: only the strategies
+/// that read the count do.
+fn counts_outstanding(strategy: Strategy) -> bool {
+    matches!(strategy, Strategy::PowerOfTwoChoices | Strategy::PowerOfTwoEwma)
+}
+
 /// A request's key for [`Strategy::ConsistentHash`], carried as a request extension:
 /// the balanced gRPC channel ([`crate::grpc::BalancedChannel`]) and the HTTP client
 /// ([`crate::http::Discovery`]) pick by it, as [`Balancer::pick_key`] does. Hashed once,
@@ -523,8 +527,6 @@ pub struct Picked {
     /// The snapshot it was picked from: its endpoint, health entry, policy and service.
     snapshot: Arc<Snapshot>,
     index: usize,
-    /// Whether it counts in its endpoint's outstanding requests.
-    counted: bool,
     /// When it was picked, if the latency strategy measures it: [`CLOCK`]'s raw reading.
     started: Option<u64>,
 }
@@ -579,7 +581,8 @@ impl Picked {
 
 impl Drop for Picked {
     fn drop(&mut self) {
-        if self.counted {
+        // The snapshot's strategy is the one it was picked under.
+        if counts_outstanding(self.snapshot.policy.strategy) {
             self.snapshot.slots[self.index]
                 .health
                 .outstanding
