@@ -391,12 +391,14 @@ impl Balancer {
     }
 
     /// Pick for a request with this already hashed key (see [`PickKey`]).
+    #[cfg(any(feature = "tonic", feature = "reqwest"))]
     pub(crate) fn pick_hashed(&self, key: PickKey) -> Picked {
         self.pick_with(Some(key.0))
     }
 
     /// The version of the query's set the balancer picks from: it changes when the set
     /// does (read on a pick; taken up by the next one).
+    #[cfg(feature = "tonic")]
     pub(crate) fn set_version(&self) -> u64 {
         self.shared.follow();
         self.shared.seen.load(Ordering::Acquire)
