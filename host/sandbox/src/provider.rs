@@ -1085,9 +1085,10 @@ fn panic_message(stderr: &[u8]) -> Option<String> {
 fn check_endpoint(e: GuestEndpoint) -> Result<Endpoint, String> {
     let host_ok = !e.host.is_empty()
         && e.host.len() <= MAX_HOST_LEN
+        // Bytes, not chars: any non-ASCII character fails either way.
         && e.host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':'));
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b':'));
     if !host_ok {
         return Err(format!(
             "host '{}' is not a host name or IP address",
@@ -1101,8 +1102,8 @@ fn check_endpoint(e: GuestEndpoint) -> Result<Endpoint, String> {
         let ok = scheme.len() <= MAX_SCHEME_LEN
             && scheme.starts_with(|c: char| c.is_ascii_alphabetic())
             && scheme
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'-' | b'.'));
         if !ok {
             return Err(format!("scheme '{}' is not valid", excerpt(scheme)));
         }
@@ -1123,13 +1124,13 @@ fn check_endpoint(e: GuestEndpoint) -> Result<Endpoint, String> {
             "metadata over its limits ({MAX_METADATA_PAIRS} pairs of at most {MAX_METADATA_LEN} bytes)"
         ));
     }
-    Ok(Endpoint::from_parts(
-        e.scheme.map(|s| s.to_ascii_lowercase()),
-        e.host.to_ascii_lowercase(),
-        e.port,
-        e.path,
-        e.metadata,
-    ))
+    // Lowercased in place: the lifted strings are ours, so no second allocation each.
+    let (mut scheme, mut host) = (e.scheme, e.host);
+    if let Some(scheme) = &mut scheme {
+        scheme.make_ascii_lowercase();
+    }
+    host.make_ascii_lowercase();
+    Ok(Endpoint::from_parts(scheme, host, e.port, e.path, e.metadata))
 }
 
 /// Wait until `deadline` on a call's timer, made on first use and moved when the
@@ -1140,4 +1141,60 @@ async fn expire(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>, deadline: toki
         sleep.as_mut().reset(deadline);
     }
     sleep.as_mut().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(scheme: Option<&str>, host: &str, path: Option<&str>) -> GuestEndpoint {
+        GuestEndpoint {
+            scheme: scheme.map(str::to_owned),
+            host: host.to_owned(),
+            port: Some(443),
+            path: path.map(str::to_owned),
+            metadata: vec![("Zone".into(), "EU-West".into())],
+        }
+    }
+
+    #[test]
+    fn an_answer_s_scheme_and_host_are_lowercased_and_the_rest_kept() {
+        let checked = check_endpoint(endpoint(Some("HTTPS"), "Catalog.Example.COM", Some("/Api"))).unwrap();
+        assert_eq!(checked.scheme(), Some("https"));
+        assert_eq!(checked.host(), "catalog.example.com");
+        assert_eq!(checked.port(), Some(443));
+        // Paths and metadata are case-sensitive: kept as the provider wrote them.
+        assert_eq!(checked.path(), Some("/Api"));
+        assert_eq!(checked.metadata_value("Zone"), Some("EU-West"));
+        let bare = check_endpoint(endpoint(None, "FE80::1", None)).unwrap();
+        assert_eq!((bare.scheme(), bare.host()), (None, "fe80::1"));
+    }
+
+    #[test]
+    fn an_answer_s_bad_parts_are_refused_by_name() {
+        for (e, want) in [
+            (endpoint(None, "", None), "host '' is not a host name"),
+            (endpoint(None, "a b", None), "host 'a b' is not a host name"),
+            (
+                endpoint(None, "café.example", None),
+                "host 'caf\\u{e9}.example' is not a host name",
+            ),
+            (
+                endpoint(None, "1:2:x", None),
+                "host '1:2:x' is not an IPv6 address",
+            ),
+            (endpoint(Some("1http"), "h", None), "scheme '1http' is not valid"),
+            (
+                endpoint(Some("httpé"), "h", None),
+                "scheme 'http\\u{e9}' is not valid",
+            ),
+            (
+                endpoint(Some("h"), "h", Some("api")),
+                "path 'api' is not a URI path",
+            ),
+        ] {
+            let err = check_endpoint(e).unwrap_err();
+            assert!(err.starts_with(want), "{err}");
+        }
+    }
 }
