@@ -38,9 +38,21 @@ const MIN_REFRESH: Duration = Duration::from_secs(1);
 static NEXT_INDEX: AtomicU64 = AtomicU64::new(1);
 /// Most query texts remembered for `resolve(&str)`'s fast path.
 const MAX_TEXT_INDEX: usize = 16_384;
+/// An index smaller than this takes each new text at once (copying it is cheap).
+const PENDING_ALWAYS: usize = 256;
+/// Longest a new text waits for the next copy of a larger index, in milliseconds.
+const PENDING_WAIT_MS: u64 = 100;
 
-// Shared keys: each new text copies the map (copy-on-write), which then costs two
-// reference counts per text rather than an allocation.
+/// New texts waiting for the next copy of the text index.
+#[derive(Default)]
+struct PendingTexts {
+    texts: HashMap<Arc<str>, Weak<Entry>, foldhash::fast::RandomState>,
+    /// When the first of them arrived (the coarse clock).
+    since_ms: u64,
+}
+
+// Shared keys: each copy of the map (copy-on-write, once per batch of new texts) then
+// costs two reference counts per text rather than an allocation.
 type TextIndex = HashMap<Arc<str>, Arc<Entry>, foldhash::fast::RandomState>;
 
 /// A resolve's answer: an empty set (the service is gone) is `NoEndpoints`.
@@ -154,6 +166,10 @@ struct Inner {
     /// Query text → entry, for `resolve(&str)`: a hit skips parsing and key building.
     /// Read-mostly and copied on write, so reads from every core never contend.
     by_text: ArcSwap<TextIndex>,
+    /// Texts answered but not in `by_text` yet, copied in together (see `index_text`).
+    pending: Mutex<PendingTexts>,
+    /// Copies of `by_text` made so far (what batching saves; tests read it).
+    index_copies: AtomicU64,
     /// Dropped with `Inner`: wakes every refresh task so it can exit at once.
     shutdown: watch::Sender<()>,
     clock: Clock,
@@ -345,6 +361,8 @@ impl Cache {
                 settings: ArcSwap::from_pointee(settings),
                 entries: DashMap::new(),
                 by_text: ArcSwap::default(),
+                pending: Mutex::default(),
+                index_copies: AtomicU64::new(0),
                 shutdown: watch::channel(()).0,
                 clock,
                 recovery: Arc::default(),
@@ -377,7 +395,18 @@ impl Cache {
     pub fn set_settings(&self, settings: Settings) {
         self.inner.settings.store(Arc::new(settings));
         // Allowed schemes may have changed what a query text means.
+        let mut pending = self.inner.pending.lock().expect("pending texts lock");
+        pending.texts.clear();
         self.inner.by_text.store(Arc::default());
+    }
+
+    /// Texts in the index now, and the copies of it made so far.
+    #[cfg(test)]
+    pub(crate) fn text_index(&self) -> (usize, u64) {
+        (
+            self.inner.by_text.load().len(),
+            self.inner.index_copies.load(Ordering::Relaxed),
+        )
     }
 
     /// Queries cached now.
@@ -689,16 +718,52 @@ impl Inner {
     }
 
     /// Remember `text` → `entry` for `resolve(&str)`.
+    ///
+    /// The index is copied on write, so one copy per new text would cost O(n²) while
+    /// n texts arrive (a sidecar's first minute at 10 000 services: 50 M slot copies).
+    /// New texts wait in `pending` instead, and go in together once they are an eighth
+    /// of the index or the first has waited `PENDING_WAIT_MS`: copies grow the index
+    /// geometrically. A waiting text is answered the slow way meanwhile (parsed, its
+    /// entry found by key); its own next resolve after the wait copies it in.
     fn index_text(&self, text: &str, entry: &Arc<Entry>) {
-        self.by_text.rcu(|index| {
-            if index.len() >= MAX_TEXT_INDEX
-                || index.contains_key(text)
-                || !entry.live.load(Ordering::Acquire)
-            {
-                return Arc::clone(index);
+        let indexed = self.by_text.load();
+        if indexed.len() >= MAX_TEXT_INDEX || indexed.contains_key(text) {
+            return;
+        }
+        let now = self.clock.coarse_now_ms();
+        let batch = {
+            let mut pending = self.pending.lock().expect("pending texts lock");
+            if pending.texts.is_empty() {
+                pending.since_ms = now;
             }
+            // Weak: a text waiting here must not keep an idled-out entry (and the
+            // watch senders it holds) alive.
+            pending
+                .texts
+                .entry(text.into())
+                .or_insert_with(|| Arc::downgrade(entry));
+            let due = indexed.len() < PENDING_ALWAYS
+                || pending.texts.len() >= indexed.len() / 8
+                || now.saturating_sub(pending.since_ms) >= PENDING_WAIT_MS;
+            if !due {
+                return;
+            }
+            std::mem::take(&mut pending.texts)
+        };
+        drop(indexed);
+        self.by_text.rcu(|index| {
             let mut copy = HashMap::clone(index);
-            copy.insert(text.into(), entry.clone());
+            for (text, entry) in &batch {
+                if copy.len() >= MAX_TEXT_INDEX {
+                    break;
+                }
+                if let Some(entry) = entry.upgrade()
+                    && entry.live.load(Ordering::Acquire)
+                {
+                    copy.entry(text.clone()).or_insert(entry);
+                }
+            }
+            self.index_copies.fetch_add(1, Ordering::Relaxed);
             Arc::new(copy)
         });
     }

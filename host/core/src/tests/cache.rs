@@ -718,3 +718,28 @@ async fn past_the_long_poll_cap_unwatched_queries_are_refreshed_on_the_period() 
     // call at a time: the others only started waiting when it let go.)
     assert_eq!(a.calls(), 6, "{:?}", a.watch_calls());
 }
+
+// The text index is copied on write: one copy per new text would cost O(n²) while
+// thousands of services are first resolved. New texts go in by batches.
+#[tokio::test(start_paused = true)]
+async fn many_new_texts_copy_the_text_index_in_batches_and_all_get_in() {
+    let a = Arc::new(Fake::new("a").answering(answer(&[bare("10.0.0.1")])));
+    let cache = cache_of(&[&a], Settings::default());
+    let texts: Vec<String> = (0..4000).map(|i| format!("svc{i}")).collect();
+    for text in &texts {
+        assert_eq!(cache.resolve(text).await.unwrap(), set("a", &[bare("10.0.0.1")]));
+    }
+    // The first 256 one by one, then one copy whenever the waiting texts are an
+    // eighth of the index: ~24 more up to 4 000 (4 000 copies without batching).
+    let (indexed, copies) = cache.text_index();
+    assert!(copies <= 300, "{copies} copies of the index for 4 000 texts");
+    assert!(indexed >= 3000, "{indexed} texts indexed");
+    // A waiting text is answered from its cache entry meanwhile (the source was asked
+    // once per text), and its own next resolve after the wait copies it in.
+    run_for(ms(100)).await;
+    for text in &texts {
+        assert_eq!(cache.resolve(text).await.unwrap(), set("a", &[bare("10.0.0.1")]));
+    }
+    assert_eq!(a.calls(), 4000);
+    assert_eq!(cache.text_index().0, 4000);
+}
