@@ -49,6 +49,10 @@ struct PendingTexts {
     texts: HashMap<Arc<str>, Weak<Entry>, foldhash::fast::RandomState>,
     /// When the first of them arrived (the coarse clock).
     since_ms: u64,
+    /// Indexed entries that left the cache since the last copy, and when the first
+    /// did: they are swept out together, as new texts go in.
+    gone: usize,
+    gone_since_ms: u64,
 }
 
 // Shared keys: each copy of the map (copy-on-write, once per batch of new texts) then
@@ -230,6 +234,9 @@ struct Entry {
     current: Arc<Current>,
     /// Cleared when the entry leaves the cache (idle), so `by_text` never serves it.
     live: AtomicBool,
+    /// Set once a text of it is in `by_text`: only then does its leaving count
+    /// towards the index's next sweep.
+    indexed: AtomicBool,
     /// The first run of the chain, shared by everyone who asked before it ended: its
     /// failures too, so concurrent first resolves of a failing query cost one run.
     init: OnceCell<Result<(), Vec<ProviderError>>>,
@@ -684,6 +691,7 @@ impl Inner {
                         state: watch::channel(None).0,
                         current: Arc::default(),
                         live: AtomicBool::new(true),
+                        indexed: AtomicBool::new(false),
                         init: OnceCell::new(),
                         last_used_ms: AtomicU64::new(0),
                         times: Mutex::default(),
@@ -748,18 +756,28 @@ impl Inner {
             if !due {
                 return;
             }
+            // This copy sweeps the gone ones out too.
+            pending.gone = 0;
             std::mem::take(&mut pending.texts)
         };
         drop(indexed);
+        self.copy_index(&batch);
+    }
+
+    /// Copy the text index without the entries that left the cache and with `batch`
+    /// added (the only way the index changes, but for `set_settings`'s reset).
+    fn copy_index(&self, batch: &HashMap<Arc<str>, Weak<Entry>, foldhash::fast::RandomState>) {
         self.by_text.rcu(|index| {
             let mut copy = HashMap::clone(index);
-            for (text, entry) in &batch {
+            copy.retain(|_, entry| entry.live.load(Ordering::Acquire));
+            for (text, entry) in batch {
                 if copy.len() >= MAX_TEXT_INDEX {
                     break;
                 }
                 if let Some(entry) = entry.upgrade()
                     && entry.live.load(Ordering::Acquire)
                 {
+                    entry.indexed.store(true, Ordering::Release);
                     copy.entry(text.clone()).or_insert(entry);
                 }
             }
@@ -768,17 +786,35 @@ impl Inner {
         });
     }
 
+    /// The entry leaves the cache: `resolve(&str)` stops serving it at once (it reads
+    /// `live`), and the index lets go of it at its next copy. Those copies are batched
+    /// as `index_text`'s are: thousands of entries idling out together would otherwise
+    /// copy the index once each.
     fn unindex(&self, entry: &Arc<Entry>) {
         entry.live.store(false, Ordering::Release);
-        self.by_text.rcu(|index| {
-            // Most expiring entries were never indexed (parsed queries, watches).
-            if !index.values().any(|e| Arc::ptr_eq(e, entry)) {
-                return Arc::clone(index);
+        // Most expiring entries were never indexed (parsed queries, watches).
+        if !entry.indexed.load(Ordering::Acquire) {
+            return;
+        }
+        let now = self.clock.coarse_now_ms();
+        let len = self.by_text.load().len();
+        let batch = {
+            let mut pending = self.pending.lock().expect("pending texts lock");
+            if pending.gone == 0 {
+                pending.gone_since_ms = now;
             }
-            let mut copy = HashMap::clone(index);
-            copy.retain(|_, e| !Arc::ptr_eq(e, entry));
-            Arc::new(copy)
-        });
+            pending.gone += 1;
+            let due = len < PENDING_ALWAYS
+                || pending.gone >= len / 8
+                || now.saturating_sub(pending.gone_since_ms) >= PENDING_WAIT_MS;
+            if !due {
+                return;
+            }
+            pending.gone = 0;
+            // Texts waiting to go in ride along.
+            std::mem::take(&mut pending.texts)
+        };
+        self.copy_index(&batch);
     }
 
     /// The entry's current set, running the chain first if nobody has yet, and whether

@@ -743,3 +743,48 @@ async fn many_new_texts_copy_the_text_index_in_batches_and_all_get_in() {
     assert_eq!(a.calls(), 4000);
     assert_eq!(cache.text_index().0, 4000);
 }
+
+// ...and leave it by batches: thousands of entries idling out together must not copy
+// the index once each, and none is served once it has left, swept out or not yet.
+#[tokio::test(start_paused = true)]
+async fn many_entries_idling_out_leave_the_text_index_in_batches() {
+    let a = Arc::new(Fake::new("a").answering(answer(&[bare("10.0.0.1")]).with_ttl(secs(1))));
+    let cache = cache_of(&[&a], Settings::default().with_idle_timeout(secs(10)));
+    let texts: Vec<String> = (0..4000).map(|i| format!("svc{i}")).collect();
+    for text in &texts {
+        cache.resolve(text).await.unwrap();
+    }
+    run_for(ms(100)).await;
+    for text in &texts {
+        cache.resolve(text).await.unwrap();
+    }
+    let (indexed, before) = cache.text_index();
+    assert_eq!(indexed, 4000);
+    // The first 1 000 idle out together (at their refresh after 10 s unused); the
+    // others stay in use.
+    let (idle, used) = texts.split_at(1000);
+    for _ in 0..6 {
+        run_for(secs(2)).await;
+        for text in used {
+            cache.resolve(text).await.unwrap();
+        }
+    }
+    assert_eq!(cache.len(), 3000);
+    let (indexed, after) = cache.text_index();
+    // Swept out by eighths of the index: a couple of copies, 1 000 without batching.
+    assert!(
+        after - before <= 5,
+        "{} copies of the index for 1 000 leaving",
+        after - before
+    );
+    // Some are still in the index, waiting for the next sweep...
+    assert!(indexed > 3000, "{indexed} texts indexed");
+    // ...and are never served: every idled-out text's next resolve asks the source.
+    // Last gone first: those are the ones not swept yet (new texts going in would
+    // sweep them).
+    let calls = a.calls();
+    for text in idle.iter().rev() {
+        cache.resolve(text).await.unwrap();
+    }
+    assert_eq!(a.calls(), calls + 1000);
+}
