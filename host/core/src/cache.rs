@@ -43,16 +43,41 @@ const PENDING_ALWAYS: usize = 256;
 /// Longest a new text waits for the next copy of a larger index, in milliseconds.
 const PENDING_WAIT_MS: u64 = 100;
 
-/// New texts waiting for the next copy of the text index.
+/// Changes waiting for the next copy of the text index: new texts, and indexed
+/// entries that left the cache (swept out by the same copy).
 #[derive(Default)]
 struct PendingTexts {
     texts: HashMap<Arc<str>, Weak<Entry>, foldhash::fast::RandomState>,
-    /// When the first of them arrived (the coarse clock).
-    since_ms: u64,
-    /// Indexed entries that left the cache since the last copy, and when the first
-    /// did: they are swept out together, as new texts go in.
     gone: usize,
-    gone_since_ms: u64,
+    /// When the first waiting change came (the coarse clock).
+    since_ms: u64,
+}
+
+impl PendingTexts {
+    /// Note that a change came at `now`, before the caller adds it.
+    fn arrive(&mut self, now: u64) {
+        if self.texts.is_empty() && self.gone == 0 {
+            self.since_ms = now;
+        }
+    }
+
+    /// The texts to copy into an index of `len` texts now, if the waiting changes are
+    /// due: at once while the index is small, else once they are an eighth of it or
+    /// the first has waited `PENDING_WAIT_MS`.
+    fn due(
+        &mut self,
+        now: u64,
+        len: usize,
+    ) -> Option<HashMap<Arc<str>, Weak<Entry>, foldhash::fast::RandomState>> {
+        let waiting = self.texts.len() + self.gone;
+        let due = len < PENDING_ALWAYS
+            || waiting >= len / 8
+            || now.saturating_sub(self.since_ms) >= PENDING_WAIT_MS;
+        due.then(|| {
+            self.gone = 0;
+            std::mem::take(&mut self.texts)
+        })
+    }
 }
 
 // Shared keys: each copy of the map (copy-on-write, once per batch of new texts) then
@@ -729,9 +754,8 @@ impl Inner {
     ///
     /// The index is copied on write, so one copy per new text would cost O(n²) while
     /// n texts arrive (a sidecar's first minute at 10 000 services: 50 M slot copies).
-    /// New texts wait in `pending` instead, and go in together once they are an eighth
-    /// of the index or the first has waited `PENDING_WAIT_MS`: copies grow the index
-    /// geometrically. A waiting text is answered the slow way meanwhile (parsed, its
+    /// New texts wait in `pending` instead, and go in together (`PendingTexts::due`):
+    /// copies grow the index geometrically. A waiting text is answered the slow way meanwhile (parsed, its
     /// entry found by key); its own next resolve after the wait copies it in.
     fn index_text(&self, text: &str, entry: &Arc<Entry>) {
         let indexed = self.by_text.load();
@@ -741,27 +765,19 @@ impl Inner {
         let now = self.clock.coarse_now_ms();
         let batch = {
             let mut pending = self.pending.lock().expect("pending texts lock");
-            if pending.texts.is_empty() {
-                pending.since_ms = now;
-            }
+            pending.arrive(now);
             // Weak: a text waiting here must not keep an idled-out entry (and the
             // watch senders it holds) alive.
             pending
                 .texts
                 .entry(text.into())
                 .or_insert_with(|| Arc::downgrade(entry));
-            let due = indexed.len() < PENDING_ALWAYS
-                || pending.texts.len() >= indexed.len() / 8
-                || now.saturating_sub(pending.since_ms) >= PENDING_WAIT_MS;
-            if !due {
-                return;
-            }
-            // This copy sweeps the gone ones out too.
-            pending.gone = 0;
-            std::mem::take(&mut pending.texts)
+            pending.due(now, indexed.len())
         };
         drop(indexed);
-        self.copy_index(&batch);
+        if let Some(batch) = batch {
+            self.copy_index(&batch);
+        }
     }
 
     /// Copy the text index without the entries that left the cache and with `batch`
@@ -800,21 +816,14 @@ impl Inner {
         let len = self.by_text.load().len();
         let batch = {
             let mut pending = self.pending.lock().expect("pending texts lock");
-            if pending.gone == 0 {
-                pending.gone_since_ms = now;
-            }
+            pending.arrive(now);
             pending.gone += 1;
-            let due = len < PENDING_ALWAYS
-                || pending.gone >= len / 8
-                || now.saturating_sub(pending.gone_since_ms) >= PENDING_WAIT_MS;
-            if !due {
-                return;
-            }
-            pending.gone = 0;
-            // Texts waiting to go in ride along.
-            std::mem::take(&mut pending.texts)
+            pending.due(now, len)
         };
-        self.copy_index(&batch);
+        // Texts waiting to go in ride along.
+        if let Some(batch) = batch {
+            self.copy_index(&batch);
+        }
     }
 
     /// The entry's current set, running the chain first if nobody has yet, and whether
