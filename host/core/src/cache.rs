@@ -429,6 +429,7 @@ impl Cache {
         // Allowed schemes may have changed what a query text means.
         let mut pending = self.inner.pending.lock().expect("pending texts lock");
         pending.texts.clear();
+        pending.gone = 0;
         self.inner.by_text.store(Arc::default());
     }
 
